@@ -1,0 +1,332 @@
+"""Builds llama-cpp-python from source with flashmoe's patches and installs it.
+
+Steps: fetch the pinned source package with pip (cached), unpack, apply ``patches/*.patch``
+in order to its vendored llama.cpp, write the build facts (patch hash, backend) into the tree,
+build a wheel (scikit-build-core, CMake, Ninja), cache it under a key made of the version, the
+patch set's hash, the backend and the build flags, and pip-install it into this environment.
+A second build with nothing changed reinstalls the cached wheel in seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import click
+
+from flashmoe.errors import FlashMoEError
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+LLAMA_CPP_COMMIT = "0c1e570"  # the llama.cpp vendored by llama-cpp-python 0.3.36
+SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+BUILD_INFO_FILE = "flashmoe_build.json"
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def patches_dir() -> Path:
+    env = os.environ.get("FLASHMOE_PATCHES")
+    if env:
+        return Path(env)
+    for cand in (repo_root() / "patches", Path(__file__).resolve().parent / "patches"):
+        if cand.is_dir():
+            return cand
+    raise FlashMoEError("cannot find the flashmoe patches/ folder")
+
+
+def patch_files() -> List[Path]:
+    return sorted(patches_dir().glob("*.patch"))
+
+
+def patch_hash() -> str:
+    h = hashlib.sha256()
+    for p in patch_files():
+        h.update(p.name.encode())
+        h.update(b"\0")
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("FLASHMOE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flashmoe"
+    )
+    return Path(base)
+
+
+def detect_backend(backend: str) -> str:
+    if backend != "auto":
+        return backend
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "metal"
+    if (shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")) and _cuda_gpu_present():
+        return "cuda"
+    return "cpu"
+
+
+def _cuda_gpu_present() -> bool:
+    """nvcc alone is not enough for `auto`: a CUDA toolkit on a machine without an NVIDIA GPU
+    (a CI box, a container) would build a backend that cannot run. `--backend cuda` forces it."""
+    if os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia/gpus"):
+        return True
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        r = subprocess.run([smi, "-L"], capture_output=True, text=True)
+        return r.returncode == 0 and "GPU" in r.stdout
+    return False
+
+
+def cmake_args(backend: str) -> List[str]:
+    args = [
+        "-DLLAVA_BUILD=OFF",  # the multimodal library is not needed
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_TOOLS=OFF",
+        "-DLLAMA_BUILD_SERVER=OFF",
+        "-DGGML_NATIVE=ON",
+    ]
+    if backend == "cuda":
+        args += ["-DGGML_CUDA=ON"]
+        archs = os.environ.get("FLASHMOE_CUDA_ARCHITECTURES")
+        if archs:
+            args += [f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
+    elif backend == "metal":
+        args += ["-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"]
+    elif backend == "cpu":
+        args += ["-DGGML_METAL=OFF", "-DGGML_CUDA=OFF"]
+    else:
+        raise FlashMoEError(f"unknown backend {backend!r} (choose auto, cpu, metal or cuda)", exit_code=2)
+    return args
+
+
+def build_key(backend: str, args: List[str]) -> str:
+    h = hashlib.sha256()
+    for part in (LLAMA_CPP_PYTHON_VERSION, patch_hash(), backend, " ".join(args), platform.machine(), sys.platform,
+                 f"{sys.version_info.major}.{sys.version_info.minor}"):
+        h.update(part.encode())
+        h.update(b"\0")
+    return f"{LLAMA_CPP_PYTHON_VERSION}-{backend}-{h.hexdigest()[:16]}"
+
+
+def _say(msg: str):
+    click.echo(f"[flashmoe build] {msg}", err=True)
+
+
+def fetch_sdist() -> Path:
+    """The pinned llama-cpp-python source package, downloaded once with pip."""
+    d = cache_dir() / "sdist"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / SDIST
+    if path.exists() and path.stat().st_size > 1_000_000:
+        return path
+    _say(f"downloading llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} source with pip ...")
+    tmp = d / "download.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
+         "--no-deps", "--no-binary", ":all:", "--no-build-isolation", "-d", str(tmp)],
+        capture_output=True, text=True,
+    )
+    got = list(tmp.glob("llama_cpp_python-*.tar.gz"))
+    if r.returncode != 0 or not got:
+        raise FlashMoEError(
+            f"pip could not download llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}: "
+            + (r.stderr.strip().splitlines() or ["no output"])[-1]
+        )
+    os.replace(got[0], path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def unpack(sdist: Path, dest: Path) -> Path:
+    """Unpacks the source package into dest/ and returns the source root."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    with tarfile.open(sdist) as tf:
+        try:
+            tf.extractall(dest, filter="data")
+        except TypeError:  # Python < 3.12 without the filter argument
+            tf.extractall(dest)
+    roots = [p for p in dest.iterdir() if p.is_dir()]
+    if len(roots) != 1:
+        raise FlashMoEError(f"unexpected layout of {sdist.name}")
+    # the source package ships git metadata (a shallow repo, a submodule link): drop it so that the
+    # tree is plain files and `git apply` patches it as files
+    for g in (roots[0] / ".git", roots[0] / "vendor" / "llama.cpp" / ".git"):
+        if g.is_dir():
+            shutil.rmtree(g)
+        elif g.exists():
+            g.unlink()
+    return roots[0]
+
+
+def apply_patches(src: Path, patches: Optional[List[Path]] = None) -> None:
+    for p in patches if patches is not None else patch_files():
+        chk = subprocess.run(["git", "apply", "--check", "-p1", str(p)], cwd=src, capture_output=True, text=True)
+        if chk.returncode != 0:
+            first = (chk.stderr.strip().splitlines() or ["?"])[0]
+            raise FlashMoEError(
+                f"patch {p.name} does not apply to llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}: {first}"
+            )
+        subprocess.run(["git", "apply", "-p1", str(p)], cwd=src, check=True, capture_output=True)
+
+
+def write_build_facts(src: Path, backend: str, args: List[str]) -> dict:
+    facts = {
+        "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
+        "llama_cpp_commit": LLAMA_CPP_COMMIT,
+        "patch_hash": patch_hash(),
+        "patches": [p.name for p in patch_files()],
+        "backend": backend,
+        "cmake_args": args,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    (src / "llama_cpp" / BUILD_INFO_FILE).write_text(json.dumps(facts, indent=2))
+    # compiled into the library: flashmoe_build_info() returns it at run time
+    (src / "vendor" / "llama.cpp" / "src" / "flashmoe-build.h").write_text(
+        f'#define FLASHMOE_BUILD_INFO "patch={facts["patch_hash"]} backend={backend} '
+        f'llama.cpp={LLAMA_CPP_COMMIT} llama-cpp-python={LLAMA_CPP_PYTHON_VERSION}"\n'
+    )
+    return facts
+
+
+def _ensure_build_deps():
+    try:
+        import scikit_build_core  # noqa: F401
+    except ImportError:
+        _say("installing scikit-build-core ...")
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "scikit-build-core[pyproject]>=0.9.2"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise FlashMoEError("could not install scikit-build-core: " + (r.stderr.strip().splitlines() or ["?"])[-1])
+    if not shutil.which("cmake"):
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "cmake", "ninja"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise FlashMoEError("cmake is missing and could not be installed with pip")
+
+
+def _run_build(src: Path, wheel_dir: Path, build_dir: Path, args: List[str], log_path: Path) -> Path:
+    env = dict(os.environ)
+    extra = list(args)
+    if shutil.which("ccache"):
+        extra += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
+        env.setdefault("CCACHE_BASEDIR", str(src.parent))  # paths relative to the key's folder: hits across keys
+        env.setdefault("CCACHE_DIR", str(cache_dir() / "ccache"))
+        env.setdefault("CCACHE_MAXSIZE", "2G")
+    if shutil.which("ninja"):
+        env["CMAKE_GENERATOR"] = "Ninja"
+    env["CMAKE_ARGS"] = " ".join(extra)
+    env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(os.cpu_count() or 2)
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(wheel_dir),
+           "-v", f"--config-settings=build-dir={build_dir}"]
+    _say(f"compiling llama.cpp with the flashmoe patch (log: {log_path})")
+    step = re.compile(r"\[(\d+)/(\d+)\]")
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+        last = ""
+        for line in p.stdout:
+            log.write(line)
+            m = step.search(line)
+            if m:
+                done, total = int(m.group(1)), int(m.group(2))
+                bar = "#" * int(30 * done / total)
+                msg = f"\r[flashmoe build] [{bar:<30}] {done}/{total} objects, {time.time() - t0:.0f} s"
+                if msg != last:
+                    sys.stderr.write(msg)
+                    sys.stderr.flush()
+                    last = msg
+        rc = p.wait()
+    if last:
+        sys.stderr.write("\n")
+    if rc != 0:
+        raise FlashMoEError(f"the llama.cpp build failed; see the build log: {log_path}")
+    wheels = sorted(wheel_dir.glob("llama_cpp_python-*.whl"))
+    if not wheels:
+        raise FlashMoEError(f"the build produced no wheel; see the build log: {log_path}")
+    _say(f"built in {time.time() - t0:.0f} s")
+    return wheels[-1]
+
+
+def install_wheel(wheel: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--force-reinstall", "--no-deps", "-q", str(wheel)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise FlashMoEError("pip could not install the built wheel: " + (r.stderr.strip().splitlines() or ["?"])[-1])
+
+
+def build(backend: str = "auto", force: bool = False) -> dict:
+    backend = detect_backend(backend)
+    args = cmake_args(backend)
+    key = build_key(backend, args)
+    wheel_dir = cache_dir() / "wheels" / key
+    wheels = sorted(wheel_dir.glob("llama_cpp_python-*.whl")) if wheel_dir.is_dir() else []
+    if wheels and not force:
+        _say(f"cached build {key} found; installing it")
+        install_wheel(wheels[-1])
+        return {"key": key, "wheel": str(wheels[-1]), "cached": True, "backend": backend}
+    _ensure_build_deps()
+    sdist = fetch_sdist()
+    work = cache_dir() / "build" / key
+    _say(f"unpacking {sdist.name} and applying {len(patch_files())} patch(es)")
+    src = unpack(sdist, work / "src")
+    apply_patches(src)
+    write_build_facts(src, backend, args)
+    if force:
+        shutil.rmtree(wheel_dir, ignore_errors=True)
+    tmp_wheels = work / "wheel"
+    shutil.rmtree(tmp_wheels, ignore_errors=True)
+    wheel = _run_build(src, tmp_wheels, work / "cmake", args, work / "build.log")
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    final = wheel_dir / wheel.name
+    shutil.copy2(wheel, final.with_suffix(".tmp"))
+    os.replace(final.with_suffix(".tmp"), final)
+    install_wheel(final)
+    # the unpacked tree and the CMake build folder are large: keep only the log
+    shutil.rmtree(work / "src", ignore_errors=True)
+    shutil.rmtree(work / "cmake", ignore_errors=True)
+    shutil.rmtree(tmp_wheels, ignore_errors=True)
+    return {"key": key, "wheel": str(final), "cached": False, "backend": backend}
+
+
+def info() -> dict:
+    """What is installed and whether the library that is actually imported carries our patch."""
+    out = {"expected_patch_hash": patch_hash(), "installed": False}
+    try:
+        import llama_cpp
+        import llama_cpp.llama_cpp as lc
+    except Exception as e:
+        out["error"] = f"llama-cpp-python does not import: {e}"
+        return out
+    out["installed"] = True
+    out["llama_cpp_python"] = getattr(llama_cpp, "__version__", "?")
+    out["library"] = getattr(lc._lib, "_name", "?")
+    facts_path = Path(llama_cpp.__file__).parent / BUILD_INFO_FILE
+    if facts_path.exists():
+        out["build"] = json.loads(facts_path.read_text())
+    from flashmoe import hook
+
+    out["patched"] = hook.available()
+    if out["patched"]:
+        out["patch_version"] = hook.version()
+        runtime = hook.build_info()
+        out["runtime_build_info"] = runtime
+        m = re.search(r"patch=([0-9a-f]+)", runtime)
+        out["runtime_patch_hash"] = m.group(1) if m else None
+        out["up_to_date"] = out["runtime_patch_hash"] == out["expected_patch_hash"]
+        m = re.search(r"backend=(\w+)", runtime)
+        out["backend"] = m.group(1) if m else None
+    return out

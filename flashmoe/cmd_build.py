@@ -1,0 +1,46 @@
+"""`flashmoe build`: the patched llama.cpp."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("build")
+@click.option("--backend", type=click.Choice(["auto", "cpu", "metal", "cuda"]), default="auto", show_default=True,
+              help="auto = Metal on Apple Silicon, CUDA when nvcc is found, else CPU.")
+@click.option("--force", is_flag=True, help="Rebuild even if a cached wheel exists.")
+@click.option("--info", "show_info", is_flag=True, help="Say what is installed and whether it carries the patch.")
+@click.option("--json", "as_json", is_flag=True, help="With --info: JSON output.")
+def build_cmd(backend, force, show_info, as_json):
+    """Build llama.cpp (llama-cpp-python 0.3.36) with flashmoe's patches and install it."""
+    from flashmoe import build as B
+    from flashmoe.errors import FlashMoEError
+
+    if show_info:
+        info = B.info()
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+            return
+        if not info.get("installed"):
+            raise FlashMoEError(info.get("error", "llama-cpp-python is not installed; run `flashmoe build`"))
+        b = info.get("build", {})
+        rows = [
+            ("llama-cpp-python", info.get("llama_cpp_python")),
+            ("llama.cpp commit", b.get("llama_cpp_commit", "?")),
+            ("library", info.get("library")),
+            ("patch present", "yes (" + info["patch_version"] + ")" if info.get("patched") else "NO"),
+            ("patch hash (library)", info.get("runtime_patch_hash", "-")),
+            ("patch hash (patches/)", info.get("expected_patch_hash")),
+            ("up to date", "yes" if info.get("up_to_date") else "no: run `flashmoe build`"),
+            ("backend", info.get("backend") or b.get("backend", "?")),
+            ("cmake args", " ".join(b.get("cmake_args", []))),
+        ]
+        w = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            click.echo(f"{k:<{w}}  {v}")
+        if not info.get("patched"):
+            raise FlashMoEError("the imported llama.cpp library does not carry the flashmoe patch")
+        return
+    res = B.build(backend=backend, force=force)
+    click.echo(f"installed {res['wheel']} ({'cached' if res['cached'] else 'built'}, backend {res['backend']})")

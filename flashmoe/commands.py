@@ -1,0 +1,20 @@
+"""The list of CLI commands. Each command module exposes click commands; add new ones here."""
+from __future__ import annotations
+
+
+def all_commands():
+    import importlib
+
+    out = []
+    for modname, attrs in _COMMANDS:
+        mod = importlib.import_module(modname)
+        for a in attrs:
+            out.append(getattr(mod, a))
+    return out
+
+
+# (module, [click command attribute names])
+_COMMANDS = [
+    ("flashmoe.cmd_build", ["build_cmd"]),
+    ("flashmoe.cmd_policy", ["policy"]),
+]

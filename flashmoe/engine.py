@@ -1,0 +1,441 @@
+"""The Engine: loads a GGUF model in the patched llama.cpp with a placement, generates, reports.
+
+The CLI commands (generate, chat, serve, bench) are thin layers on it.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Union
+
+import numpy as np
+
+from flashmoe import hook
+from flashmoe.errors import FlashMoEError
+from flashmoe.metrics import ProcessCounters, peak_rss_bytes
+from flashmoe.settings import EngineSettings, RuntimeSettings, StreamSettings
+
+# Placement of every tensor for "streaming on, nothing else said": experts streamed, the rest resident.
+_EXPERT_SUFFIXES = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_up_exps.weight")
+
+
+def is_expert_tensor(name: str) -> bool:
+    return name.startswith("blk.") and name.split(".", 2)[-1] in _EXPERT_SUFFIXES
+
+
+@dataclass
+class RunReport:
+    mode: str
+    model: str
+    load_s: float = 0.0
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    prefill_tok_s: float = 0.0
+    ttft_s: float = 0.0
+    generated_tokens: int = 0
+    decode_s: float = 0.0
+    decode_tok_s: float = 0.0
+    peak_rss_bytes: int = 0
+    disk_read_bytes: int = 0  # bytes the process read from storage during generation
+    load_disk_read_bytes: int = 0
+    major_faults: int = 0
+    cache: Dict = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def format(self) -> str:
+        from flashmoe.report import format_run_report
+
+        return format_run_report(self)
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: List[int]
+    report: RunReport
+    logits: Optional[List[np.ndarray]] = None
+
+
+def _streaming_placements(model, stream: StreamSettings) -> Dict[str, str]:
+    out = {}
+    for t in model.tensors:
+        out[t.name] = "stream" if t.is_expert else "ram"
+    return out
+
+
+@contextlib.contextmanager
+def _model_params_patch(runtime: RuntimeSettings):
+    """llama-cpp-python's Llama() does not expose use_extra_bufts; set it on the params it creates."""
+    import llama_cpp.llama_cpp as lc
+
+    orig = lc.llama_model_default_params
+
+    def patched():
+        p = orig()
+        p.use_extra_bufts = bool(runtime.use_extra_bufts)
+        return p
+
+    lc.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        lc.llama_model_default_params = orig
+
+
+class Engine:
+    """A loaded model.
+
+    ``Engine(path)`` runs stock llama.cpp (mmap, defaults). Streaming is chosen by
+    ``settings`` (an EngineSettings, usually from a resolved policy), by ``policy``
+    (a YAML path or shipped config name), or by ``stream=StreamSettings(...)``.
+    """
+
+    def __init__(
+        self,
+        model_path: Union[str, os.PathLike],
+        *,
+        settings: Optional[EngineSettings] = None,
+        policy: Optional[str] = None,
+        stream: Optional[StreamSettings] = None,
+        routing_trace: Optional[str] = None,
+        record_trace: bool = False,
+        seed: int = 0,
+        verbose: bool = False,
+        chat_format: Optional[str] = None,
+        **runtime_overrides,
+    ):
+        from gguf_tools.reader import open_model, require_moe
+
+        self.model_path = str(model_path)
+        with open_model(self.model_path) as m:
+            self.model_facts = {
+                "arch": m.arch,
+                "n_layer": m.n_layer,
+                "n_expert": m.n_expert,
+                "n_expert_used": m.n_expert_used,
+                "n_tensors": len(m.tensors),
+            }
+            if settings is None and policy is not None:
+                from flashmoe.policy import load_policy
+
+                settings = load_policy(policy).resolve(m).engine_settings()
+            if settings is None:
+                settings = EngineSettings()
+                if stream is not None and stream.mode != "off":
+                    settings.policy_name = f"stream-{stream.mode}"
+            if stream is not None:
+                settings.stream = stream
+            if settings.stream.mode != "off":
+                require_moe(m)
+                if not settings.placements:
+                    settings.placements = _streaming_placements(m, settings.stream)
+                if settings.stream.cache_slots <= 0 and settings.stream.mode == "cache":
+                    settings.stream.cache_slots = _slots_from_bytes(m, settings.stream.cache_bytes)
+            self._expert_bytes_per_layer = _expert_bytes_per_layer(m)
+        for k, v in runtime_overrides.items():
+            if not hasattr(settings.runtime, k):
+                raise FlashMoEError(f"unknown engine setting {k!r}")
+            if v is not None:
+                setattr(settings.runtime, k, v)
+        self.settings = settings
+        self.routing_trace = str(routing_trace) if routing_trace else None
+        self.record_trace = record_trace
+        self.seed = seed
+        self._load(verbose=verbose, chat_format=chat_format)
+
+    # ------------------------------------------------------------------ load
+    def _load(self, verbose: bool, chat_format: Optional[str]):
+        try:
+            from llama_cpp import Llama
+        except Exception as e:
+            raise FlashMoEError(f"llama-cpp-python is not installed ({e}); run `flashmoe build`")
+        s, rt = self.settings, self.settings.runtime
+        hooked = s.stream.mode != "off" or bool(s.placements) or self.routing_trace or self.record_trace
+        if hooked:
+            hook.configure(
+                mode=s.stream.mode,
+                cache_slots=s.stream.cache_slots,
+                eviction=s.stream.eviction,
+                readers=s.stream.readers,
+                direct_io=s.stream.direct_io,
+                record_trace=self.record_trace,
+                placements=s.placements,
+                routing_trace=self.routing_trace,
+            )
+        elif hook.available():
+            hook.reset_config()
+        # resident tensors are read into anonymous memory when the policy says ram/pin
+        use_mmap = rt.load_mode == "mmap"
+        if any(p in ("ram", "pin") for p in s.placements.values()):
+            use_mmap = rt.load_mode == "mmap" and not any(p == "ram" for p in s.placements.values())
+        kv = {}
+        if rt.n_expert_used:
+            kv[f"{self.model_facts['arch']}.expert_used_count"] = int(rt.n_expert_used)
+        self._counters_load = ProcessCounters.now()
+        t0 = time.perf_counter()
+        try:
+            with _model_params_patch(rt):
+                self.llama = Llama(
+                    self.model_path,
+                    n_ctx=rt.n_ctx,
+                    n_batch=rt.n_batch,
+                    n_ubatch=rt.n_ubatch,
+                    n_threads=rt.n_threads or max(1, os.cpu_count() or 1),
+                    n_threads_batch=rt.n_threads or max(1, os.cpu_count() or 1),
+                    use_mmap=use_mmap,
+                    kv_overrides=kv or None,
+                    seed=self.seed,
+                    verbose=verbose,
+                    chat_format=chat_format,
+                )
+        except ValueError as e:
+            err = hook.last_error() if hook.available() else ""
+            raise FlashMoEError(f"llama.cpp could not load {self.model_path}: {err or e}")
+        finally:
+            if hooked:
+                hook.reset_config()
+        self.load_s = time.perf_counter() - t0
+        self._load_counters = ProcessCounters.now().minus(self._counters_load)
+        self._model_ptr = self.llama._model.model
+        err = hook.last_error() if hook.available() else ""
+        self.info = hook.model_info(self._model_ptr) if hook.available() else None
+        if hooked and err:
+            self.close()
+            raise FlashMoEError(err)
+        if hooked and self.info is None and (s.stream.mode != "off" or self.routing_trace or self.record_trace):
+            self.close()
+            raise FlashMoEError("the flashmoe hook did not attach to the model")
+
+    def close(self):
+        ll = getattr(self, "llama", None)
+        if ll is not None:
+            with contextlib.suppress(Exception):
+                ll.close()
+            self.llama = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ facts
+    def mode_line(self) -> str:
+        s = self.settings
+        parts = []
+        if s.stream.mode == "off":
+            parts.append(f"stock llama.cpp ({'mmap' if self.settings.runtime.load_mode == 'mmap' else 'in RAM'}"
+                         f"{'' if s.runtime.use_extra_bufts else ', no weight repacking'})")
+        elif s.stream.mode == "cache":
+            slots = self.info["n_slots"] if self.info else s.stream.cache_slots
+            parts.append(f"streaming experts: explicit cache, {slots} slots/layer, {s.stream.eviction}, "
+                         f"{s.stream.readers} readers{', direct I/O' if self.info and self.info['direct_io'] else ''}")
+        else:
+            parts.append(f"streaming experts: page cache, {s.stream.readers} readers")
+        if s.policy_name and s.policy_name != "stock":
+            parts.insert(0, f"policy {s.policy_name}:")
+        if s.runtime.n_expert_used:
+            parts.append(f"EXPERTS PER TOKEN OVERRIDDEN: {s.runtime.n_expert_used} of "
+                         f"{self.model_facts['n_expert_used']} (output differs from the model's)")
+        if self.routing_trace:
+            parts.append(f"routing forced from trace {os.path.basename(self.routing_trace)}")
+        return "; ".join(parts)
+
+    def stats(self) -> dict:
+        """Expert cache and I/O figures: per layer and total."""
+        if not hook.available() or self.llama is None:
+            return {}
+        layers = hook.layer_stats(self._model_ptr)
+        if not layers:
+            return {}
+        tot = {k: 0 for k in ("hits", "misses", "evictions", "bytes_read", "n_waves")}
+        tot["read_s"] = 0.0
+        tot["stall_s"] = 0.0
+        for l in layers:
+            for k in tot:
+                tot[k] += l[k]
+        acc = tot["hits"] + tot["misses"]
+        tot["hit_rate"] = (tot["hits"] / acc) if acc else 0.0
+        info = hook.model_info(self._model_ptr) or {}
+        return {"total": tot, "layers": layers, "info": info}
+
+    def reset_stats(self):
+        if hook.available() and self.llama is not None:
+            hook.stats_reset(self._model_ptr)
+
+    def rewind_trace(self):
+        if hook.available() and self.llama is not None:
+            hook.trace_rewind(self._model_ptr)
+
+    def save_trace(self, path: str) -> int:
+        n = hook.trace_save(self._model_ptr, path)
+        if n < 0:
+            raise FlashMoEError("no routing was recorded (run with record_trace=True)")
+        return n
+
+    def tensor_placement(self, name: str) -> Optional[str]:
+        return hook.tensor_placement(self._model_ptr, name) if hook.available() else None
+
+    # ------------------------------------------------------------------ generation
+    def tokenize(self, text: str, add_bos: bool = True) -> List[int]:
+        return self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def detokenize(self, tokens: List[int]) -> str:
+        return self.llama.detokenize(tokens).decode("utf-8", errors="replace")
+
+    def _last_logits(self) -> np.ndarray:
+        import llama_cpp.llama_cpp as lc
+
+        n_vocab = self.llama.n_vocab()
+        ptr = lc.llama_get_logits_ith(self.llama._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+
+    def generate(
+        self,
+        prompt: Union[str, List[int]],
+        n_tokens: int = 32,
+        *,
+        temp: float = 0.0,
+        seed: Optional[int] = None,
+        on_token: Optional[Callable[[str], None]] = None,
+        return_logits: bool = False,
+        stop_at_eos: bool = True,
+    ) -> Generation:
+        """Generates from a fresh context: prefill the prompt, then n_tokens decode steps."""
+        if n_tokens < 1:
+            raise FlashMoEError("the number of tokens to generate must be at least 1")
+        L = self.llama
+        toks = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if len(toks) + n_tokens > L.n_ctx():
+            raise FlashMoEError(f"prompt ({len(toks)} tokens) + {n_tokens} new tokens exceed the context size {L.n_ctx()}")
+        L.reset()
+        if self.routing_trace:
+            self.rewind_trace()
+        self.reset_stats()
+        if seed is not None or temp > 0:
+            L.set_seed(self.seed if seed is None else seed)
+        eos = L.token_eos()
+        c0 = ProcessCounters.now()
+        t0 = time.perf_counter()
+        L.eval(toks)
+        t_prefill = time.perf_counter() - t0
+        out: List[int] = []
+        logits = [] if return_logits else None
+        t_first = None
+        decoder = _Utf8Stream(self)
+        for i in range(n_tokens):
+            lg = self._last_logits() if (return_logits or temp <= 0) else None
+            if return_logits:
+                logits.append(lg)
+            if temp <= 0:
+                tok = int(np.argmax(lg))
+            else:
+                tok = int(L.sample(temp=temp, top_k=40, top_p=0.95, min_p=0.05))
+            if t_first is None:
+                t_first = time.perf_counter()
+            if stop_at_eos and (tok == eos or _is_eog(L, tok)):
+                break
+            out.append(tok)
+            if on_token:
+                piece = decoder.push(tok)
+                if piece:
+                    on_token(piece)
+            if i + 1 < n_tokens:
+                L.eval([tok])
+        t_end = time.perf_counter()
+        if on_token:
+            rest = decoder.flush()
+            if rest:
+                on_token(rest)
+        counters = ProcessCounters.now().minus(c0)
+        n_gen = len(out)
+        decode_s = t_end - (t_first or t_end)
+        rep = RunReport(
+            mode=self.mode_line(),
+            model=self.model_path,
+            load_s=self.load_s,
+            prompt_tokens=len(toks),
+            prefill_s=t_prefill,
+            prefill_tok_s=len(toks) / t_prefill if t_prefill > 0 else 0.0,
+            ttft_s=(t_first - t0) if t_first else 0.0,
+            generated_tokens=n_gen,
+            decode_s=decode_s,
+            decode_tok_s=((n_gen - 1) / decode_s) if n_gen > 1 and decode_s > 0 else 0.0,
+            peak_rss_bytes=peak_rss_bytes(),
+            disk_read_bytes=counters.read_bytes,
+            load_disk_read_bytes=self._load_counters.read_bytes,
+            major_faults=counters.major_faults,
+            cache=self.stats(),
+        )
+        if self.settings.runtime.n_expert_used:
+            rep.notes.append(f"experts per token overridden to {self.settings.runtime.n_expert_used} "
+                             f"(model: {self.model_facts['n_expert_used']}): output differs from the model's")
+        if self.routing_trace:
+            rep.notes.append(f"routing forced from {self.routing_trace}")
+        return Generation(text=self.detokenize(out), tokens=out, report=rep, logits=logits)
+
+
+class _Utf8Stream:
+    """Turns tokens into text pieces without splitting multi-byte UTF-8 characters."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.buf = b""
+
+    def push(self, tok: int) -> str:
+        self.buf += self.engine.llama.detokenize([tok])
+        try:
+            s = self.buf.decode("utf-8")
+            self.buf = b""
+            return s
+        except UnicodeDecodeError:
+            if len(self.buf) > 8:
+                s = self.buf.decode("utf-8", errors="replace")
+                self.buf = b""
+                return s
+            return ""
+
+    def flush(self) -> str:
+        s = self.buf.decode("utf-8", errors="replace")
+        self.buf = b""
+        return s
+
+
+def _expert_bytes_per_layer(model) -> Dict[int, int]:
+    """bytes of ONE expert (all its matrices) per layer."""
+    per: Dict[int, int] = {}
+    for t in model.tensors:
+        if t.is_expert:
+            per[t.layer] = per.get(t.layer, 0) + t.expert_stride
+    return per
+
+
+def _slots_from_bytes(model, cache_bytes: int) -> int:
+    per = _expert_bytes_per_layer(model)
+    n_used = model.n_expert_used or 1
+    if not per:
+        return n_used
+    if cache_bytes <= 0:
+        # no size given: a quarter of the experts, at least twice the experts used per token
+        return min(model.n_expert, max(2 * n_used, model.n_expert // 4))
+    slots = int(cache_bytes // (sum(per.values())))
+    if slots < n_used:
+        raise FlashMoEError(
+            f"an expert cache of {cache_bytes} bytes holds {slots} experts per layer; "
+            f"at least {n_used} (experts used per token) are needed"
+        )
+    return min(slots, model.n_expert)
+
+
+def _is_eog(llama, tok: int) -> bool:
+    import llama_cpp.llama_cpp as lc
+
+    return bool(lc.llama_vocab_is_eog(llama._model.vocab, tok))

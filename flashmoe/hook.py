@@ -1,0 +1,205 @@
+"""ctypes binding of the expert-offload hook's C API (include/flashmoe.h in our patch).
+
+The functions live in the patched libllama that llama-cpp-python loads; ``available()``
+says whether the imported library carries the patch.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Dict, List, Optional
+
+from flashmoe.errors import FlashMoEError
+
+PLACE = {"default": 0, "ram": 1, "pin": 2, "stream": 3, "mmap": 4, "gpu": 0}
+PLACE_NAMES = {v: k for k, v in PLACE.items() if k != "gpu"}
+MODES = {"off": 0, "cache": 1, "pagecache": 2}
+MODE_NAMES = {v: k for k, v in MODES.items()}
+EVICTIONS = {"lru": 0, "lfru": 1}
+EVICTION_NAMES = {v: k for k, v in EVICTIONS.items()}
+
+
+class Params(ctypes.Structure):
+    _fields_ = [
+        ("mode", ctypes.c_int32),
+        ("cache_slots", ctypes.c_int32),
+        ("eviction", ctypes.c_int32),
+        ("n_readers", ctypes.c_int32),
+        ("direct_io", ctypes.c_int32),
+        ("record_trace", ctypes.c_int32),
+    ]
+
+
+class LayerStats(ctypes.Structure):
+    _fields_ = [
+        ("layer", ctypes.c_int32),
+        ("n_slots", ctypes.c_int32),
+        ("hits", ctypes.c_int64),
+        ("misses", ctypes.c_int64),
+        ("evictions", ctypes.c_int64),
+        ("bytes_read", ctypes.c_int64),
+        ("n_tokens", ctypes.c_int64),
+        ("n_waves", ctypes.c_int64),
+        ("read_s", ctypes.c_double),
+        ("stall_s", ctypes.c_double),
+    ]
+
+
+class ModelInfo(ctypes.Structure):
+    _fields_ = [
+        ("mode", ctypes.c_int32),
+        ("n_layers", ctypes.c_int32),
+        ("n_slots", ctypes.c_int32),
+        ("eviction", ctypes.c_int32),
+        ("n_readers", ctypes.c_int32),
+        ("direct_io", ctypes.c_int32),
+        ("routing_forced", ctypes.c_int32),
+        ("n_lock_ranges", ctypes.c_int32),
+        ("locked_bytes", ctypes.c_int64),
+        ("streamed_bytes", ctypes.c_int64),
+        ("cache_bytes", ctypes.c_int64),
+        ("n_bounce_reads", ctypes.c_int64),
+        ("n_direct_reads", ctypes.c_int64),
+        ("n_stream_tensors", ctypes.c_int64),
+        ("n_pin_tensors", ctypes.c_int64),
+        ("n_mmap_tensors", ctypes.c_int64),
+    ]
+
+
+_lib = None
+
+
+def lib():
+    """The loaded (patched) libllama with the flashmoe functions typed."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    try:
+        import llama_cpp.llama_cpp as lc
+    except Exception as e:  # pragma: no cover - depends on the install
+        raise FlashMoEError(
+            f"llama-cpp-python is not installed or does not load ({e}); run `flashmoe build`"
+        )
+    L = lc._lib
+    if not hasattr(L, "flashmoe_version"):
+        raise FlashMoEError(
+            "the installed llama.cpp library does not carry the flashmoe patch; run `flashmoe build`"
+        )
+    vp = ctypes.c_void_p
+    L.flashmoe_version.restype = ctypes.c_char_p
+    L.flashmoe_build_info.restype = ctypes.c_char_p
+    L.flashmoe_last_error.restype = ctypes.c_char_p
+    L.flashmoe_config_reset.restype = None
+    L.flashmoe_config_set.argtypes = [ctypes.POINTER(Params)]
+    L.flashmoe_config_set.restype = None
+    L.flashmoe_config_place.argtypes = [ctypes.c_char_p, ctypes.c_int32]
+    L.flashmoe_config_place.restype = None
+    L.flashmoe_config_routing_trace.argtypes = [ctypes.c_char_p]
+    L.flashmoe_config_routing_trace.restype = ctypes.c_int32
+    L.flashmoe_model_get_info.argtypes = [vp, ctypes.POINTER(ModelInfo)]
+    L.flashmoe_model_get_info.restype = ctypes.c_int32
+    L.flashmoe_model_layer_stats.argtypes = [vp, ctypes.c_int32, ctypes.POINTER(LayerStats)]
+    L.flashmoe_model_layer_stats.restype = ctypes.c_int32
+    L.flashmoe_model_stats_reset.argtypes = [vp]
+    L.flashmoe_model_stats_reset.restype = None
+    L.flashmoe_model_trace_rewind.argtypes = [vp]
+    L.flashmoe_model_trace_rewind.restype = None
+    L.flashmoe_model_trace_clear.argtypes = [vp]
+    L.flashmoe_model_trace_clear.restype = None
+    L.flashmoe_model_trace_save.argtypes = [vp, ctypes.c_char_p]
+    L.flashmoe_model_trace_save.restype = ctypes.c_int64
+    L.flashmoe_model_tensor_placement.argtypes = [vp, ctypes.c_char_p]
+    L.flashmoe_model_tensor_placement.restype = ctypes.c_int32
+    _lib = L
+    return L
+
+
+def available() -> bool:
+    try:
+        lib()
+        return True
+    except FlashMoEError:
+        return False
+
+
+def version() -> str:
+    return lib().flashmoe_version().decode()
+
+
+def build_info() -> str:
+    return lib().flashmoe_build_info().decode()
+
+
+def last_error() -> str:
+    return lib().flashmoe_last_error().decode()
+
+
+def configure(
+    *,
+    mode: str = "off",
+    cache_slots: int = 0,
+    eviction: str = "lru",
+    readers: int = 4,
+    direct_io: bool = False,
+    record_trace: bool = False,
+    placements: Optional[Dict[str, str]] = None,
+    routing_trace: Optional[str] = None,
+) -> None:
+    """Sets the configuration that the next model load consumes."""
+    L = lib()
+    L.flashmoe_config_reset()
+    p = Params(MODES[mode], int(cache_slots), EVICTIONS[eviction], int(readers), int(bool(direct_io)), int(bool(record_trace)))
+    L.flashmoe_config_set(ctypes.byref(p))
+    for name, place in (placements or {}).items():
+        code = PLACE[place]
+        if code:
+            L.flashmoe_config_place(name.encode(), code)
+    if routing_trace:
+        if L.flashmoe_config_routing_trace(str(routing_trace).encode()) != 0:
+            raise FlashMoEError(last_error())
+
+
+def reset_config() -> None:
+    lib().flashmoe_config_reset()
+
+
+def model_info(model_ptr) -> Optional[dict]:
+    info = ModelInfo()
+    if lib().flashmoe_model_get_info(model_ptr, ctypes.byref(info)) != 0:
+        return None
+    d = {name: getattr(info, name) for name, _ in ModelInfo._fields_}
+    d["mode"] = MODE_NAMES.get(d["mode"], str(d["mode"]))
+    d["eviction"] = EVICTION_NAMES.get(d["eviction"], str(d["eviction"]))
+    return d
+
+
+def layer_stats(model_ptr) -> List[dict]:
+    out = []
+    i = 0
+    st = LayerStats()
+    while lib().flashmoe_model_layer_stats(model_ptr, i, ctypes.byref(st)) == 0:
+        out.append({name: getattr(st, name) for name, _ in LayerStats._fields_})
+        i += 1
+    return out
+
+
+def stats_reset(model_ptr) -> None:
+    lib().flashmoe_model_stats_reset(model_ptr)
+
+
+def trace_rewind(model_ptr) -> None:
+    lib().flashmoe_model_trace_rewind(model_ptr)
+
+
+def trace_clear(model_ptr) -> None:
+    lib().flashmoe_model_trace_clear(model_ptr)
+
+
+def trace_save(model_ptr, path: str) -> int:
+    return int(lib().flashmoe_model_trace_save(model_ptr, str(path).encode()))
+
+
+def tensor_placement(model_ptr, name: str) -> Optional[str]:
+    code = lib().flashmoe_model_tensor_placement(model_ptr, name.encode())
+    if code < 0:
+        return None
+    return PLACE_NAMES.get(code, str(code))
