@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -105,9 +106,28 @@ def cmake_args(backend: str) -> List[str]:
         args += ["-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"]
     elif backend == "cpu":
         args += ["-DGGML_METAL=OFF", "-DGGML_CUDA=OFF"]
+    if backend in ("cpu", "cuda") and _cpu_has_amx():
+        # -march=native turns on ggml's AMX kernels where the CPU advertises AMX; on virtual machines
+        # that advertise it without enabling the tile state they die with SIGILL (seen on this project's
+        # build machines). The AVX-512 kernels are used instead.
+        flags = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+        args += [f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}"]
     else:
         raise FlashMoEError(f"unknown backend {backend!r} (choose auto, cpu, metal or cuda)", exit_code=2)
     return args
+
+
+def _cpu_has_amx() -> bool:
+    if platform.machine() not in ("x86_64", "AMD64") or not os.path.exists("/proc/cpuinfo"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_tile" in line.split()
+    except OSError:
+        pass
+    return False
 
 
 def build_key(backend: str, args: List[str]) -> str:
@@ -183,8 +203,28 @@ def apply_patches(src: Path, patches: Optional[List[Path]] = None) -> None:
         subprocess.run(["git", "apply", "-p1", str(p)], cwd=src, check=True, capture_output=True)
 
 
-def write_build_facts(src: Path, backend: str, args: List[str]) -> dict:
+def _installed_key() -> Optional[str]:
+    """The build key of the installed llama-cpp-python, read from its build facts without loading it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    if os.environ.get("LLAMA_CPP_LIB_PATH"):
+        return None  # a developer's library overrides the installed one
+    for loc in spec.submodule_search_locations:
+        f = Path(loc) / BUILD_INFO_FILE
+        if f.exists():
+            try:
+                return json.loads(f.read_text()).get("key")
+            except ValueError:
+                return None
+    return None
+
+
+def write_build_facts(src: Path, backend: str, args: List[str], key: str = "") -> dict:
     facts = {
+        "key": key,
         "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
         "llama_cpp_commit": LLAMA_CPP_COMMIT,
         "patch_hash": patch_hash(),
@@ -227,7 +267,7 @@ def _run_build(src: Path, wheel_dir: Path, build_dir: Path, args: List[str], log
         env.setdefault("CCACHE_MAXSIZE", "2G")
     if shutil.which("ninja"):
         env["CMAKE_GENERATOR"] = "Ninja"
-    env["CMAKE_ARGS"] = " ".join(extra)
+    env["CMAKE_ARGS"] = shlex.join(extra)
     env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(os.cpu_count() or 2)
     wheel_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(wheel_dir),
@@ -274,6 +314,9 @@ def build(backend: str = "auto", force: bool = False) -> dict:
     key = build_key(backend, args)
     wheel_dir = cache_dir() / "wheels" / key
     wheels = sorted(wheel_dir.glob("llama_cpp_python-*.whl")) if wheel_dir.is_dir() else []
+    if not force and _installed_key() == key:
+        _say(f"the installed llama.cpp is build {key}: nothing to do")
+        return {"key": key, "wheel": str(wheels[-1]) if wheels else "", "cached": True, "backend": backend}
     if wheels and not force:
         _say(f"cached build {key} found; installing it")
         install_wheel(wheels[-1])
@@ -284,7 +327,7 @@ def build(backend: str = "auto", force: bool = False) -> dict:
     _say(f"unpacking {sdist.name} and applying {len(patch_files())} patch(es)")
     src = unpack(sdist, work / "src")
     apply_patches(src)
-    write_build_facts(src, backend, args)
+    write_build_facts(src, backend, args, key)
     if force:
         shutil.rmtree(wheel_dir, ignore_errors=True)
     tmp_wheels = work / "wheel"

@@ -5,7 +5,7 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import click
 
@@ -112,14 +112,19 @@ def validate_cmd(policies, as_json):
     show_default=True,
     help="Assume this GPU backend instead of asking the installed llama.cpp build.",
 )
+@click.option("--ram", type=SIZE, default=None, help="Assume a machine with this much RAM (plan for another machine).")
 @click.option("-v", "--verbose", is_flag=True, help="List every tensor and where it goes.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def show_cmd(policy_name, model, budget, gpu_backend, verbose, as_json):
+def show_cmd(policy_name, model, budget, gpu_backend, ram, verbose, as_json):
     """Show where POLICY puts each tensor of MODEL and what memory it needs."""
     from flashmoe.policy import MachineInfo, load_policy
 
     pol = load_policy(policy_name)
     machine = MachineInfo.detect()
+    if ram is not None:
+        if ram <= 0:
+            raise FlashMoEError("--ram must be more than 0 bytes")
+        machine.ram_bytes, machine.physical_ram, machine.cgroup_limit = ram, ram, None
     if gpu_backend != "auto":
         machine.gpu_backend = None if gpu_backend == "none" else gpu_backend
     res = pol.resolve(model, budget=budget, machine=machine)
@@ -139,7 +144,7 @@ def show_cmd(policy_name, model, budget, gpu_backend, verbose, as_json):
 
 
 def _render(res, verbose: bool) -> str:
-    from flashmoe.policy import PLACEMENT_HELP
+    from flashmoe.policy import PLACEMENT_HELP, plural
 
     pol, mv, mem, c = res.policy, res.model, res.memory, res.cache
     out: List[str] = []
@@ -175,7 +180,7 @@ def _render(res, verbose: bool) -> str:
             (
                 "expert cache",
                 format_size(mem.cache),
-                f"{c.slots} slots/layer of {c.n_expert} experts x {len(c.streamed_layers)} layers, "
+                f"{plural(c.slots, 'slot')}/layer of {c.n_expert} experts x {len(c.streamed_layers)} layers, "
                 f"{format_size(per_layer)} per slot ({c.requested})",
             )
         )
@@ -199,9 +204,9 @@ def _render(res, verbose: bool) -> str:
 
     if c.mode == "cache":
         io = "direct I/O" if c.direct_io else "buffered I/O"
-        share = f" ({c.slots * 100 // c.n_expert}% of {c.n_expert})" if c.n_expert else ""
+        share = f" ({round(c.slots * 100 / c.n_expert)}% of {c.n_expert})" if c.n_expert else ""
         out.append(
-            f"expert cache  cache: {c.slots} slots per layer{share}, eviction {c.eviction}, {c.readers} readers, {io}"
+            f"expert cache  cache: {plural(c.slots, 'slot')} per layer{share}, eviction {c.eviction}, {c.readers} readers, {io}"
         )
     elif c.mode == "pagecache":
         out.append(f"expert cache  pagecache: OS page cache, populated from the routing by {c.readers} readers")

@@ -15,6 +15,11 @@ def all_commands():
 
 # (module, [click command attribute names])
 _COMMANDS = [
+    ("flashmoe.cmd_run", ["generate", "trace"]),
+    ("flashmoe.cmd_models", ["synth", "inspect"]),
     ("flashmoe.cmd_build", ["build_cmd"]),
     ("flashmoe.cmd_policy", ["policy"]),
+    ("flashmoe.cmd_repack", ["repack_cmd"]),
+    ("flashmoe.cmd_chat", ["chat"]),
+    ("flashmoe.cmd_serve", ["serve"]),
 ]

@@ -140,6 +140,12 @@ class Engine:
                 if settings.stream.cache_slots <= 0 and settings.stream.mode == "cache":
                     settings.stream.cache_slots = _slots_from_bytes(m, settings.stream.cache_bytes)
             self._expert_bytes_per_layer = _expert_bytes_per_layer(m)
+            if routing_trace:
+                from flashmoe.trace import check_trace_fits, read_trace
+
+                require_moe(m)
+                k = runtime_overrides.get("n_expert_used") or settings.runtime.n_expert_used or m.n_expert_used
+                check_trace_fits(read_trace(str(routing_trace)), m, k)
         for k, v in runtime_overrides.items():
             if not hasattr(settings.runtime, k):
                 raise FlashMoEError(f"unknown engine setting {k!r}")
@@ -158,7 +164,14 @@ class Engine:
         except Exception as e:
             raise FlashMoEError(f"llama-cpp-python is not installed ({e}); run `flashmoe build`")
         s, rt = self.settings, self.settings.runtime
-        hooked = s.stream.mode != "off" or bool(s.placements) or self.routing_trace or self.record_trace
+        # Load mode: "ram" tensors are read into anonymous memory (llama.cpp's load mode none); then
+        # "mmap" tensors are kept on the mapping individually (lazy). When nothing asks for RAM the
+        # model is mmap'd the stock way and "mmap" is exactly stock; "pin" locks what was loaded.
+        use_mmap = rt.load_mode == "mmap" and not any(p == "ram" for p in s.placements.values())
+        placements = {n: ("default" if (p == "mmap" and use_mmap) else p) for n, p in s.placements.items()}
+        self.hook_placements = placements
+        hooked = (s.stream.mode != "off" or any(p not in ("default", "gpu") for p in placements.values())
+                  or self.routing_trace or self.record_trace)
         if hooked:
             hook.configure(
                 mode=s.stream.mode,
@@ -167,15 +180,11 @@ class Engine:
                 readers=s.stream.readers,
                 direct_io=s.stream.direct_io,
                 record_trace=self.record_trace,
-                placements=s.placements,
+                placements=placements,
                 routing_trace=self.routing_trace,
             )
         elif hook.available():
             hook.reset_config()
-        # resident tensors are read into anonymous memory when the policy says ram/pin
-        use_mmap = rt.load_mode == "mmap"
-        if any(p in ("ram", "pin") for p in s.placements.values()):
-            use_mmap = rt.load_mode == "mmap" and not any(p == "ram" for p in s.placements.values())
         kv = {}
         if rt.n_expert_used:
             kv[f"{self.model_facts['arch']}.expert_used_count"] = int(rt.n_expert_used)
@@ -198,14 +207,15 @@ class Engine:
                 )
         except ValueError as e:
             err = hook.last_error() if hook.available() else ""
-            raise FlashMoEError(f"llama.cpp could not load {self.model_path}: {err or e}")
-        finally:
             if hooked:
                 hook.reset_config()
+            raise FlashMoEError(f"llama.cpp could not load {self.model_path}: {err or e}")
         self.load_s = time.perf_counter() - t0
         self._load_counters = ProcessCounters.now().minus(self._counters_load)
         self._model_ptr = self.llama._model.model
         err = hook.last_error() if hook.available() else ""
+        if hooked:
+            hook.reset_config()  # the configuration is for this load only
         self.info = hook.model_info(self._model_ptr) if hook.available() else None
         if hooked and err:
             self.close()

@@ -30,7 +30,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -82,6 +82,10 @@ class PolicyError(FlashMoEError):
         self.line = line
         self.detail = message
         super().__init__(_where(source, line) + message)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _where(source: Optional[str], line: Optional[int]) -> str:
@@ -257,14 +261,14 @@ class Pattern:
                 rx = re.compile(body)
             except re.error as e:
                 pos = f" at position {e.pos}" if e.pos is not None else ""
-                raise ValueError(f"invalid regex {body!r}: {e.msg}{pos}") from None
+                raise ValueError(f"invalid regex '{body}': {e.msg}{pos}") from None
             return cls(text, "regex", rx)
         if not text:
             raise ValueError("empty pattern")
         try:
             rx = re.compile(glob_to_regex(text), re.DOTALL)
         except (_GlobError, re.error) as e:
-            raise ValueError(f"invalid glob {text!r}: {e}") from None
+            raise ValueError(f"invalid glob '{text}': {e}") from None
         return cls(text, "glob", rx)
 
 
@@ -329,7 +333,7 @@ class CacheSpec:
         if self.mode == "pagecache":
             return "OS page cache"
         if self.size == "slots":
-            return f"{self.slots} slots per layer"
+            return f"{plural(self.slots, 'slot')} per layer"
         if self.size == "bytes":
             return format_size(self.size_bytes)
         return "auto"
@@ -709,23 +713,28 @@ def parse_policy(text: str, source: str = "<string>", path: Optional[Path] = Non
     return pol
 
 
+SUPPORTED_ARCHES = ("qwen3moe", "qwen2moe", "qwen35moe")
+
+
 def _canonical_names() -> Tuple[List[str], List[str]]:
-    """Tensor names of the MoE architectures gguf-py knows, for layer 0: (non-expert, expert).
+    """Non-expert tensor names (layer 0) of MoE architectures gguf-py knows:
+    (names of the supported architectures, ".weight" only; names of the others and biases).
 
     Used to check a policy file without a model: a stream rule that catches a non-expert tensor
-    is an error for any model that has it; a name no rule matches is worth a warning.
+    of a supported architecture is an error for any such model; for other names, a warning.
     """
     global _CANON
     if _CANON is not None:
         return _CANON
-    non_expert, expert = set(), set()
+    core, other = set(), set()
     try:
         import gguf
 
         moe_tensors = {gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP, gguf.MODEL_TENSOR.FFN_DOWN_EXP}
-        for _arch, tensors in gguf.MODEL_TENSORS.items():
+        for arch, tensors in gguf.MODEL_TENSORS.items():
             if not moe_tensors & set(tensors):
                 continue
+            supported = gguf.MODEL_ARCH_NAMES.get(arch) in SUPPORTED_ARCHES
             for t in tensors:
                 base = gguf.TENSOR_NAMES[t]
                 if "{" in base and "{bid}" not in base:
@@ -733,10 +742,12 @@ def _canonical_names() -> Tuple[List[str], List[str]]:
                 base = base.replace("{bid}", "0")
                 for suffix in (".weight", ".bias"):
                     n = base + suffix
-                    (expert if EXPERT_NAME_RE.match(n) else non_expert).add(n)
+                    if EXPERT_NAME_RE.match(n):
+                        continue
+                    (core if supported and suffix == ".weight" else other).add(n)
     except Exception:  # gguf-py changed shape: skip the file-level check, resolution still checks
         pass
-    _CANON = (sorted(non_expert), sorted(expert))
+    _CANON = (sorted(core), sorted(other - core))
     return _CANON
 
 
@@ -764,24 +775,24 @@ _CORE_NAMES = (
 
 
 def _check_against_canonical_names(pol: Policy) -> None:
-    non_expert, _expert = _canonical_names()
-    warned = set()
-    for n in non_expert:
+    core, other = _canonical_names()
+    for n in core:
         r = pol.rule_for(n)
-        if r is None or r.place != "stream":
-            continue
-        if n.endswith(".weight"):
+        if r is not None and r.place == "stream":
             raise pol.error(
                 r.line,
                 f"rule {r.index} places non-expert tensors such as {n!r} on stream; "
                 f"stream only applies to {STREAMABLE_HELP}",
             )
-        if r.index not in warned:  # a bias: only some architectures have them
+    warned = set()
+    for n in other:
+        r = pol.rule_for(n)
+        if r is not None and r.place == "stream" and r.index not in warned:
             warned.add(r.index)
             pol.warnings.append(
                 _where(pol.source, r.line)
-                + f"rule {r.index} would place {n!r} on stream (models with expert biases will not resolve); "
-                f"stream only applies to {STREAMABLE_HELP}"
+                + f"rule {r.index} would also place {n!r} on stream: models that have such tensors will not "
+                f"resolve (stream only applies to {STREAMABLE_HELP})"
             )
     unmatched = [n for n in _CORE_NAMES if pol.rule_for(n) is None]
     if unmatched:
@@ -798,9 +809,12 @@ def _check_against_canonical_names(pol: Policy) -> None:
 # Finding and loading policies
 
 
-def _source_configs_dir() -> Path:
-    # flashmoe/policy.py -> <checkout>/configs
-    return Path(__file__).resolve().parent.parent / "configs"
+def _source_configs_dir() -> Optional[Path]:
+    """<checkout>/configs when flashmoe runs from a source checkout (next to pyproject.toml)."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file():
+        return root / "configs"
+    return None
 
 
 def _package_configs_dir() -> Optional[Path]:
@@ -1489,7 +1503,7 @@ def _resolve(pol: Policy, mv: ModelView, budget_override: Optional[int], machine
         lines = ", ".join(str(r.line) for r in pol.rules if r.place == "gpu")
         res.warnings.append(
             _where(src, None)
-            + f"this llama.cpp build has no GPU backend: gpu rules ignored (line {lines})"
+            + f"this llama.cpp build has no GPU backend: gpu rules ignored ({'lines' if ',' in lines else 'line'} {lines})"
             + (f"; their tensors fall through to the next matching rule: {moved}" if moved else "")
         )
 
@@ -1514,7 +1528,7 @@ def _resolve(pol: Policy, mv: ModelView, budget_override: Optional[int], machine
         if k != mv.n_expert_used:
             res.warnings.append(
                 _where(src, rt.experts_per_token_line)
-                + f"experts_per_token override: {k} experts per token instead of the model's {mv.n_expert_used}; "
+                + f"experts_per_token override: {k} instead of the model's {mv.n_expert_used} experts per token; "
                 "this changes the model's output"
             )
         else:
@@ -1647,7 +1661,7 @@ def _plan_memory(res: Resolution, budget_override: Optional[int]) -> None:
     cache_error = False
     if c.mode == "cache":
         if spec.size == "slots":
-            c.sized_by, c.requested = "slots", f"{spec.slots} slots per layer"
+            c.sized_by, c.requested = "slots", f"{plural(spec.slots, 'slot')} per layer"
             slots = spec.slots
         elif spec.size == "bytes":
             c.sized_by, c.requested = "bytes", format_size(spec.size_bytes)
@@ -1676,8 +1690,9 @@ def _plan_memory(res: Resolution, budget_override: Optional[int]) -> None:
                     auto_where
                     + f"{format_size(auto_budget)} leaves {format_size(avail)} for the expert cache after the "
                     f"resident weights ({format_size(mem.weights)}) and runtime buffers ({format_size(mem.runtime)}): "
-                    f"{slots} slots per layer, but a token needs {need_slots} (experts per token; one slot is "
-                    f"{format_size(per_slot)} over {len(c.streamed_layers)} layers); raise the budget, pin fewer "
+                    f"{plural(slots, 'slot')} per layer, but a token needs {need_slots} (experts per token; one "
+                    f"slot in each of the {len(c.streamed_layers)} streamed layers takes {format_size(per_slot)}); "
+                    "raise the budget, pin fewer "
                     "tensors (mmap them), lower n_ctx, or use cache mode pagecache"
                 )
         if c.n_expert and slots > c.n_expert:
@@ -1688,7 +1703,7 @@ def _plan_memory(res: Resolution, budget_override: Optional[int]) -> None:
             slots = c.n_expert
         if spec.size != "auto" and slots < need_slots:
             cache_error = True
-            got = f"{slots} slots per layer" if spec.size == "slots" else f"{c.requested} ({slots} slots per layer)"
+            got = f"{plural(slots, 'slot')} per layer" if spec.size == "slots" else f"{c.requested} ({plural(slots, 'slot')} per layer)"
             res.errors.append(
                 _where(src, spec.size_line or spec.line)
                 + f"an expert cache of {got} is too small: a token needs {need_slots} slots (experts per token) "

@@ -15,12 +15,13 @@ file is removed and the target is left untouched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import sys
 import tempfile
 import time
-from typing import BinaryIO, Iterator, Optional
+from typing import BinaryIO, Iterator
 
 from flashmoe.errors import FlashMoEError
 
@@ -46,6 +47,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", overwrite: bool = Tr
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise FlashMoEError(f"{path} is a folder: give a file name")
     if not os.path.isdir(folder):
         raise FlashMoEError(f"output folder does not exist: {folder}")
     if not overwrite and os.path.exists(path):
@@ -67,19 +70,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", overwrite: bool = Tr
     f = os.fdopen(fd, mode)
     ok = False
     try:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        if not overwrite and os.path.exists(path):
-            raise FlashMoEError(f"{path} already exists (use --force to overwrite)")
-        os.replace(tmp, path)
+        try:
+            yield f
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise FlashMoEError(f"disk full while writing {path}") from None
+            raise
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            if not overwrite and os.path.exists(path):
+                raise FlashMoEError(f"{path} already exists (use --force to overwrite)")
+            os.replace(tmp, path)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise FlashMoEError(f"disk full while writing {path}") from None
+            raise FlashMoEError(f"cannot write {path}: {e.strerror or e}") from None
         ok = True
         _fsync_dir(folder)
-    except OSError as e:
-        if e.errno == 28:  # ENOSPC
-            raise FlashMoEError(f"disk full while writing {path}") from None
-        raise
     finally:
         if not ok:
             try:
@@ -120,9 +129,11 @@ def human_bytes(n: float) -> str:
 class ByteProgress:
     """A plain stderr progress bar in bytes with rate and ETA.
 
-    On a terminal it redraws one line (at most ~8 times a second); otherwise it prints only the
-    final summary line. ``enabled=False`` makes it silent.
+    On a terminal it redraws one line (at most ~8 times a second); otherwise (logs) it prints a line
+    per 10% for jobs of 256 MiB or more, and the final summary line. ``enabled=False`` makes it silent.
     """
+
+    LOG_STEPS_MIN_BYTES = 256 << 20
 
     def __init__(self, total: int, label: str = "", enabled: bool = True, stream=None, width: int = 30):
         self.total = max(int(total), 0)
@@ -133,6 +144,7 @@ class ByteProgress:
         self.done = 0
         self.t0 = time.monotonic()
         self._last = 0.0
+        self._step = 0
         try:
             self.tty = bool(self.stream.isatty())
         except Exception:
@@ -147,10 +159,18 @@ class ByteProgress:
 
     def update(self, n: int) -> None:
         self.done += int(n)
-        if self.enabled and self.tty:
+        if not self.enabled:
+            return
+        if self.tty:
             now = time.monotonic()
             if now - self._last >= 0.125:
                 self._last = now
+                self._draw(final=False)
+        elif self.total >= self.LOG_STEPS_MIN_BYTES and self.done < self.total:
+            # logs (not a terminal): one line per 10% of a big job
+            step = self.done * 10 // self.total
+            if step > self._step:
+                self._step = step
                 self._draw(final=False)
 
     @property

@@ -99,11 +99,14 @@ _Q8_STD = float(np.sqrt((256.0 ** 2 - 1) / 12.0))  # std of a uniform int8
 
 
 def _q8_0(rng, n_blocks, std) -> np.ndarray:
-    out = np.empty((n_blocks, 34), dtype=np.uint8)
-    d = (std / _Q8_STD) * rng.uniform(0.75, 1.25, n_blocks)
-    out[:, 0:2] = d.astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
-    out[:, 2:] = _random_u8(rng, n_blocks * 32).reshape(n_blocks, 32)
+    # random bytes for whole blocks, then each block's f16 scale from a small random table
+    out = _random_u8(rng, n_blocks * 34).reshape(n_blocks, 34)
+    table = ((std / _Q8_STD) * rng.uniform(0.75, 1.25, _N_HEADERS)).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    out[:, 0:2] = table[out[:, 0]]
     return out.reshape(-1)
+
+
+_N_HEADERS = 256  # distinct per-block headers (scales) per chunk; the block picks one at random
 
 
 # Q4_K: struct { f16 d; f16 dmin; u8 scales[12]; u8 qs[128]; } (144 bytes, 256 weights)
@@ -134,16 +137,24 @@ def unpack_k4_scales(q: np.ndarray):
     return sc, m
 
 
+def _q4_k_headers(rng, std, n) -> np.ndarray:
+    """n random 16-byte Q4_K block headers (d, dmin, packed scales and mins)."""
+    hdr = np.empty((n, 16), dtype=np.uint8)
+    sc = rng.integers(32, 64, (n, 8), dtype=np.uint8)
+    d = (std / (_Q4_STD * 47.5)) * rng.uniform(0.8, 1.2, n)
+    dd = np.empty((n, 2), dtype=np.float16)
+    dd[:, 0] = d
+    dd[:, 1] = d * 7.5
+    hdr[:, 0:4] = dd.view(np.uint8).reshape(n, 4)
+    hdr[:, 4:16] = _pack_k4_scales(sc, sc)
+    return hdr
+
+
 def _q4_k(rng, n_blocks, std) -> np.ndarray:
-    out = np.empty((n_blocks, 144), dtype=np.uint8)
-    sc = rng.integers(32, 64, (n_blocks, 8), dtype=np.uint8)
-    d = (std / (_Q4_STD * 47.5)) * rng.uniform(0.8, 1.2, n_blocks)
-    hdr = np.empty((n_blocks, 2), dtype=np.float16)
-    hdr[:, 0] = d
-    hdr[:, 1] = d * 7.5
-    out[:, 0:4] = hdr.view(np.uint8).reshape(n_blocks, 4)
-    out[:, 4:16] = _pack_k4_scales(sc, sc)
-    out[:, 16:] = _random_u8(rng, n_blocks * 128).reshape(n_blocks, 128)
+    # random bytes for whole blocks (the 4-bit quants), then each block's header from a random table
+    out = _random_u8(rng, n_blocks * 144).reshape(n_blocks, 144)
+    table = _q4_k_headers(rng, std, _N_HEADERS)
+    out[:, 0:16] = table[out[:, 0]]
     return out.reshape(-1)
 
 

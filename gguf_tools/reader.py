@@ -179,13 +179,23 @@ def _check_magic(path: str) -> int:
     return st.st_size
 
 
+class _PastEnd(Exception):
+    pass
+
+
 def _make_reader(path: str, size: int):
     from gguf import GGUFReader
 
     class _StagedReader(GGUFReader):
         stage = "header"
 
-        def _build_tensors(self, start_offs, fields):  # noqa: D401 - gguf internal hook
+        def _get(self, offset, dtype, count=1, override_order=None):  # gguf internal: bounds-checked
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > self.data.shape[0]:
+                raise _PastEnd(end)
+            return super()._get(offset, dtype, count, override_order)
+
+        def _build_tensors(self, start_offs, fields):  # gguf internal hook: the data section
             self.stage = "data"
             return super()._build_tensors(start_offs, fields)
 
@@ -194,19 +204,19 @@ def _make_reader(path: str, size: int):
         r = _StagedReader.__new__(_StagedReader)
         _StagedReader.__init__(r, path, "r")
         return r
-    except FlashMoEError:
-        raise
-    except MemoryError:
+    except (FlashMoEError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as e:  # the gguf reader raises many kinds (ValueError, IndexError, KeyError...)
         stage = getattr(r, "stage", "header") if r is not None else "header"
-        if stage == "data":
+        if isinstance(e, _PastEnd):
+            if stage == "data":
+                raise FlashMoEError(
+                    f"{path} is truncated: tensor data extends past the end of the file ({size} bytes)"
+                ) from None
             raise FlashMoEError(
-                f"{path} is truncated: tensor data extends past the end of the file ({size} bytes)"
+                f"{path} is truncated or corrupt: the GGUF header is cut short ({size} bytes)"
             ) from None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, (IndexError, OverflowError)) or "cannot reshape" in msg or "index" in msg:
-            raise FlashMoEError(f"{path} is truncated or corrupt: the GGUF header is cut short ({size} bytes)") from None
         raise FlashMoEError(f"{path} is not a valid GGUF file: {msg}") from None
 
 

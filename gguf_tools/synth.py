@@ -27,7 +27,7 @@ import re
 import struct
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -59,14 +59,14 @@ class SynthSpec:
     n_head: int = 4
     n_head_kv: int = 2
     head_dim: int = 64
-    n_vocab: int = 1024
+    n_vocab: int = 512
     n_ctx: int = 4096
-    dense_type: str = "Q8_0"  # attention, embeddings, output, shared experts, ssm projections
+    dense_type: str = "F16"  # attention, embeddings, output, shared experts, ssm projections
     expert_type: str = "Q4_K"  # routed experts
     seed: int = 0
     # qwen35moe (gated delta net) dimensions
     ssm_d_conv: int = 4
-    ssm_d_state: int = 64
+    ssm_d_state: int = 32
     ssm_n_group: int = 2
     ssm_dt_rank: int = 4
     full_attention_interval: int = 4
@@ -107,16 +107,18 @@ class SynthSpec:
 
 # preset -> arch -> values (anything not listed keeps the SynthSpec default)
 _PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
+    # tests: ~5-7 MB, loads in well under a second. Dense matrices are F16 because llama.cpp's CPU
+    # AMX kernels (used for quantized dense matrices on AMX CPUs) crash on some VMs; experts are Q4_K.
     "tiny": {
         "qwen3moe": dict(n_layer=4, n_expert=8, n_expert_used=2, n_embd=256, n_ff_exp=256, n_head=4,
-                         n_head_kv=2, head_dim=64, n_vocab=1024, n_ctx=4096, dense_type="Q8_0", expert_type="Q4_K"),
-        "qwen2moe": dict(n_layer=4, n_expert=8, n_expert_used=2, n_embd=256, n_ff_exp=256, n_ff_shexp=256,
-                         n_head=4, n_head_kv=2, head_dim=64, n_vocab=1024, n_ctx=4096,
-                         dense_type="Q8_0", expert_type="Q4_K"),
-        "qwen35moe": dict(n_layer=4, n_expert=8, n_expert_used=2, n_embd=256, n_ff_exp=256, n_ff_shexp=256,
-                          n_head=4, n_head_kv=2, head_dim=64, n_vocab=1024, n_ctx=4096,
-                          dense_type="Q8_0", expert_type="Q4_K",
-                          ssm_d_conv=4, ssm_d_state=64, ssm_n_group=2, ssm_dt_rank=4, full_attention_interval=4),
+                         n_head_kv=2, head_dim=64, n_vocab=512, n_ctx=4096, dense_type="F16", expert_type="Q4_K"),
+        "qwen2moe": dict(n_layer=4, n_expert=8, n_expert_used=2, n_embd=256, n_ff_exp=256, n_ff_shexp=128,
+                         n_head=4, n_head_kv=2, head_dim=64, n_vocab=512, n_ctx=4096,
+                         dense_type="F16", expert_type="Q4_K"),
+        "qwen35moe": dict(n_layer=4, n_expert=8, n_expert_used=2, n_embd=256, n_ff_exp=256, n_ff_shexp=128,
+                          n_head=4, n_head_kv=2, head_dim=64, n_vocab=512, n_ctx=4096,
+                          dense_type="F16", expert_type="Q4_K",
+                          ssm_d_conv=4, ssm_d_state=32, ssm_n_group=2, ssm_dt_rank=4, full_attention_interval=4),
     },
     # B1 of docs/BENCHMARK.md: Qwen3-30B-A3B's layer shape at half its depth (about 8.5 GB)
     "bench": {
@@ -473,7 +475,7 @@ CHAT_TEMPLATE = r"""{#- flashmoe synthetic model: ChatML with tool calls -#}
 {%- if has_system -%}{{- text_of(messages[0].content) + '\n\n' -}}{%- endif -%}
 {{- '# Tools\n\nYou may call the functions described below. Their signatures are listed inside <tools></tools>:\n<tools>' -}}
 {%- for tool in tools -%}
-{{- '\n' -}}{{- (tool.function if tool.function is defined else tool) | tojson -}}
+{{- '\n' -}}{{- tool | tojson -}}
 {%- endfor -%}
 {{- '\n</tools>\n\nTo call a function, reply with a JSON object holding its name and arguments inside <tool_call></tool_call>:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' -}}
 {%- elif has_system -%}

@@ -1,0 +1,220 @@
+"""Memory budgets for benchmark runs: a memory cgroup around one process (its memory and its page cache).
+
+cgroup v2: a child of this process's own cgroup (a delegated subtree) with ``memory.max``; where the
+subtree is not writable, ``systemd-run --scope -p MemoryMax=...`` (user or system manager).
+cgroup v1: a child of this process's memory cgroup with ``memory.limit_in_bytes`` (and memsw).
+Where none of these is possible, ``unavailable_reason()`` says what to enable.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from flashmoe.errors import FlashMoEError
+
+_ROOT = Path(os.environ.get("FLASHMOE_CGROUP_ROOT", "/sys/fs/cgroup"))
+
+
+def _own_path(controller: Optional[str]) -> Optional[str]:
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hid, ctrls, path = line.split(":", 2)
+        if controller is None and hid == "0" and ctrls == "":
+            return path
+        if controller is not None and controller in ctrls.split(","):
+            return path
+    return None
+
+
+def _writable_dir(p: Path) -> bool:
+    return p.is_dir() and os.access(p, os.W_OK)
+
+
+@dataclass
+class Backend:
+    kind: str  # "v2", "v1", "systemd"
+    parent: Optional[Path] = None
+
+
+def detect() -> Backend:
+    """The way to confine a run here; FlashMoEError with what to enable when there is none."""
+    if not Path("/proc/self/cgroup").exists():
+        raise FlashMoEError(unavailable_reason())
+    # v2 (unified): our own cgroup must have the memory controller available for children
+    own2 = _own_path(None)
+    if own2 is not None and (_ROOT / "cgroup.controllers").exists():
+        parent = _ROOT / own2.lstrip("/")
+        ctrls = (parent / "cgroup.controllers").read_text().split() if (parent / "cgroup.controllers").exists() else []
+        if "memory" in ctrls and _writable_dir(parent):
+            return Backend("v2", parent)
+    # v1
+    own1 = _own_path("memory")
+    if own1 is not None:
+        parent = _ROOT / "memory" / own1.lstrip("/")
+        if _writable_dir(parent) and (parent / "memory.limit_in_bytes").exists():
+            return Backend("v1", parent)
+    if shutil.which("systemd-run"):
+        r = subprocess.run(["systemd-run", "--user", "--scope", "-q", "-p", "MemoryMax=1G", "true"],
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            return Backend("systemd")
+        r = subprocess.run(["systemd-run", "--scope", "-q", "-p", "MemoryMax=1G", "true"], capture_output=True, text=True)
+        if r.returncode == 0:
+            return Backend("systemd")
+    raise FlashMoEError(unavailable_reason())
+
+
+def unavailable_reason() -> str:
+    if not Path("/proc/self/cgroup").exists():
+        return ("memory limits need Linux cgroups (on macOS, run without --ram-limit, or in a Linux VM); "
+                "no /proc/self/cgroup here")
+    return ("cannot create a memory cgroup: enable a delegated cgroup v2 subtree with the memory controller "
+            "(e.g. run under `systemd-run --user --scope -p Delegate=yes`), or run as root with cgroup v1 memory "
+            "mounted, or make `systemd-run --scope -p MemoryMax=...` work")
+
+
+class Limited:
+    """One confined run: create, start the process inside, read peak and OOM, clean up."""
+
+    def __init__(self, limit_bytes: int, backend: Optional[Backend] = None):
+        self.limit = int(limit_bytes)
+        self.backend = backend or detect()
+        self.path: Optional[Path] = None
+        self._oom_before = 0
+        if self.backend.kind in ("v1", "v2"):
+            self.path = self.backend.parent / f"flashmoe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.path.mkdir()
+            if self.backend.kind == "v2":
+                (self.path / "memory.max").write_text(str(self.limit))
+                if (self.path / "memory.swap.max").exists():
+                    (self.path / "memory.swap.max").write_text("0")
+            else:
+                (self.path / "memory.limit_in_bytes").write_text(str(self.limit))
+                sw = self.path / "memory.memsw.limit_in_bytes"
+                if sw.exists():
+                    try:
+                        sw.write_text(str(self.limit))
+                    except OSError:
+                        pass
+
+    def _procs_file(self) -> Path:
+        return self.path / "cgroup.procs"
+
+    def popen(self, cmd: List[str], **kw) -> subprocess.Popen:
+        if self.backend.kind == "systemd":
+            user = ["--user"] if os.geteuid() != 0 else []
+            cmd = ["systemd-run", *user, "--scope", "-q", "-p", f"MemoryMax={self.limit}", "-p", "MemorySwapMax=0", *cmd]
+            return subprocess.Popen(cmd, **kw)
+        procs = str(self._procs_file())
+
+        def enter():  # runs in the child before exec: everything it touches is charged to the cgroup
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+
+        return subprocess.Popen(cmd, preexec_fn=enter, **kw)
+
+    def peak_bytes(self) -> Optional[int]:
+        if self.path is None:
+            return None
+        for name in ("memory.peak", "memory.max_usage_in_bytes"):
+            f = self.path / name
+            if f.exists():
+                try:
+                    return int(f.read_text().split()[0])
+                except (OSError, ValueError):
+                    return None
+        return None
+
+    def oom_killed(self) -> bool:
+        if self.path is None:
+            return False
+        ev = self.path / "memory.events"
+        if ev.exists():
+            for line in ev.read_text().splitlines():
+                k, v = line.split()
+                if k == "oom_kill" and int(v) > 0:
+                    return True
+            return False
+        oc = self.path / "memory.oom_control"
+        if oc.exists():
+            for line in oc.read_text().splitlines():
+                parts = line.split()
+                if parts[0] == "oom_kill" and int(parts[1]) > 0:
+                    return True
+        return False
+
+    def close(self):
+        if self.path is None:
+            return
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@dataclass
+class LimitedResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    peak_bytes: Optional[int]
+    oom: bool
+    wall_s: float
+    timed_out: bool = False
+
+
+def run_limited(cmd: List[str], limit_bytes: Optional[int], timeout: Optional[float] = None,
+                env: Optional[Dict[str, str]] = None) -> LimitedResult:
+    """Runs cmd (to completion) in a fresh memory cgroup of limit_bytes (None: unconfined)."""
+    t0 = time.perf_counter()
+    lim = Limited(limit_bytes) if limit_bytes else None
+    try:
+        kw = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        p = lim.popen(cmd, **kw) if lim else subprocess.Popen(cmd, **kw)
+        timed_out = False
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+            out, err = p.communicate()
+            timed_out = True
+        oom = bool(lim and lim.oom_killed()) or (p.returncode == -signal.SIGKILL and not timed_out and lim is not None)
+        return LimitedResult(p.returncode, out, err, lim.peak_bytes() if lim else None, oom,
+                             time.perf_counter() - t0, timed_out)
+    finally:
+        if lim:
+            lim.close()
+
+
+def drop_caches() -> Optional[str]:
+    """Empties the page cache. None on success, else why it could not."""
+    if os.path.exists("/proc/sys/vm/drop_caches"):
+        try:
+            os.sync()
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+            return None
+        except OSError as e:
+            return f"cannot drop the page cache ({e.strerror}; needs root)"
+    if shutil.which("purge"):
+        r = subprocess.run(["purge"], capture_output=True, text=True)
+        return None if r.returncode == 0 else "cannot drop the page cache (`purge` needs sudo on macOS)"
+    return "cannot drop the page cache on this system"
