@@ -9,7 +9,25 @@ from flashmoe.errors import FlashMoEError
 
 
 class _Group(click.Group):
-    """A click group that turns FlashMoEError (and a few OS errors) into one line on stderr."""
+    """A click group that turns FlashMoEError, click's usage errors and a few OS errors into one
+    line on stderr and a non-zero exit (never a traceback)."""
+
+    def main(self, *args, **kwargs):
+        kwargs.setdefault("standalone_mode", True)
+        try:
+            return super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(130)
+        except click.UsageError as e:
+            where = f" ({e.ctx.command_path})" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{where}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
 
     def invoke(self, ctx):
         try:

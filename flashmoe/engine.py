@@ -81,6 +81,8 @@ def _model_params_patch(runtime: RuntimeSettings):
     def patched():
         p = orig()
         p.use_extra_bufts = bool(runtime.use_extra_bufts)
+        if runtime.lazy_mode is not None:
+            p.lazy_mode = {"off": 0, "auto": 1, "on": 2}[runtime.lazy_mode]
         return p
 
     lc.llama_model_default_params = patched
@@ -324,8 +326,9 @@ class Engine:
             raise FlashMoEError("the number of tokens to generate must be at least 1")
         L = self.llama
         toks = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        if len(toks) + n_tokens > L.n_ctx():
-            raise FlashMoEError(f"prompt ({len(toks)} tokens) + {n_tokens} new tokens exceed the context size {L.n_ctx()}")
+        n_ctx = min(L.n_ctx(), len(L.input_ids))
+        if len(toks) + n_tokens > n_ctx:
+            raise FlashMoEError(f"prompt ({len(toks)} tokens) + {n_tokens} new tokens exceed the context size {n_ctx}")
         L.reset()
         if self.routing_trace:
             self.rewind_trace()

@@ -48,6 +48,7 @@ class RuntimeSettings:
     n_expert_used: Optional[int] = None  # experts-per-token override (changes the output!)
     use_extra_bufts: bool = True  # llama.cpp CPU weight repacking of resident weights
     load_mode: str = "mmap"  # "mmap" (stock), "ram" (read into anonymous memory)
+    lazy_mode: Optional[str] = None  # llama.cpp's lazy mode: None (its default), "off", "auto", "on"
 
 
 @dataclass
