@@ -102,6 +102,13 @@ class OutTensor:
     expert_stride: int = 0
     shard: int = 0
     offset: int = 0  # relative to the shard's data section (a multiple of the alignment)
+    # Transformed tensors (e.g. requantized by gguf_tools.quantize): when ``produce`` is set the writer
+    # writes the byte blocks it yields (exactly ``nbytes`` in all) instead of copying ``pieces``;
+    # ``sources`` names the input tensors it replaces, ``sha256`` is filled in by the writer and checked
+    # by verify_output against the written file.
+    produce: Optional[Callable[[], Iterable]] = field(default=None, repr=False)
+    sources: List[str] = field(default_factory=list)
+    sha256: Optional[str] = None
 
 
 @dataclass
@@ -126,6 +133,7 @@ class RepackPlan:
     shards: List[OutShard]
     kept_keys: List[str]  # input keys written unchanged (raw bytes)
     notes: List[str] = field(default_factory=list)
+    changed_keys: List[str] = field(default_factory=list)  # keys a kv_edit hook changed or added
 
     @property
     def total_bytes(self) -> int:
@@ -420,8 +428,15 @@ def _group_shards(tensors: List[OutTensor], max_size: Optional[int], kv0_size: i
 
 
 def plan_repack(model: GGUFModel, out_path: str, align: int = DEFAULT_ALIGN, fuse_gate_up: bool = False,
-                split_max_size: Optional[int] = None, unfuse_gate_up: bool = False) -> RepackPlan:
-    """Where every output tensor goes (no file is written)."""
+                split_max_size: Optional[int] = None, unfuse_gate_up: bool = False,
+                transform: Optional[Callable[[GGUFModel, List[OutTensor], List[str]], None]] = None,
+                kv_edit: Optional[Callable[[List[Tuple[str, bytes]]], List[Tuple[str, bytes]]]] = None) -> RepackPlan:
+    """Where every output tensor goes (no file is written).
+
+    Hooks (used by gguf_tools.quantize): ``transform(model, tensors, notes)`` may change the planned
+    tensors in place before the layout (type, shape, nbytes, expert_stride; set ``produce`` and
+    ``sources`` for tensors whose bytes it generates); ``kv_edit(kvs)`` returns the (key, raw KV bytes)
+    list to write instead of the input's (keys may be changed or added, not removed)."""
     validate_alignment(align)
     if fuse_gate_up and unfuse_gate_up:
         raise UsageError("fuse and unfuse gate/up at the same time")
@@ -433,10 +448,21 @@ def plan_repack(model: GGUFModel, out_path: str, align: int = DEFAULT_ALIGN, fus
         )
     gate_up = "fuse" if fuse_gate_up else ("unfuse" if unfuse_gate_up else "as-is")
     tensors = _plan_tensors(model, gate_up, notes)
+    if transform is not None:
+        transform(model, tensors, notes)
     if split_max_size is not None and split_max_size <= 0:
         raise UsageError("--split-max-size must be larger than 0")
 
     kvs = raw_kvs(model.files[0])
+    changed: List[str] = []
+    if kv_edit is not None:
+        before = dict(kvs)
+        kvs = kv_edit(list(kvs))
+        after = dict(kvs)
+        lost = [k for k in before if k not in after]
+        if lost:
+            raise FlashMoEError(f"internal error: metadata key {lost[0]} would be dropped")
+        changed = [k for k, raw in kvs if before.get(k) != raw]
     probe_kv, _, _ = _first_kv_block(kvs, align, 2, len(tensors), 0)
     other_kv, _ = _other_kv_block(model.arch, align, 0, 2, len(tensors))
     groups = _group_shards(tensors, split_max_size, len(probe_kv), len(other_kv), align)
@@ -452,6 +478,7 @@ def plan_repack(model: GGUFModel, out_path: str, align: int = DEFAULT_ALIGN, fus
         sh = OutShard(path=p, tensors=g)
         if i == 0:
             kv, n_kv, kept = _first_kv_block(kvs, align, n, len(tensors), 0)
+            kept = [k for k in kept if k not in changed]
         else:
             kv, n_kv = _other_kv_block(model.arch, align, i, n, len(tensors))
         for t in g:
@@ -462,7 +489,7 @@ def plan_repack(model: GGUFModel, out_path: str, align: int = DEFAULT_ALIGN, fus
                          f"tensor {g[0].name} alone is that large")
         shards.append(sh)
     return RepackPlan(input_path=model.path, arch=model.arch, alignment=align, gate_up=gate_up, tensors=tensors,
-                      shards=shards, kept_keys=kept, notes=notes)
+                      shards=shards, kept_keys=kept, notes=notes, changed_keys=changed)
 
 
 # ------------------------------------------------------------------------------------- copying
@@ -499,6 +526,25 @@ class _Copier:
             dst_off += k
             n -= k
             on_bytes(k)
+
+
+def _write_produced(t: OutTensor, fd: int, pos: int, on_bytes: Callable[[int], None]) -> int:
+    """Write the blocks t.produce() yields at pos; record their sha256 in t.sha256; return the end."""
+    h = hashlib.sha256()
+    n = 0
+    for block in t.produce():
+        mv = memoryview(block).cast("B")
+        k = 0
+        while k < len(mv):
+            k += os.pwrite(fd, mv[k:], pos + k)
+        h.update(mv)
+        pos += len(mv)
+        n += len(mv)
+        on_bytes(len(mv))
+    if n != t.nbytes:
+        raise FlashMoEError(f"internal error: {t.name}: produced {n} bytes, planned {t.nbytes}")
+    t.sha256 = h.hexdigest()
+    return pos
 
 
 def _write_zeros(fd: int, off: int, n: int) -> None:
@@ -700,6 +746,7 @@ def verify_output(model: GGUFModel, plan: RepackPlan, paths: Optional[Sequence[s
         if first.get(k) != kvs.get(k):
             raise FlashMoEError(f"verification failed: metadata key {k} differs from the input")
     missing = [k for k in kvs if k not in SPLIT_KEYS and k not in first]
+    missing += [k for k in plan.changed_keys if k not in first]
     if missing:
         raise FlashMoEError(f"verification failed: metadata key {missing[0]} is missing from the output")
 
@@ -722,7 +769,11 @@ def verify_output(model: GGUFModel, plan: RepackPlan, paths: Optional[Sequence[s
     in_by_name = model.tensors_by_name()
     # every input tensor must be fully covered by the output pieces
     cover: Dict[str, List[Tuple[int, int, int, int]]] = {}  # src -> [(src_start, out file, out offset, len)]
+    produced = [t for t in plan.tensors if t.produce is not None]
+    replaced = {s for t in produced for s in t.sources}
     for t in plan.tensors:
+        if t.produce is not None:
+            continue
         fi, off, _, _, _ = po.tensors[t.name]
         cur = off
         for p in t.pieces:
@@ -730,8 +781,8 @@ def verify_output(model: GGUFModel, plan: RepackPlan, paths: Optional[Sequence[s
             cur += p.length
         if cur - off != t.nbytes:
             raise FlashMoEError(f"verification failed: the pieces of {t.name} do not add up to its size")
-    if set(cover) != {t.name for t in model.tensors if t.nbytes}:
-        lost = sorted({t.name for t in model.tensors if t.nbytes} - set(cover))
+    if set(cover) != {t.name for t in model.tensors if t.nbytes and t.name not in replaced}:
+        lost = sorted({t.name for t in model.tensors if t.nbytes and t.name not in replaced} - set(cover))
         raise FlashMoEError(f"verification failed: input tensor {lost[0] if lost else '?'} is not in the output")
     for src, lst in cover.items():
         lst.sort()
@@ -744,7 +795,7 @@ def verify_output(model: GGUFModel, plan: RepackPlan, paths: Optional[Sequence[s
             raise FlashMoEError(f"verification failed: the bytes of {src} are not all in the output")
 
     # --- data hashes
-    total = 2 * sum(in_by_name[s].nbytes for s in cover)
+    total = 2 * sum(in_by_name[s].nbytes for s in cover) + sum(t.nbytes for t in produced)
     in_fds = [os.open(p, os.O_RDONLY) for p in model.files]
     out_fds = [os.open(p, os.O_RDONLY) for p in paths]
     lock = threading.Lock()
@@ -758,11 +809,20 @@ def verify_output(model: GGUFModel, plan: RepackPlan, paths: Optional[Sequence[s
                                 f"input, {h_out[:12]} in the output)")
         return 2 * t.nbytes
 
+    def check_produced(t: OutTensor) -> int:
+        fi, off, _, _, _ = po.tensors[t.name]
+        h_out = _hash_ranges(lambda i: out_fds[i], [(fi, off, t.nbytes)])
+        if t.sha256 is None or h_out != t.sha256:
+            raise FlashMoEError(f"verification failed: the bytes of tensor {t.name} in the output are not the ones "
+                                f"written (sha256 {h_out[:12]}, wrote {(t.sha256 or '?')[:12]})")
+        return t.nbytes
+
     try:
         with ByteProgress(total, label="verify", enabled=progress) as bar:
             with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads)) as ex:
                 futs = [ex.submit(check, s) for s in sorted(cover, key=lambda s: (in_by_name[s].file_index,
                                                                                    in_by_name[s].data_offset))]
+                futs += [ex.submit(check_produced, t) for t in produced]
                 try:
                     for f in concurrent.futures.as_completed(futs):
                         n = f.result()
@@ -776,7 +836,8 @@ def verify_output(model: GGUFModel, plan: RepackPlan, paths: Optional[Sequence[s
         for fd in in_fds + out_fds:
             os.close(fd)
     return {"tensors": len(plan.tensors), "input_tensors": len(cover), "keys": len(plan.kept_keys),
-            "bytes": total // 2}
+            "bytes": sum(in_by_name[s].nbytes for s in cover), "produced": len(produced),
+            "produced_bytes": sum(t.nbytes for t in produced), "changed_keys": len(plan.changed_keys)}
 
 
 # ------------------------------------------------------------------------------------- repack
@@ -796,6 +857,9 @@ def repack(
     unfuse_gate_up: bool = False,
     preallocate: bool = True,
     log: Optional[Callable[[str], None]] = None,
+    transform: Optional[Callable[[GGUFModel, List[OutTensor], List[str]], None]] = None,
+    kv_edit: Optional[Callable[[List[Tuple[str, bytes]]], List[Tuple[str, bytes]]]] = None,
+    label: str = "repack",
 ) -> RepackResult:
     """Write ``in_path`` (a single file or the first shard of a split model) to ``out_path`` in the grouped,
     aligned layout. See the module docstring."""
@@ -813,7 +877,7 @@ def repack(
         require_moe(model)
         layout_before = expert_layout(model)
         plan = plan_repack(model, out_path, align=align, fuse_gate_up=fuse_gate_up, split_max_size=split_max_size,
-                           unfuse_gate_up=unfuse_gate_up)
+                           unfuse_gate_up=unfuse_gate_up, transform=transform, kv_edit=kv_edit)
         for p in plan.paths:
             for src in model.files:
                 if os.path.exists(p) and _same_file(p, src) or os.path.realpath(p) == os.path.realpath(src):
@@ -847,7 +911,7 @@ def repack(
                     fds.append(fd)
                     _lock(fd)  # held until the rename: tells other repacks this file is in use
                 copier = _Copier()
-                label = "repack " + os.path.basename(plan.paths[0] if len(plan.paths) == 1 else out_path)
+                label = label + " " + os.path.basename(plan.paths[0] if len(plan.paths) == 1 else out_path)
                 with ByteProgress(plan.total_bytes, label=label, enabled=progress) as bar:
                     for sh, fd, tmp in zip(plan.shards, fds, temps):
                         if preallocate and hasattr(os, "posix_fallocate"):
@@ -865,7 +929,9 @@ def repack(
                                 _write_zeros(fd, pos, start - pos)
                                 bar.update(start - pos)
                             pos = start
-                            for p in t.pieces:
+                            if t.produce is not None:
+                                pos = _write_produced(t, fd, pos, bar.update)
+                            for p in (t.pieces if t.produce is None else ()):
                                 src = in_by_name[p.src]
                                 copier.copy(in_fds[src.file_index], fd, src.data_offset + p.src_start, pos, p.length,
                                             bar.update)
@@ -883,9 +949,16 @@ def repack(
                 if verify:
                     counts = verify_output(model, plan, temps, progress=progress)
                     verified = True
-                    say(f"verified: {counts['tensors']} tensors in the tensor table, sha256 of all "
-                        f"{counts['input_tensors']} input tensors identical ({format_size(counts['bytes'])}), "
-                        f"{counts['keys']} metadata keys identical")
+                    if counts.get("produced"):
+                        say(f"verified: {counts['tensors']} tensors in the tensor table, sha256 of "
+                            f"{counts['input_tensors']} copied tensors identical to the input "
+                            f"({format_size(counts['bytes'])}) and of {counts['produced']} rewritten tensors "
+                            f"identical to what was written ({format_size(counts['produced_bytes'])}), "
+                            f"{counts['keys']} metadata keys identical, {counts['changed_keys']} changed or added")
+                    else:
+                        say(f"verified: {counts['tensors']} tensors in the tensor table, sha256 of all "
+                            f"{counts['input_tensors']} input tensors identical ({format_size(counts['bytes'])}), "
+                            f"{counts['keys']} metadata keys identical")
                 verify_s = time.monotonic() - t_verify
 
                 # all shards complete (and verified): rename them all, with Ctrl-C held back meanwhile

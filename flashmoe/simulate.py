@@ -1,0 +1,380 @@
+"""The exact offline model of the expert cache (docs/patch.md, "Eviction, exactly").
+
+Given a routing trace and the shape of a run (its ubatches), :func:`simulate` replays what the
+hook does, layer by layer, and returns the same per-layer counters that ``Engine.stats()`` reports
+(hits, misses, evictions, bytes read, tokens, waves). It is exact: the tests compare it with the
+engine's own counters on real runs.
+
+What it mirrors:
+
+* **Routing rows.** Each MoE layer keeps a cursor in the trace; every ubatch of n tokens takes the
+  next n rows (wrapping at the end of the trace). The model's last layer computes only the
+  ubatch's output rows (llama.cpp drops the other tokens before it): those are the ubatch's last
+  rows, the cursor still advances by the whole ubatch. A ubatch with no output row leaves that
+  layer with an empty graph: ggml skips empty ops, so nothing is fetched and its cursor does not
+  move.
+* **Waves.** Per layer and ubatch: the distinct selected experts, resident ones first then the
+  misses, each group by ascending id, cut into waves of ``n_slots``.
+* **Eviction.** Within a wave, in that order: every access counts (``n_access``, the expert's
+  count ``freq``; every ``16 * n_slots`` accesses all counts are halved), then a resident expert is
+  a hit; a miss takes a free slot, else the victim among slots not used by this wave: LRU = least
+  recent use; LFRU = lowest count, ties by least recent use. Each access stamps the slot.
+
+Page-cache mode is modelled, not exact: one LRU of expert slices shared by all layers (the OS
+page cache), holding ``capacity_bytes``, accessed with the ubatch's distinct experts per layer in
+ascending id (what the populate op touches).
+
+Public API::
+
+    Ubatch(n_tokens, n_outputs, phase)
+    engine_ubatches(prompt_tokens, gen_tokens, n_batch=512, n_ubatch=512) -> [Ubatch]
+    simulate(trace, ubatches, slots, eviction="lru", *, last_layer, expert_bytes=None) -> SimResult
+    simulate_pagecache(trace, ubatches, capacity_bytes, expert_bytes, *, last_layer) -> SimResult
+    layer_curves(trace, ubatches, sizes, eviction, *, last_layer) -> {layer: {slots: LayerCounters}}
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from flashmoe.errors import FlashMoEError
+
+PHASES = ("prefill", "decode")
+_AGE_FACTOR = 16  # counts are halved every 16 * n_slots accesses (the hook's ageing period)
+_BIG = 1 << 40  # LFRU key: freq * _BIG + last_use (clock stays far below 2^40)
+
+
+@dataclass
+class Ubatch:
+    """One llama.cpp ubatch: ``n_tokens`` evaluated tokens, of which the last ``n_outputs`` are output rows."""
+
+    n_tokens: int
+    n_outputs: int
+    phase: str = "prefill"
+
+
+def engine_ubatches(prompt_tokens: int, gen_tokens: int, n_batch: int = 512, n_ubatch: int = 512,
+                    logits_all: bool = False) -> List[Ubatch]:
+    """The ubatches of ``Engine.generate(prompt, gen_tokens)``: llama-cpp-python evaluates the
+    prompt in chunks of ``n_batch`` tokens whose last token is an output (all of them with
+    ``logits_all``); llama.cpp splits each chunk into ubatches of ``min(n_ubatch, n_batch)``
+    tokens; then ``gen_tokens - 1`` decode steps of one token each (the last generated token is
+    never evaluated)."""
+    if prompt_tokens < 1 or gen_tokens < 1:
+        raise FlashMoEError("a workload needs at least one prompt token and one generated token")
+    ub = max(1, min(n_ubatch, n_batch))
+    out: List[Ubatch] = []
+    for c0 in range(0, prompt_tokens, n_batch):
+        chunk = min(n_batch, prompt_tokens - c0)
+        for u0 in range(0, chunk, ub):
+            n = min(ub, chunk - u0)
+            last = u0 + n == chunk
+            out.append(Ubatch(n, n if logits_all else (1 if last else 0), "prefill"))
+    out.extend(Ubatch(1, 1, "decode") for _ in range(gen_tokens - 1))
+    return out
+
+
+@dataclass
+class LayerCounters:
+    """The engine's per-layer counters (Engine.stats()["layers"][i]), plus a per-phase split."""
+
+    layer: int
+    n_slots: int
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_read: int = 0
+    n_tokens: int = 0
+    n_waves: int = 0
+    by_phase: Dict[str, Dict[str, int]] = field(default_factory=lambda: {p: {"hits": 0, "misses": 0} for p in PHASES})
+
+    def engine_view(self) -> Dict[str, int]:
+        """The fields Engine.stats() has, for comparison."""
+        return {k: getattr(self, k) for k in ("layer", "n_slots", "hits", "misses", "evictions", "bytes_read",
+                                              "n_tokens", "n_waves")}
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+    def phase_hit_rate(self, phase: str) -> float:
+        p = self.by_phase[phase]
+        n = p["hits"] + p["misses"]
+        return p["hits"] / n if n else 0.0
+
+
+@dataclass
+class SimResult:
+    """Per-layer counters, and per ubatch x layer the misses and distinct experts (for timing)."""
+
+    mode: str
+    eviction: str
+    slots: Dict[int, int]
+    layers: List[LayerCounters]
+    ubatches: List[Ubatch]
+    misses: np.ndarray  # int32 [n_ubatches, n_layers]: experts read
+    distinct: np.ndarray  # int32 [n_ubatches, n_layers]: distinct experts computed
+    waves: np.ndarray  # int32 [n_ubatches, n_layers]: graph waves (for compute)
+    rows: np.ndarray  # int32 [n_ubatches, n_layers]: rows computed
+
+    def total(self, phase: Optional[str] = None) -> Dict[str, float]:
+        if phase is None:
+            h = sum(l.hits for l in self.layers)
+            m = sum(l.misses for l in self.layers)
+        else:
+            h = sum(l.by_phase[phase]["hits"] for l in self.layers)
+            m = sum(l.by_phase[phase]["misses"] for l in self.layers)
+        return {"hits": h, "misses": m, "hit_rate": h / (h + m) if h + m else 0.0}
+
+    def hit_rate(self, phase: Optional[str] = None) -> float:
+        return self.total(phase)["hit_rate"]
+
+    def engine_view(self) -> List[Dict[str, int]]:
+        return [l.engine_view() for l in self.layers]
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "eviction": self.eviction, "slots": dict(self.slots),
+                "layers": [asdict(l) for l in self.layers], "total": self.total(),
+                "decode": self.total("decode"), "prefill": self.total("prefill")}
+
+
+def _rows_per_layer(trace, ubatches: Sequence[Ubatch], last_layer: int):
+    """For every layer column, the trace rows (as id arrays) each ubatch computes: a list per ubatch."""
+    n_rows = trace.n_tokens
+    cols = []
+    for li, il in enumerate(trace.layers):
+        cursor = 0
+        per = []
+        for ub in ubatches:
+            if il == last_layer:
+                n_comp = min(ub.n_outputs, ub.n_tokens)
+                if n_comp == 0:  # empty op: ggml skips it, the cursor stays
+                    per.append(None)
+                    continue
+                skip = ub.n_tokens - n_comp
+            else:
+                n_comp, skip = ub.n_tokens, 0
+            idx = (cursor + skip + np.arange(n_comp)) % n_rows
+            per.append(trace.ids[idx, li])
+            cursor += skip + n_comp
+        cols.append(per)
+    return cols
+
+
+def _slots_map(trace, slots: Union[int, Mapping[int, int]]) -> Dict[int, int]:
+    if isinstance(slots, Mapping):
+        out = {il: int(slots[il]) for il in trace.layers}
+    else:
+        out = {il: int(slots) for il in trace.layers}
+    for il, s in out.items():
+        if s < trace.n_used:
+            raise FlashMoEError(f"layer {il}: {s} cache slots, but a token needs {trace.n_used} (experts per token)")
+        out[il] = min(s, trace.n_expert)
+    return out
+
+
+class _LayerCache:
+    """One layer's cache, as the hook keeps it."""
+
+    def __init__(self, n_expert: int, n_slots: int, eviction: str):
+        if eviction not in ("lru", "lfru"):
+            raise FlashMoEError(f"unknown eviction {eviction!r} (lru or lfru)")
+        self.n_expert = n_expert
+        self.n_slots = n_slots
+        self.lfru = eviction == "lfru"
+        self.resident: "OrderedDict[int, int]" = OrderedDict()  # expert -> slot, in order of last use
+        self.n_access = 0
+        self.clock = 0
+        self.age_every = n_slots * _AGE_FACTOR
+        if self.lfru:
+            self.freq = np.zeros(n_expert, dtype=np.int64)
+            self.expert_in = np.full(n_slots, -1, dtype=np.int64)
+            self.last_use = np.zeros(n_slots, dtype=np.int64)
+            self.in_wave = np.zeros(n_slots, dtype=bool)
+        else:
+            self.freq_py = [0] * n_expert  # counted but unused by LRU (kept for symmetry)
+        self.n_used_slots = 0
+
+    def ubatch(self, experts: Iterable[int]):
+        """Distinct experts of one ubatch (any order) -> (hits, misses, evictions, waves)."""
+        uniq = sorted(set(int(e) for e in experts))
+        if not uniq:
+            return 0, 0, 0, 0
+        order = [e for e in uniq if e in self.resident] + [e for e in uniq if e not in self.resident]
+        hits = misses = ev = 0
+        n = self.n_slots
+        waves = 0
+        for w0 in range(0, len(order), n):
+            waves += 1
+            h, m, e = self._wave(order[w0:w0 + n])
+            hits += h
+            misses += m
+            ev += e
+        return hits, misses, ev, waves
+
+    def _wave(self, experts: List[int]):
+        hits = misses = ev = 0
+        res = self.resident
+        if self.lfru:
+            self.in_wave[:] = False
+        for e in experts:
+            self.n_access += 1
+            if self.lfru:
+                self.freq[e] += 1
+                if self.n_access % self.age_every == 0:
+                    self.freq >>= 1
+            self.clock += 1
+            s = res.get(e)
+            if s is not None:
+                hits += 1
+                res.move_to_end(e)
+            else:
+                misses += 1
+                if self.n_used_slots < self.n_slots:
+                    s = self.n_used_slots  # the lowest free slot
+                    self.n_used_slots += 1
+                else:
+                    if self.lfru:
+                        key = self.freq[self.expert_in] * _BIG + self.last_use
+                        key[self.in_wave] = np.iinfo(np.int64).max
+                        s = int(np.argmin(key))
+                        victim = int(self.expert_in[s])
+                    else:
+                        victim = next(iter(res))  # least recent; never in this wave (see module doc)
+                        s = res[victim]
+                    del res[victim]
+                    ev += 1
+                res[e] = s
+                if self.lfru:
+                    self.expert_in[s] = e
+            if self.lfru:
+                self.last_use[s] = self.clock
+                self.in_wave[s] = True
+        return hits, misses, ev
+
+
+def simulate(trace, ubatches: Sequence[Ubatch], slots: Union[int, Mapping[int, int]], eviction: str = "lru", *,
+             last_layer: int, expert_bytes: Optional[Mapping[int, int]] = None,
+             layers: Optional[Sequence[int]] = None) -> SimResult:
+    """The explicit expert cache (mode "cache") over ``ubatches`` of ``trace``.
+
+    slots: per layer (one int for all layers, or {model layer: slots}).
+    last_layer: the model's last layer index (n_layer - 1): it only computes output rows.
+    expert_bytes: {layer: bytes of one expert} for bytes_read (0 when not given).
+    layers: only these model layers (default: all of the trace's).
+    """
+    smap = _slots_map(trace, slots)
+    cols = _rows_per_layer(trace, ubatches, last_layer)
+    sel = [i for i, il in enumerate(trace.layers) if layers is None or il in layers]
+    n_ub = len(ubatches)
+    misses = np.zeros((n_ub, len(sel)), dtype=np.int32)
+    distinct = np.zeros((n_ub, len(sel)), dtype=np.int32)
+    waves = np.zeros((n_ub, len(sel)), dtype=np.int32)
+    rows = np.zeros((n_ub, len(sel)), dtype=np.int32)
+    out: List[LayerCounters] = []
+    for j, li in enumerate(sel):
+        il = trace.layers[li]
+        n_slots = smap[il]
+        c = _LayerCache(trace.n_expert, n_slots, eviction)
+        lc = LayerCounters(layer=il, n_slots=n_slots)
+        eb = int(expert_bytes.get(il, 0)) if expert_bytes else 0
+        for u, ub in enumerate(ubatches):
+            ids = cols[li][u]
+            if ids is None:
+                continue
+            h, m, e, w = c.ubatch(ids.ravel())
+            lc.hits += h
+            lc.misses += m
+            lc.evictions += e
+            lc.n_waves += w
+            lc.n_tokens += ids.shape[0]
+            lc.bytes_read += m * eb
+            lc.by_phase[ub.phase]["hits"] += h
+            lc.by_phase[ub.phase]["misses"] += m
+            misses[u, j] = m
+            distinct[u, j] = h + m
+            rows[u, j] = ids.shape[0]
+            # graph waves: ceil(min(n_expert, rows * n_used) / n_slots), at least 1
+            touched = min(trace.n_expert, ids.shape[0] * trace.n_used)
+            waves[u, j] = max(1, -(-touched // n_slots))
+        out.append(lc)
+    return SimResult("cache", eviction, {trace.layers[li]: smap[trace.layers[li]] for li in sel}, out,
+                     list(ubatches), misses, distinct, waves, rows)
+
+
+def simulate_pagecache(trace, ubatches: Sequence[Ubatch], capacity_bytes: int, expert_bytes: Mapping[int, int], *,
+                       last_layer: int) -> SimResult:
+    """Page-cache mode, modelled as one LRU of expert slices shared by all layers holding
+    ``capacity_bytes`` (the memory left after weights and runtime buffers)."""
+    cols = _rows_per_layer(trace, ubatches, last_layer)
+    n_ub, n_lay = len(ubatches), len(trace.layers)
+    lru: "OrderedDict[tuple, int]" = OrderedDict()
+    used = 0
+    counters = [LayerCounters(layer=il, n_slots=0) for il in trace.layers]
+    misses = np.zeros((n_ub, n_lay), dtype=np.int32)
+    distinct = np.zeros((n_ub, n_lay), dtype=np.int32)
+    waves = np.ones((n_ub, n_lay), dtype=np.int32)
+    rows = np.zeros((n_ub, n_lay), dtype=np.int32)
+    for u, ub in enumerate(ubatches):
+        for li, il in enumerate(trace.layers):
+            ids = cols[li][u]
+            if ids is None:
+                waves[u, li] = 0
+                continue
+            eb = int(expert_bytes[il])
+            lc = counters[li]
+            h = m = 0
+            for e in sorted(set(int(x) for x in ids.ravel())):
+                key = (il, e)
+                if key in lru:
+                    h += 1
+                    lru.move_to_end(key)
+                    continue
+                m += 1
+                if eb <= capacity_bytes:
+                    while used + eb > capacity_bytes and lru:
+                        _, b = lru.popitem(last=False)
+                        used -= b
+                        lc.evictions += 1
+                    lru[key] = eb
+                    used += eb
+            lc.hits += h
+            lc.misses += m
+            lc.bytes_read += m * eb
+            lc.n_tokens += ids.shape[0]
+            lc.by_phase[ub.phase]["hits"] += h
+            lc.by_phase[ub.phase]["misses"] += m
+            misses[u, li] = m
+            distinct[u, li] = h + m
+            rows[u, li] = ids.shape[0]
+    return SimResult("pagecache", "lru", {il: 0 for il in trace.layers}, counters, list(ubatches), misses, distinct,
+                     waves, rows)
+
+
+def layer_curves(trace, ubatches: Sequence[Ubatch], sizes: Sequence[int], eviction: str, *, last_layer: int,
+                 expert_bytes: Optional[Mapping[int, int]] = None) -> Dict[int, SimResult]:
+    """One simulation per slot count (uniform over layers): {slots: SimResult}. Layers are
+    independent, so any per-layer allocation can be put together from these results."""
+    out = {}
+    for s in sorted(set(int(x) for x in sizes)):
+        out[s] = simulate(trace, ubatches, s, eviction, last_layer=last_layer, expert_bytes=expert_bytes)
+    return out
+
+
+def combine(results_by_slots: Mapping[int, SimResult], alloc: Mapping[int, int]) -> SimResult:
+    """The result of a per-layer allocation {layer: slots}, from uniform runs that include every
+    needed slot count (layers are independent)."""
+    any_r = next(iter(results_by_slots.values()))
+    layers, cols = [], []
+    for j, lc in enumerate(any_r.layers):
+        r = results_by_slots[alloc[lc.layer]]
+        layers.append(r.layers[j])
+        cols.append(j)
+    stack = lambda name: np.stack([getattr(results_by_slots[alloc[l.layer]], name)[:, j]
+                                   for j, l in enumerate(any_r.layers)], axis=1)
+    return SimResult("cache", any_r.eviction, dict(alloc), layers, any_r.ubatches, stack("misses"),
+                     stack("distinct"), stack("waves"), stack("rows"))
