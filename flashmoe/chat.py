@@ -388,8 +388,8 @@ class _StopFilter:
     def push(self, piece: str) -> Tuple[str, bool]:
         self.text += piece
         if self.stops:
-            hit = min((i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stops) if i >= 0),
-                      default=-1)
+            # a stop string cannot start before `sent`: whatever could begin one is held back
+            hit = min((i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0), default=-1)
             if hit >= 0:
                 out = self.text[self.sent:hit]
                 self.text = self.text[:hit]
@@ -491,7 +491,7 @@ class ChatModel:
             self._bias_ids = (np.array(ids, dtype=np.int64), np.array(bias, dtype=np.float32))
         return self._bias_ids
 
-    def grammar_for_schema(self, schema: Optional[dict]):
+    def grammar_for_schema(self, schema: Optional[dict], what: str = "response_format"):
         """A llama.cpp grammar for JSON matching ``schema`` (None: any JSON object).
 
         Strings exclude raw control characters, so that the output is strict JSON.
@@ -503,8 +503,8 @@ class ChatModel:
         try:
             gbnf = json_schema_to_gbnf(json.dumps(schema))
         except Exception as e:
-            raise RequestError(f"cannot build a grammar from this JSON schema: {type(e).__name__}: {e}",
-                               param="schema")
+            raise RequestError(f"cannot build a grammar from the JSON schema of {what}: {type(e).__name__}: {e}",
+                               param="tools" if "tool" in what else "response_format")
         gbnf = gbnf.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |', 1)
         return LlamaGrammar.from_string(gbnf, verbose=False)
 
@@ -710,7 +710,7 @@ def plan_chat(
         mode = "call"
         only = choice["name"] if isinstance(choice, dict) else None
         text += model.template.call_prefix
-        grammar = model.grammar_for_schema(call_schema(tools, only))
+        grammar = model.grammar_for_schema(call_schema(tools, only), what=f"tool {only}" if only else "the tools")
     elif constrained_json:
         mode = "json"
         grammar = model.grammar_for_schema(schema)

@@ -60,6 +60,8 @@ def serve(model_path, policy, host, port, api_key, n_ctx, model_name, log_level,
         h, p = sock.getsockname()[:2]
         shown = f"[{h}]" if ":" in h else h
         click.echo(f"model {os.path.basename(model_path)}: {engine.mode_line()}", err=True)
+        if not app.state.model.template.from_model:
+            click.echo("note: the model has no chat template; chat requests use ChatML", err=True)
         click.echo(f"context {engine.llama.n_ctx()} tokens; "
                    f"{'API key required' if api_key else 'no API key'}", err=True)
         click.echo(f"listening on http://{shown}:{p}  (OpenAI API base URL: http://{shown}:{p}/v1)", err=True)

@@ -22,4 +22,6 @@ _COMMANDS = [
     ("flashmoe.cmd_repack", ["repack_cmd"]),
     ("flashmoe.cmd_chat", ["chat"]),
     ("flashmoe.cmd_serve", ["serve"]),
+    ("flashmoe.cmd_quant", ["quantize", "quality"]),
+    ("flashmoe.cmd_bench", ["bench"]),
 ]

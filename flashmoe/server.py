@@ -204,13 +204,13 @@ def create_app(engine_or_llama, *, api_key: Optional[str] = None, model_name: Op
     async def parse(request: Request, cls):
         raw = await request.body()
         if not raw.strip():
-            raise APIError(400, "the request body is empty (a JSON object is expected)")
+            raise APIError(400, "the request body is empty (a JSON object is expected)", code="invalid_json")
         try:
             obj = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json")
         if not isinstance(obj, dict):
-            raise APIError(400, "the request body must be a JSON object")
+            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
         try:
             req = cls.model_validate(obj)
         except ValidationError as e:
