@@ -57,8 +57,9 @@ STOCK_VARIANTS: Dict[str, Tuple[str, Dict[str, Any]]] = {
                    "(the baseline of the speed target)", {"use_extra_bufts": False, "load_mode": "mmap"}),
     "stock-no-mmap": ("--no-mmap (load mode none): the model read into anonymous memory",
                       {"use_extra_bufts": True, "load_mode": "ram"}),
-    "stock-lazy": ("--lazy-mode on: tensors read lazily through the mmap (MADV_RANDOM, no populate)",
-                   {"use_extra_bufts": True, "load_mode": "mmap", "lazy_mode": "on"}),
+    # with repacking on, lazy mode is killed like `stock` (the repacked copies are anonymous memory)
+    "stock-lazy": ("--lazy-mode on with repacking off: tensors read lazily through the mmap (MADV_RANDOM, "
+                   "no populate, no readahead)", {"use_extra_bufts": False, "load_mode": "mmap", "lazy_mode": "on"}),
 }
 GPU_VARIANT = "stock-n-cpu-moe"
 GPU_VARIANT_DESC = ("--n-cpu-moe style: routed experts in host memory on the mmap, the rest on the GPU "
@@ -237,6 +238,8 @@ def planned_mode_line(settings: EngineSettings, routing_trace: Optional[str], n_
                      "(output differs from the model's)")
     if routing_trace:
         parts.append(f"routing forced from trace {os.path.basename(routing_trace)}")
+    if s.runtime.n_threads:
+        parts.append(f"{s.runtime.n_threads} thread{'s' if s.runtime.n_threads != 1 else ''}")
     return "; ".join(parts)
 
 
@@ -584,7 +587,9 @@ def progress_summary(prog: List[dict], n_prompt: int, n_gen: int) -> Dict[str, A
 
 
 def describe_progress(ps: Dict[str, Any], n_prompt: int, n_gen: int) -> str:
-    if ps["stage"] in ("starting", "loading"):
+    if ps["stage"] == "starting":
+        return "before the model load began (starting Python and the libraries)"
+    if ps["stage"] == "loading":
         return "during load"
     bits = [f"loaded in {ps['load_s']:.1f} s" if ps.get("load_s") is not None else "loaded"]
     if ps["stage"] == "prefill":

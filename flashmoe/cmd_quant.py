@@ -86,7 +86,8 @@ def quantize(input_path, output, experts, dense, rules, imatrix, align, fuse_gat
 @click.option("--vs", "candidate", default=None, metavar="CANDIDATE.gguf", type=click.Path(dir_okay=False),
               help="The model compared with it (default: the reference file itself, e.g. under --vs-policy).")
 @click.option("--policy", default=None, help="Policy of the reference run (a YAML file or shipped config name).")
-@click.option("--vs-policy", default=None, help="Policy of the candidate run (e.g. one with runtime: experts_per_token).")
+@click.option("--vs-policy", default=None,
+              help="Policy of the candidate run (e.g. one with runtime: experts_per_token).")
 @click.option("--experts-per-token", type=click.IntRange(min=1), default=None,
               help="Override the reference's experts per token.")
 @click.option("--vs-experts-per-token", type=click.IntRange(min=1), default=None,

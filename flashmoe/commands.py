@@ -24,4 +24,5 @@ _COMMANDS = [
     ("flashmoe.cmd_serve", ["serve"]),
     ("flashmoe.cmd_quant", ["quantize", "quality"]),
     ("flashmoe.cmd_bench", ["bench"]),
+    ("flashmoe.cmd_tune", ["tune"]),
 ]

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -70,7 +70,9 @@ def load_text(path: Optional[str] = None) -> Tuple[str, str]:
     if packaged:
         lines = text.splitlines(keepends=True)
         i = 0
-        while i < len(lines) and (lines[i].startswith("#") or (i and not lines[i].strip() and lines[i - 1].startswith("#"))):
+        while i < len(lines) and lines[i].startswith("#"):
+            i += 1
+        if i and i < len(lines) and not lines[i].strip():  # the blank line after the header
             i += 1
         text = "".join(lines[i:])
     if not text.strip():
@@ -260,8 +262,9 @@ def measure_quality(
     log: Optional[Callable[[str], None]] = None,
 ) -> QualityReport:
     """Run ``reference`` (under ``policy``) and ``candidate`` (default: the reference file, under
-    ``vs_policy``; ``*experts_per_token`` override the policies) over the same text and compare their next-token distributions. ``n_tokens``: tokens
-    of the text to use (whole chunks; 0 = all of it). See the module docstring."""
+    ``vs_policy``; ``experts_per_token`` / ``vs_experts_per_token`` override the policies) over the same
+    text and compare their next-token distributions. ``n_tokens``: tokens of the text to use (whole
+    chunks; 0 = all of it). See the module docstring."""
     say = log or (lambda s: None)
     reference = os.fspath(reference)
     candidate = os.fspath(candidate) if candidate else reference
@@ -350,12 +353,13 @@ def measure_quality(
             shutil.rmtree(tmp_folder, ignore_errors=True)
 
     d = cand_nll - ref_nll
+    ppl_r, ppl_c = math.exp(ref_nll.mean()), math.exp(cand_nll.mean())
     return QualityReport(
         reference=reference, candidate=candidate, reference_policy=policy, candidate_policy=vs_policy,
         reference_mode=ref_mode, candidate_mode=cand_mode, text=label, n_ctx=n_ctx, n_chunks=n_chunks,
         n_tokens=n_chunks * n_ctx, n_scored=n_scored,
-        ppl_reference=float(math.exp(ref_nll.mean())), ppl_reference_err=float(math.exp(ref_nll.mean())) * _stderr(ref_nll),
-        ppl_candidate=float(math.exp(cand_nll.mean())), ppl_candidate_err=float(math.exp(cand_nll.mean())) * _stderr(cand_nll),
+        ppl_reference=float(ppl_r), ppl_reference_err=float(ppl_r) * _stderr(ref_nll),
+        ppl_candidate=float(ppl_c), ppl_candidate_err=float(ppl_c) * _stderr(cand_nll),
         ln_ppl_ratio=float(d.mean()), ln_ppl_ratio_err=_stderr(d),
         kl_mean=float(kl.mean()), kl_mean_err=_stderr(kl), kl_median=float(np.median(kl)),
         kl_p90=float(np.percentile(kl, 90)), kl_p99=float(np.percentile(kl, 99)), kl_max=float(kl.max()),

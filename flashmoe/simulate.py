@@ -8,11 +8,12 @@ engine's own counters on real runs.
 What it mirrors:
 
 * **Routing rows.** Each MoE layer keeps a cursor in the trace; every ubatch of n tokens takes the
-  next n rows (wrapping at the end of the trace). The model's last layer computes only the
-  ubatch's output rows (llama.cpp drops the other tokens before it): those are the ubatch's last
-  rows, the cursor still advances by the whole ubatch. A ubatch with no output row leaves that
-  layer with an empty graph: ggml skips empty ops, so nothing is fetched and its cursor does not
-  move.
+  next n rows (wrapping at the end of the trace). In most architectures (qwen3moe, qwen2moe) the
+  model's last layer computes only the ubatch's output rows (llama.cpp drops the other tokens
+  before it): those are the ubatch's last rows, the cursor still advances by the whole ubatch. A
+  ubatch with no output row leaves that layer with an empty graph: ggml skips empty ops, so
+  nothing is fetched and its cursor does not move. Some architectures (qwen35moe, qwen3next) drop
+  the rows only after the last layer: every layer computes every row (``last_layer_of``).
 * **Waves.** Per layer and ubatch: the distinct selected experts, resident ones first then the
   misses, each group by ascending id, cut into waves of ``n_slots``.
 * **Eviction.** Within a wave, in that order: every access counts (``n_access``, the expert's
@@ -28,6 +29,7 @@ Public API::
 
     Ubatch(n_tokens, n_outputs, phase)
     engine_ubatches(prompt_tokens, gen_tokens, n_batch=512, n_ubatch=512) -> [Ubatch]
+    last_layer_of(arch, n_layer) -> int | None     # the layer that computes only output rows
     simulate(trace, ubatches, slots, eviction="lru", *, last_layer, expert_bytes=None) -> SimResult
     simulate_pagecache(trace, ubatches, capacity_bytes, expert_bytes, *, last_layer) -> SimResult
     layer_curves(trace, ubatches, sizes, eviction, *, last_layer) -> {layer: {slots: LayerCounters}}
@@ -45,6 +47,19 @@ from flashmoe.errors import FlashMoEError
 PHASES = ("prefill", "decode")
 _AGE_FACTOR = 16  # counts are halved every 16 * n_slots accesses (the hook's ageing period)
 _BIG = 1 << 40  # LFRU key: freq * _BIG + last_use (clock stays far below 2^40)
+
+
+# llama.cpp architectures whose last layer computes every row of the ubatch (the output rows are
+# selected after it, `cparams.embeddings_nextn_masked` being off by default): read from the
+# vendored llama.cpp's src/models/*.cpp (commit 0c1e570). Others drop the non-output rows before
+# their last layer (`if (il == n_layer - 1 && inp_out_ids)`).
+ALL_ROWS_ARCHES = frozenset({"qwen35moe", "qwen35", "qwen3next", "bailingmoe3", "cohere2moe", "gpt-oss", "step35",
+                             "hy_v3"})
+
+
+def last_layer_of(arch: str, n_layer: int) -> Optional[int]:
+    """The model layer that computes only the output rows, or None when every layer computes every row."""
+    return None if arch in ALL_ROWS_ARCHES else n_layer - 1
 
 
 @dataclass
@@ -142,7 +157,7 @@ class SimResult:
                 "decode": self.total("decode"), "prefill": self.total("prefill")}
 
 
-def _rows_per_layer(trace, ubatches: Sequence[Ubatch], last_layer: int):
+def _rows_per_layer(trace, ubatches: Sequence[Ubatch], last_layer: Optional[int]):
     """For every layer column, the trace rows (as id arrays) each ubatch computes: a list per ubatch."""
     n_rows = trace.n_tokens
     cols = []
@@ -150,7 +165,7 @@ def _rows_per_layer(trace, ubatches: Sequence[Ubatch], last_layer: int):
         cursor = 0
         per = []
         for ub in ubatches:
-            if il == last_layer:
+            if last_layer is not None and il == last_layer:
                 n_comp = min(ub.n_outputs, ub.n_tokens)
                 if n_comp == 0:  # empty op: ggml skips it, the cursor stays
                     per.append(None)
@@ -258,12 +273,13 @@ class _LayerCache:
 
 
 def simulate(trace, ubatches: Sequence[Ubatch], slots: Union[int, Mapping[int, int]], eviction: str = "lru", *,
-             last_layer: int, expert_bytes: Optional[Mapping[int, int]] = None,
+             last_layer: Optional[int], expert_bytes: Optional[Mapping[int, int]] = None,
              layers: Optional[Sequence[int]] = None) -> SimResult:
     """The explicit expert cache (mode "cache") over ``ubatches`` of ``trace``.
 
     slots: per layer (one int for all layers, or {model layer: slots}).
-    last_layer: the model's last layer index (n_layer - 1): it only computes output rows.
+    last_layer: the layer that only computes output rows (``last_layer_of(arch, n_layer)``: the
+    model's last layer index, or None when every layer computes every row).
     expert_bytes: {layer: bytes of one expert} for bytes_read (0 when not given).
     layers: only these model layers (default: all of the trace's).
     """
@@ -307,7 +323,7 @@ def simulate(trace, ubatches: Sequence[Ubatch], slots: Union[int, Mapping[int, i
 
 
 def simulate_pagecache(trace, ubatches: Sequence[Ubatch], capacity_bytes: int, expert_bytes: Mapping[int, int], *,
-                       last_layer: int) -> SimResult:
+                       last_layer: Optional[int]) -> SimResult:
     """Page-cache mode, modelled as one LRU of expert slices shared by all layers holding
     ``capacity_bytes`` (the memory left after weights and runtime buffers)."""
     cols = _rows_per_layer(trace, ubatches, last_layer)
@@ -355,7 +371,7 @@ def simulate_pagecache(trace, ubatches: Sequence[Ubatch], capacity_bytes: int, e
                      waves, rows)
 
 
-def layer_curves(trace, ubatches: Sequence[Ubatch], sizes: Sequence[int], eviction: str, *, last_layer: int,
+def layer_curves(trace, ubatches: Sequence[Ubatch], sizes: Sequence[int], eviction: str, *, last_layer: Optional[int],
                  expert_bytes: Optional[Mapping[int, int]] = None) -> Dict[int, SimResult]:
     """One simulation per slot count (uniform over layers): {slots: SimResult}. Layers are
     independent, so any per-layer allocation can be put together from these results."""

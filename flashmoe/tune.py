@@ -176,8 +176,10 @@ class ModelFacts:
     n_tensors: Dict[int, int]  # layer -> expert tensors (reads per expert)
 
     @property
-    def last_layer(self) -> int:
-        return self.n_layer - 1
+    def last_layer(self) -> Optional[int]:
+        from flashmoe.simulate import last_layer_of
+
+        return last_layer_of(self.arch, self.n_layer)
 
     @property
     def bytes_per_slot(self) -> int:
@@ -229,10 +231,17 @@ class Candidate:
     readers: int = 4
     direct_io: bool = True
     per_layer: Optional[Dict[int, int]] = None  # simulated only (the engine takes one slot count)
+    overhead: Optional[int] = None  # runtime.overhead written in the policy (None: the base policy's)
     supported: bool = True
     note: str = ""
     prediction: Dict[str, Any] = field(default_factory=dict)
     runs: List[Dict[str, Any]] = field(default_factory=list)
+    measured: Optional[Dict[str, Any]] = None  # medians of the validation runs that completed
+
+    @property
+    def failed(self) -> bool:
+        """Validated and never completed (OOM, crash, timeout)."""
+        return bool(self.runs) and self.measured is None
 
     @property
     def family(self) -> str:
@@ -280,8 +289,9 @@ def policy_text(base, cand: Candidate, *, budget: Optional[int], n_ctx: int, thr
         lines.append("  repack: false")
     from flashmoe.policy import DEFAULT_OVERHEAD
 
-    if rt.overhead != DEFAULT_OVERHEAD:
-        lines.append(f"  overhead: {_size_text(rt.overhead)}")
+    overhead = cand.overhead if cand.overhead is not None else rt.overhead
+    if overhead != DEFAULT_OVERHEAD or cand.overhead is not None:
+        lines.append(f"  overhead: {_size_text(overhead)}")
     return "\n".join(lines) + "\n"
 
 
@@ -548,6 +558,7 @@ class ComputeModel:
     dense_prefill_s: float = 0.0
     expert_prefill_s: float = 0.0
     startup_s: float = 0.0  # process start + load, outside the timed phases
+    non_cache_rss: Optional[int] = None  # peak RSS of a calibration run less its cache slots
     ok: bool = False
     note: str = ""
     runs: List[Dict[str, Any]] = field(default_factory=list)
@@ -570,7 +581,8 @@ def _constant_trace(path: str, mf: ModelFacts, k: int, n_tokens: int) -> None:
 def calibrate_compute(base, view, mf: ModelFacts, opts: TuneOptions, n_ctx: int, tmp: str, clock: _Clock,
                       timeout: float) -> ComputeModel:
     """Warm-cache runs (constant routing: every access after the first token hits) with k and 1
-    experts per token: per-token compute of the dense part and of one expert."""
+    experts per token: per-token compute of the dense part and of one expert. Their peak RSS less
+    their cache slots is what the process needs besides the experts on this machine."""
     from flashmoe.bench import run_worker
 
     cm = ComputeModel()
@@ -609,6 +621,10 @@ def calibrate_compute(base, view, mf: ModelFacts, opts: TuneOptions, n_ctx: int,
                         "decode_stall_s": dstall, "prefill_stall_s": pstall, "load_s": rep["load_s"],
                         "wall_s": rec["wall_s"], "peak_bytes": rec.get("peak_bytes")})
         cm.startup_s = max(cm.startup_s, startup)
+        rss = rep.get("peak_rss_bytes") or 0
+        if rss:
+            nc = rss - cand.slots * sum(mf.expert_bytes.values())
+            cm.non_cache_rss = max(cm.non_cache_rss or 0, nc)
         clock.log(f"  {1000 * t_dec:.2f} ms per decode token, {1000 * t_pf:.2f} ms per prefill token "
                   f"(load {rep['load_s']:.1f} s)")
     n_moe = max(1, len(mf.moe_layers))
@@ -904,9 +920,24 @@ def run_tune(opts: TuneOptions, log: Callable[[str], None] = _default_log) -> Tu
         if not cm.ok:
             notes.append("compute could not be calibrated (" + (cm.note or "no time") + "): predictions count I/O only")
 
+        # -- what the process really needs besides experts (RSS of the calibration runs)
+        tight_slots, tight_overhead, pc_capacity = 0, None, mp.cache_space
+        if cm.non_cache_rss:
+            margin = max(32 * MiB, cm.non_cache_rss // 10)
+            real_left = opts.ram - cm.non_cache_rss
+            if real_left > 0:
+                pc_capacity = real_left
+            ts = min(mf.n_expert, max(0, real_left - margin) // mp.bytes_per_slot) if mp.bytes_per_slot else 0
+            ov = (opts.ram - mp.weights - mp.kv_cache - mp.compute - ts * mp.bytes_per_slot) // MiB * MiB
+            if ts > mp.max_slots and ts >= K and ov > 0:
+                tight_slots, tight_overhead = int(ts), int(ov)
+            clock.log(f"memory: the calibration runs needed {format_size(cm.non_cache_rss)} besides their cache "
+                      f"(estimate: {format_size(mp.weights + mp.runtime)})" +
+                      (f": {tight_slots} slots per layer fit with a {format_size(margin)} margin" if tight_slots else ""))
+
         # -- simulation
         clock.log("simulating the expert cache on the trace ...")
-        extra = [mp.max_slots, int(mp.max_slots * 0.85)]
+        extra = [mp.max_slots, int(mp.max_slots * 0.85), tight_slots]
         grid = size_grid(K, mf.n_expert, extra)
         curves: Dict[str, Dict[int, Any]] = {}
         for ev in ("lru", "lfru"):
@@ -930,7 +961,16 @@ def run_tune(opts: TuneOptions, log: Callable[[str], None] = _default_log) -> Tu
                                   direct_io=disk.has(True), note="85% of the largest cache: a margin on the estimate")
                     c.prediction = predict(curves[ev][safe], c, mf, disk, cm)
                     cands.append(c)
-        pc_sim = simulate_pagecache(tr, ubs, mp.cache_space, mf.expert_bytes, last_layer=mf.last_layer)
+            if tight_slots:
+                for ev in ("lru", "lfru"):
+                    r = readers[-1]
+                    c = Candidate(f"{ev}-{tight_slots}-r{r}-tight", "cache", slots=tight_slots, eviction=ev, readers=r,
+                                  direct_io=disk.has(True), overhead=tight_overhead,
+                                  note=f"sized from the memory measured on this machine (runtime.overhead "
+                                       f"{format_size(tight_overhead)} instead of {format_size(mp.overhead)})")
+                    c.prediction = predict(curves[ev][tight_slots], c, mf, disk, cm)
+                    cands.append(c)
+        pc_sim = simulate_pagecache(tr, ubs, pc_capacity, mf.expert_bytes, last_layer=mf.last_layer)
         for r in readers:
             c = Candidate(f"pagecache-r{r}", "pagecache", readers=r, direct_io=False,
                           note="modelled: one LRU of the leftover memory shared by all layers")
@@ -961,8 +1001,11 @@ def run_tune(opts: TuneOptions, log: Callable[[str], None] = _default_log) -> Tu
                 per_layer.append(c)
 
         def pkey(c: Candidate):
+            # ties (within about 1%): the exact explicit cache before the page-cache model, fewer readers
             p = c.prediction
-            return (p.get("decode_tok_s") or 0.0, p.get("prefill_tok_s") or 0.0, -c.slots)
+            dec = p.get("decode_tok_s") or 0.0
+            return (round(math.log(dec), 2) if dec > 0 else -1e9, c.mode == "cache", p.get("prefill_tok_s") or 0.0,
+                    c.direct_io, -c.readers)
 
         cands.sort(key=pkey, reverse=True)
         if not cands:
@@ -974,10 +1017,14 @@ def run_tune(opts: TuneOptions, log: Callable[[str], None] = _default_log) -> Tu
 
         # -- validation
         chosen = _pick_for_validation(cands, opts.validate)
-        validated = _validate(chosen, base, view, mf, mp, opts, trace_path, P, G, n_ctx, cm, clock)
+        validated = _validate(chosen, base, view, mf, mp, opts, trace_path, P, G, n_ctx, cm, clock, cands)
         winner, why = _choose(validated, cands)
         doc = _document(opts, mf, mp, facts, machine, avail, direct, buffered, cm, tr, tstats, trace_src, P, G,
                         grid, curves, pc_sim, ws, cands, per_layer, validated, winner, why, notes, clock)
+        doc["memory"].update({"measured_non_cache": cm.non_cache_rss, "tight_slots": tight_slots,
+                              "tight_overhead": tight_overhead})
+        doc["pagecache"]["capacity_bytes"] = pc_capacity
+        doc["pagecache"]["capacity_source"] = "measured" if pc_capacity != mp.cache_space else "estimate"
     finally:
         tmp_ctx.cleanup()
 
@@ -1022,10 +1069,15 @@ def _pick_for_validation(cands: List[Candidate], n: int) -> List[Candidate]:
 
 
 def _validate(chosen: List[Candidate], base, view, mf: ModelFacts, mp: MemoryPlan, opts: TuneOptions,
-              trace_path: str, P: int, G: int, n_ctx: int, cm: ComputeModel, clock: _Clock) -> List[Candidate]:
+              trace_path: str, P: int, G: int, n_ctx: int, cm: ComputeModel, clock: _Clock,
+              all_cands: Sequence[Candidate] = ()) -> List[Candidate]:
+    """Runs the chosen candidates under the budget, in alternation, as many rounds as time allows.
+    A candidate killed by the memory limit brings in the best untried one with a smaller cache."""
     from flashmoe import cgroup
-    from flashmoe.bench import evict_file, run_worker, run_metrics
+    from flashmoe.bench import evict_file, run_metrics, run_worker
+    from gguf_tools.reader import open_model
 
+    chosen = list(chosen)
     if not chosen:
         return []
     try:
@@ -1034,21 +1086,17 @@ def _validate(chosen: List[Candidate], base, view, mf: ModelFacts, mp: MemoryPla
     except FlashMoEError as e:
         clock.log(f"validation: no memory cgroup here ({e}); runs are not confined to the budget")
         confined = False
-    settings = {}
-    for c in chosen:
-        text = policy_text(base, c, budget=opts.ram, n_ctx=n_ctx, threads=opts.threads)
-        res = resolve_text(text, view, None, source=f"<candidate {c.name}>")
-        settings[c.name] = res.engine_settings()
-    from gguf_tools.reader import open_model
-
     with open_model(mf.path) as m:
         files = list(m.files)
 
+    def settings_of(c: Candidate):
+        text = policy_text(base, c, budget=opts.ram, n_ctx=n_ctx, threads=opts.threads)
+        return resolve_text(text, view, None, source=f"<candidate {c.name}>").engine_settings()
+
     def estimate(c: Candidate) -> float:
-        if c.runs:
-            done = [r["wall_s"] for r in c.runs if r.get("wall_s")]
-            if done:
-                return max(done) * 1.2
+        done = [r["wall_s"] for r in c.runs if r.get("wall_s") and r["status"] == "ok"]
+        if done:
+            return max(done) * 1.2 + 1.0
         p = c.prediction
         t = cm.startup_s or 5.0
         d, pf = p.get("decode_tok_s"), p.get("prefill_tok_s")
@@ -1056,22 +1104,27 @@ def _validate(chosen: List[Candidate], base, view, mf: ModelFacts, mp: MemoryPla
         t += P / pf if pf else 10.0
         return t * 1.5 + 3.0
 
+    reserve = 3.0  # to write the outputs
     for rnd in range(max(1, opts.repeat)):
         ran = False
-        for c in chosen:
+        i = 0
+        while i < len(chosen):
+            c = chosen[i]
+            i += 1
             if rnd > 0 and (not c.runs or c.runs[-1]["status"] != "ok"):
-                continue  # a candidate that failed once is not retried
+                continue  # a candidate that failed (or never ran) is not retried
             need = estimate(c)
-            if clock.left < need:
+            left = clock.left - reserve
+            first_ever = not any(x.runs for x in chosen)
+            if left < need and not (first_ever and left > 10):
                 if rnd == 0:
-                    clock.log(f"validation: skipping {c.name}: about {need:.0f} s needed, {clock.left:.0f} s left")
+                    clock.log(f"validation: skipping {c.name}: about {need:.0f} s needed, {max(0, left):.0f} s left")
                 continue
             why = evict_file(files)
-            spec = {"model": mf.path, "settings": asdict(settings[c.name]), "prompt_tokens": P, "gen_tokens": G,
+            spec = {"model": mf.path, "settings": asdict(settings_of(c)), "prompt_tokens": P, "gen_tokens": G,
                     "threads": opts.threads, "n_ctx": n_ctx, "routing_trace": trace_path}
             clock.log(f"validation round {rnd + 1}: {c.name} ({c.describe()}) under {format_size(opts.ram)} ...")
-            rec = run_worker(spec, opts.ram if confined else None, max(5.0, min(clock.left - 1, need * 3)),
-                             measure=confined)
+            rec = run_worker(spec, opts.ram if confined else None, max(5.0, min(left, need * 3)), measure=confined)
             rec["round"] = rnd + 1
             rec["confined"] = confined
             rec["model_evicted"] = why is None
@@ -1085,10 +1138,15 @@ def _validate(chosen: List[Candidate], base, view, mf: ModelFacts, mp: MemoryPla
                 clock.log(f"  decode {mm['decode_tok_s']:.2f} tok/s (predicted {_fmt(c.prediction.get('decode_tok_s'))}),"
                           f" prefill {mm['prefill_tok_s']:.1f} tok/s, decode hit "
                           f"{100 * (rec['decode_hit_rate'] or 0):.1f}%, peak {mm['peak_mib'] or 0:.0f} MiB")
-                rec.pop("result", None)
             else:
                 clock.log(f"  {rec['status']}: {rec.get('detail', '')}")
-                rec.pop("result", None)
+                if rec["status"] == "OOM" and c.mode == "cache":
+                    smaller = next((x for x in all_cands if x.mode == "cache" and x.slots < c.slots
+                                    and x not in chosen and x.supported), None)
+                    if smaller is not None:
+                        clock.log(f"  trying {smaller.name} ({smaller.slots} slots) instead")
+                        chosen.append(smaller)
+            rec.pop("result", None)
             c.runs.append(rec)
             ran = True
         if not ran:
@@ -1098,8 +1156,7 @@ def _validate(chosen: List[Candidate], base, view, mf: ModelFacts, mp: MemoryPla
         if ok:
             dec = [r["metrics"]["decode_tok_s"] for r in ok]
             pf = [r["metrics"]["prefill_tok_s"] for r in ok]
-            c.prediction.setdefault("_", None)
-            c.measured = {  # type: ignore[attr-defined]
+            c.measured = {
                 "runs": len(ok),
                 "decode_tok_s": statistics.median(dec),
                 "decode_min": min(dec), "decode_max": max(dec),
@@ -1109,21 +1166,25 @@ def _validate(chosen: List[Candidate], base, view, mf: ModelFacts, mp: MemoryPla
                 "peak_mib": max((r["metrics"]["peak_mib"] or 0) for r in ok),
                 "load_s": statistics.median([r["metrics"]["load_s"] for r in ok]),
             }
-            c.prediction.pop("_", None)
         else:
-            c.measured = None  # type: ignore[attr-defined]
+            c.measured = None
     return chosen
 
 
 def _choose(validated: List[Candidate], cands: List[Candidate]) -> Tuple[Candidate, str]:
-    ok = [c for c in validated if getattr(c, "measured", None)]
+    ok = [c for c in validated if c.measured]
     if not ok:
-        if validated and all(c.runs for c in validated):
-            fails = "; ".join(f"{c.name}: {c.runs[0]['status']} ({c.runs[0].get('detail', '')})" for c in validated)
+        failed = [c for c in validated if c.failed]
+        mem_failed = [c for c in failed if any(r["status"] in ("OOM", "FAILED") for r in c.runs)]
+        untried = [c for c in cands if not c.failed]
+        fails = "; ".join(f"{c.name}: {c.runs[0]['status']} ({c.runs[0].get('detail', '')})" for c in failed)
+        if not untried or (mem_failed and len(mem_failed) == len(validated)):
             raise FlashMoEError(f"every validated configuration failed under the budget: {fails}")
-        w = cands[0]
-        return w, ("no validation run fitted in the time limit: the winner is the best prediction "
-                   f"({_fmt(w.prediction.get('decode_tok_s'))} decode tok/s predicted); raise --time-limit to measure it")
+        w = untried[0]
+        why = ("no validation run completed in the time limit" + (f" ({fails})" if fails else "") +
+               f": the winner is the best prediction ({_fmt(w.prediction.get('decode_tok_s'))} decode tok/s "
+               "predicted); raise --time-limit to measure it")
+        return w, why
     ok.sort(key=lambda c: c.measured["decode_tok_s"], reverse=True)
     best = ok[0]
     tied = [c for c in ok if c.measured["decode_tok_s"] >= best.measured["decode_tok_s"] * (1 - TIE_FRACTION)]
@@ -1153,8 +1214,7 @@ def _choose(validated: List[Candidate], cands: List[Candidate]) -> Tuple[Candida
         elif w.direct_io != o.direct_io:
             reason.append("direct I/O against buffered" if w.direct_io else "buffered I/O against direct")
         parts.append(f"{'+' if d >= 0 else ''}{100 * d:.0f}% over {o.name}" + (f" ({reason[0]})" if reason else ""))
-    failed = [c for c in validated if not getattr(c, "measured", None) and c.runs]
-    for c in failed:
+    for c in [c for c in validated if c.failed]:
         parts.append(f"{c.name} did not complete ({c.runs[0]['status']}: {c.runs[0].get('detail', '')})")
     return w, "; ".join(parts) + "."
 
@@ -1193,8 +1253,8 @@ def _cand_dict(c: Candidate) -> Dict[str, Any]:
         d["per_layer"] = {str(k): v for k, v in c.per_layer.items()}
     if c.runs:
         d["runs"] = c.runs
-    if getattr(c, "measured", None) is not None or c.runs:
-        d["measured"] = getattr(c, "measured", None)
+    if c.measured is not None or c.runs:
+        d["measured"] = c.measured
     return d
 
 
@@ -1242,6 +1302,288 @@ def _document(opts, mf, mp, facts, machine, avail, direct, buffered, cm, tr, tst
         "why": why,
         "notes": notes,
     }
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def _md_table(headers: Sequence[str], rows: List[Sequence[Any]]) -> str:
+    out = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _pick_sizes(grid: List[int], max_slots: int, n: int = 8) -> List[int]:
+    if len(grid) <= n:
+        return list(grid)
+    idx = np.unique(np.round(np.linspace(0, len(grid) - 1, n)).astype(int))
+    pick = {grid[i] for i in idx}
+    if max_slots in grid:
+        pick.add(max_slots)
+    return sorted(pick)
+
+
+def format_report(doc: Dict[str, Any]) -> str:
+    """The markdown report of a tune document."""
+    m, mem, w = doc["model"], doc["memory"], doc["winner"]
+    L: List[str] = []
+    L.append(f"# flashmoe tune: {m['name']} at {format_size(doc['budget'])}")
+    L.append("")
+    L.append(f"{doc['date']}; {doc['elapsed_s']:.0f} s of a {doc['time_limit_s']:.0f} s limit. "
+             f"Command: `{' '.join(doc['command']) or 'flashmoe tune'}`")
+    L.append("")
+    L.append("## Result")
+    L.append("")
+    L.append(f"**Winner: {w['name']}**: {w['description']}.")
+    L.append("")
+    L.append(doc["why"])
+    L.append("")
+    p, me = w["prediction"], w.get("measured")
+    L.append(f"- predicted: {_fmt(p.get('decode_tok_s'))} decode tok/s, {_fmt(p.get('prefill_tok_s'), '{:.1f}')} "
+             f"prefill tok/s, decode hit rate {_pct(p.get('decode_hit_rate'))}, {p.get('bound') or '-'} bound")
+    if me:
+        L.append(f"- measured: {me['decode_tok_s']:.2f} decode tok/s (median of {me['runs']}, "
+                 f"{me['decode_min']:.2f}-{me['decode_max']:.2f}), {me['prefill_tok_s']:.1f} prefill tok/s, "
+                 f"decode hit rate {_pct(me['decode_hit_rate'])}, peak {me['peak_mib']:.0f} MiB of "
+                 f"{format_size(doc['budget'])}")
+    else:
+        L.append("- measured: not validated")
+    L.append("")
+    if doc.get("notes"):
+        L.append("Notes:")
+        L += [f"- {n}" for n in doc["notes"]]
+        L.append("")
+
+    L.append("## Machine")
+    L.append("")
+    L.append(f"{doc['machine']['description']}; memory available at the start: "
+             f"{format_size(doc['machine'].get('mem_available'))}.")
+    L.append("")
+    dd, db = doc["disk"]["direct"] or {}, doc["disk"]["buffered"] or {}
+    qds = sorted({x["qd"] for d in (dd, db) if d.get("ok") for x in d["depths"]})
+    if qds:
+        sb = dd.get("slice_bytes") or db.get("slice_bytes")
+        L.append(f"Random reads of one expert slice ({format_size(sb)}) on the model file "
+                 f"(direct: {dd.get('method', 'failed')}):")
+        L.append("")
+        rows = []
+        for q in qds:
+            a = next((x for x in dd.get("depths", []) if x["qd"] == q), None) if dd.get("ok") else None
+            b = next((x for x in db.get("depths", []) if x["qd"] == q), None) if db.get("ok") else None
+            rows.append([q, f"{a['bytes_per_s'] / 1e6:.0f}" if a else "-", f"{a['latency_ms']:.2f}" if a else "-",
+                         f"{b['bytes_per_s'] / 1e6:.0f}" if b else "-", f"{b['latency_ms']:.2f}" if b else "-"])
+        L.append(_md_table(["queue depth", "direct MB/s", "direct ms/read", "buffered MB/s", "buffered ms/read"], rows))
+        L.append("")
+    c = doc["compute"]
+    if c.get("ok"):
+        L.append("Compute (engine with streaming on and a warm cache: constant routing, every access a hit):")
+        L.append("")
+        L.append(_md_table(["", "decode", "prefill"], [
+            ["dense part, ms per token", f"{1000 * c['dense_decode_s']:.3f}", f"{1000 * c['dense_prefill_s']:.3f}"],
+            ["one expert in one layer, ms per token", f"{1000 * c['expert_decode_s']:.4f}",
+             f"{1000 * c['expert_prefill_s']:.4f}"],
+            [f"a token ({m['n_used']} experts x {m['moe_layers']} layers), ms",
+             f"{1000 * (c['dense_decode_s'] + m['n_used'] * m['moe_layers'] * c['expert_decode_s']):.3f}",
+             f"{1000 * (c['dense_prefill_s'] + m['n_used'] * m['moe_layers'] * c['expert_prefill_s']):.3f}"],
+        ]))
+        L.append("")
+        L.append("Runs: " + "; ".join(f"k={r['k']}: {r['decode_ms_per_token']:.2f} ms/decode token, "
+                                      f"{r['prefill_ms_per_token']:.2f} ms/prefill token, load {r['load_s']:.1f} s"
+                                      for r in c["runs"]) + ".")
+        L.append("")
+    else:
+        L.append(f"Compute: not calibrated ({c.get('note') or 'no time'}); predictions count I/O only.")
+        L.append("")
+
+    L.append("## Memory plan")
+    L.append("")
+    L.append(_md_table(["", "bytes"], [
+        ["budget", format_size(doc["budget"])],
+        [f"resident weights (base policy `{doc['base_policy']}`)", format_size(mem["weights"])],
+        [f"runtime buffers: KV cache (n_ctx {mem['n_ctx']}) + compute + overhead",
+         f"{format_size(mem['runtime'])} = {format_size(mem['kv_cache'])} + {format_size(mem['compute'])} + "
+         f"{format_size(mem['overhead'])}"],
+        ["left for experts", format_size(mem["cache_space"])],
+        ["one slot in every MoE layer", format_size(mem["bytes_per_slot"])],
+        ["largest uniform expert cache", f"{mem['max_slots']} slots per layer "
+                                         f"({100 * mem['max_slots'] / m['n_expert']:.1f}% of the experts)"],
+    ] + ([["measured: peak RSS of the calibration runs less their cache",
+           format_size(mem["measured_non_cache"])]] if mem.get("measured_non_cache") else []) + (
+        [["measured: slots per layer that fit (margin kept)",
+          f"{mem['tight_slots']} (candidates `*-tight`, policy overhead {format_size(mem['tight_overhead'])})"]]
+        if mem.get("tight_slots") else [])))
+    L.append("")
+
+    t = doc["trace"]
+    st = t["stats"]
+    L.append("## Trace")
+    L.append("")
+    L.append(f"{t['label']}: next-token reuse {_pct(st['next_token_reuse'])}, top 10% of experts take "
+             f"{_pct(st['top10pct_share'])} of the selections. Workload: {doc['workload']['prompt_tokens']}-token "
+             f"prompt (ubatches of {doc['workload']['n_ubatch']}), {doc['workload']['gen_tokens']} tokens generated; "
+             "routing forced from this trace in every validation run.")
+    L.append("")
+
+    L.append("## Hit rate against cache size")
+    L.append("")
+    L.append("Exact simulation of the hook's cache (flashmoe.simulate) over the workload; `decode` counts the "
+             "decode steps only (what decode tok/s depends on), `all` includes the prefill.")
+    L.append("")
+    rows = []
+    for r in doc["curve"]:
+        rows.append([r["slots"], format_size(r["bytes"]), "yes" if r["fits"] else "no",
+                     _pct(r["lru"]["all"]), _pct(r["lru"]["decode"]), _pct(r["lfru"]["all"]), _pct(r["lfru"]["decode"])])
+    L.append(_md_table(["slots/layer", "cache", "fits", "LRU all", "LRU decode", "LFRU all", "LFRU decode"], rows))
+    L.append("")
+    pc = doc["pagecache"]
+    L.append(f"Page-cache mode (modelled as one LRU of {format_size(pc['capacity_bytes'])} shared by all layers, "
+             f"the budget less the {'measured' if pc.get('capacity_source') == 'measured' else 'estimated'} "
+             f"memory of the process): {_pct(pc['all'])} all, {_pct(pc['decode'])} decode.")
+    L.append("")
+    if doc.get("png"):
+        L.append(f"![hit rate against cache size]({doc['png']})")
+        L.append("")
+    sizes = _pick_sizes([r["slots"] for r in doc["curve"]], mem["max_slots"])
+    by = {r["slots"]: r for r in doc["curve"]}
+    for ev in ("lru", "lfru"):
+        L.append(f"Per layer, decode hit rate, {ev.upper()} (columns: slots per layer):")
+        L.append("")
+        layers = list(by[sizes[0]][ev]["layers"])
+        rows = []
+        for l in layers:
+            rows.append([l, f"{doc['working_set'].get(l, 0):.1f}"] + [_pct(by[s][ev]["layers"][l]) for s in sizes])
+        L.append(_md_table(["layer", "working set"] + [str(s) + ("*" if s == mem["max_slots"] else "") for s in sizes],
+                           rows))
+        L.append("")
+    L.append(f"\\* the largest cache that fits the budget. Working set: mean distinct experts in 32 consecutive "
+             "decode tokens.")
+    L.append("")
+
+    L.append("## Candidates (predicted)")
+    L.append("")
+    L.append("Decode time per token = compute (dense + experts) + reads of the misses (the hook waits for them: "
+             "no overlap), each layer's misses read min(readers, reads) at a time at the measured bandwidth of that "
+             "queue depth.")
+    L.append("")
+    rows = []
+    val = set(doc["validated"])
+    for cd in doc["candidates"] + doc["per_layer_candidates"]:
+        p = cd["prediction"]
+        d = p.get("decode", {})
+        rows.append([cd["name"], cd["description"] + ("" if cd["supported"] else " (not yet supported by the engine)"),
+                     _pct(p.get("decode_hit_rate")), f"{d.get('mib_per_token', 0):.1f}",
+                     f"{1000 * d.get('io_s_per_token', 0):.2f}", f"{1000 * d.get('compute_s_per_token', 0):.2f}",
+                     _fmt(p.get("decode_tok_s")), _fmt(p.get("prefill_tok_s"), "{:.1f}"),
+                     "yes" if cd["name"] in val else ""])
+    L.append(_md_table(["name", "configuration", "decode hit", "MiB/token", "I/O ms/token", "compute ms/token",
+                        "decode tok/s", "prefill tok/s", "validated"], rows))
+    L.append("")
+
+    L.append("## Validation (measured under the budget)")
+    L.append("")
+    vrows = []
+    for cd in doc["candidates"]:
+        if cd["name"] not in val:
+            continue
+        p, me = cd["prediction"], cd.get("measured")
+        runs = cd.get("runs") or []
+        status = ", ".join(sorted({r["status"] for r in runs})) or "not run (time)"
+        if me:
+            ratio = (me["decode_tok_s"] / p["decode_tok_s"]) if p.get("decode_tok_s") else None
+            vrows.append([cd["name"], _fmt(p.get("decode_tok_s")),
+                          f"{me['decode_tok_s']:.2f} ({me['decode_min']:.2f}-{me['decode_max']:.2f}, n={me['runs']})",
+                          _fmt(ratio), _pct(p.get("decode_hit_rate")), _pct(me["decode_hit_rate"]),
+                          f"{1000 * p.get('decode', {}).get('io_s_per_token', 0):.2f}",
+                          f"{me['stall_ms_per_token']:.2f}", _fmt(p.get("prefill_tok_s"), "{:.1f}"),
+                          f"{me['prefill_tok_s']:.1f}", f"{me['peak_mib']:.0f}", status])
+        else:
+            detail = next((r.get("detail", "") for r in runs if r["status"] != "ok"), "")
+            vrows.append([cd["name"], _fmt(p.get("decode_tok_s")), "-", "-", _pct(p.get("decode_hit_rate")), "-",
+                          "-", "-", _fmt(p.get("prefill_tok_s"), "{:.1f}"), "-", "-",
+                          status + (f": {detail}" if detail else "")])
+    if vrows:
+        L.append(_md_table(["name", "pred. decode tok/s", "measured decode tok/s", "measured/pred.", "pred. decode hit",
+                            "meas. decode hit", "pred. read ms/token", "meas. stall ms/token", "pred. prefill tok/s",
+                            "meas. prefill tok/s", "peak MiB", "status"], vrows))
+    else:
+        L.append("No validation run fitted in the time limit.")
+    L.append("")
+    L.append("The measured decode hit rate of an explicit cache equals the simulated one when the simulator and "
+             "the engine agree (they are tested to); the page-cache figure is a model.")
+    L.append("")
+
+    L.append("## Per-layer slot counts")
+    L.append("")
+    L.append("The hook takes one slot count for all layers today (`flashmoe_params.cache_slots`). The per-layer "
+             "candidates above are simulated only. Supporting them needs one call before the model load, "
+             "`int32_t flashmoe_config_layer_slots(int32_t il, int32_t n_slots)` (0 = use cache_slots), read "
+             "by `attach` when it sizes each layer's slot tensors; everything after that (`n_waves`, "
+             "`pick_victim`, the ageing period, the per-layer stats' n_slots) already works per layer; "
+             "`flashmoe_model_info.n_slots` would report the largest. A policy key `cache_slots_per_layer: "
+             "{N: slots}` would carry it.")
+    L.append("")
+    return "\n".join(L)
+
+
+def plot_png(doc: Dict[str, Any]) -> Optional[bytes]:
+    """Hit rate against cache size (overall and per layer) as a PNG, or None without matplotlib."""
+    try:
+        import io
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return None
+    xs = [r["slots"] for r in doc["curve"]]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for ev, color in (("lru", "tab:blue"), ("lfru", "tab:orange")):
+        layers = list(doc["curve"][0][ev]["layers"])
+        for l in layers:
+            ax.plot(xs, [100 * r[ev]["layers"][l] for r in doc["curve"]], color=color, alpha=0.15, lw=0.8)
+        ax.plot(xs, [100 * r[ev]["decode"] for r in doc["curve"]], color=color, lw=2.2,
+                label=f"{ev.upper()} decode (overall; thin: per layer)")
+    ms = doc["memory"]["max_slots"]
+    if ms:
+        ax.axvline(ms, color="k", ls="--", lw=1)
+        ax.text(ms, 2, f" budget: {ms} slots", fontsize=8)
+    ax.axhline(100 * doc["pagecache"]["decode"], color="tab:green", ls=":", lw=1.5, label="page cache (model)")
+    ax.set_xlabel("cache slots per layer")
+    ax.set_ylabel("decode hit rate (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{doc['model']['name']}: hit rate against cache size", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_outputs(result: TuneResult, opts: TuneOptions) -> List[str]:
+    """The policy, the report and its PNG, each written atomically; returns the paths written."""
+    from gguf_tools.atomic import atomic_write
+
+    written = []
+    with atomic_write(opts.out, "w") as f:
+        f.write(result.policy_text)
+    written.append(opts.out)
+    if opts.report:
+        if result.png is not None:
+            png_path = os.path.join(os.path.dirname(os.path.abspath(opts.report)), result.doc["png"])
+            with atomic_write(png_path, "wb") as f:
+                f.write(result.png)
+            written.append(png_path)
+        with atomic_write(opts.report, "w") as f:
+            f.write(result.report_text)
+        written.append(opts.report)
+    return written
 
 
 if __name__ == "__main__":

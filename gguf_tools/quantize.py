@@ -333,7 +333,8 @@ def quantize_rows(tid: int, src: np.ndarray, nrows: int, n_per_row: int,
         im = imatrix.ctypes.data
     n = lib.ggml_quantize_chunk(tid, src.ctypes.data, dst.ctypes.data, 0, nrows, n_per_row, im)
     if n != size:
-        raise FlashMoEError(f"ggml_quantize_chunk wrote {n} bytes for {nrows} rows of {type_name(tid)}, expected {size}")
+        raise FlashMoEError(f"ggml_quantize_chunk wrote {n} bytes for {nrows} rows of {type_name(tid)}, "
+                            f"expected {size}")
     if not lib.ggml_validate_row_data(tid, dst.ctypes.data, size):
         raise FlashMoEError(f"quantized {type_name(tid)} data failed llama.cpp's validation (NaN or inf in the input?)")
     return dst
@@ -497,7 +498,7 @@ class _Planner:
 
     # the transform hook of gguf_tools.repack.plan_repack
     def __call__(self, model: GGUFModel, tensors, notes: List[str]) -> None:
-        need_imatrix: List[str] = []
+        need_imatrix: List[Tuple[str, str]] = []
         no_data: List[str] = []
         fallbacks: Dict[Tuple[str, str, str], List[str]] = collections.OrderedDict()
         requant: Dict[str, int] = collections.Counter()

@@ -18,6 +18,10 @@
 #   B1_TRACES       traces to run (default "uniform realistic")
 #   B1_POLICIES     policies to measure (default "stream"; add a tuned YAML here, e.g.
 #                   "stream results/tuned-2GiB.yaml")
+#   B1_TUNE_TIME    when set (e.g. 5m): also run `flashmoe tune` for each trace at the budget with
+#                   this time limit and add the policy it writes (the `tuned` configuration of B1);
+#                   off by default to keep the script near 25 minutes (each tune adds its time limit
+#                   plus 3 more runs)
 #   B1_THREADS      threads (default 2)
 #   B1_DROP_CACHES  1 (default): drop the page cache before each run (needs root; the bench says so
 #                   when it cannot and evicts the model file instead)
@@ -38,6 +42,7 @@ RUN_TIMEOUT=${B1_RUN_TIMEOUT:-90}
 TRACES=${B1_TRACES:-uniform realistic}
 POLICIES=${B1_POLICIES:-stream}
 THREADS=${B1_THREADS:-2}
+TUNE_TIME=${B1_TUNE_TIME:-}
 DROP=${B1_DROP_CACHES:-1}
 
 mkdir -p "$OUT" "$(dirname "$MODEL")"
@@ -68,8 +73,15 @@ for p in $POLICIES; do pol_args+=(--policy "$p"); done
 drop_args=()
 [[ "$DROP" == "1" ]] && drop_args+=(--drop-caches)
 for kind in $TRACES; do
+    tuned_args=()
+    if [[ -n "$TUNE_TIME" ]]; then
+        log "tune, $kind routing, budget $LIMIT, time limit $TUNE_TIME"
+        "$FLASHMOE" tune -m "$MODEL" --ram "$LIMIT" --trace "$base-$kind.trace" --time-limit "$TUNE_TIME" \
+            --threads "$THREADS" -o "$OUT/tuned-$kind.yaml" --report "$OUT/tune-$kind.md" >&2
+        tuned_args+=(--policy "$OUT/tuned-$kind.yaml")
+    fi
     log "bench, $kind routing, budget $LIMIT, $REPEAT rounds, run timeout ${RUN_TIMEOUT}s"
-    "$FLASHMOE" bench -m "$MODEL" "${pol_args[@]}" --vs stock --ram-limit "$LIMIT" "${drop_args[@]}" \
+    "$FLASHMOE" bench -m "$MODEL" ${pol_args[@]+"${pol_args[@]}"} ${tuned_args[@]+"${tuned_args[@]}"} --vs stock --ram-limit "$LIMIT" ${drop_args[@]+"${drop_args[@]}"} \
         -p 64 -n 128 --repeat "$REPEAT" --threads "$THREADS" --routing-trace "$base-$kind.trace" \
         --run-timeout "$RUN_TIMEOUT" --json "$OUT/b1-$kind.json" | tee "$OUT/b1-$kind.md"
 done

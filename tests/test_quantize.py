@@ -329,3 +329,15 @@ def test_imatrix_same_bytes_as_llama_model_quantize(tiny_models, tmp_path, llama
     plain = qmod.quantize(f16.paths[0], tmp_path / "plain.gguf", experts="Q4_K", dense="Q4_K")
     assert tensors(plain.paths[0])["blk.0.ffn_up_exps.weight"][2] != got["blk.0.ffn_up_exps.weight"][1]
     assert tensors(plain.paths[0])["blk.0.attn_q.weight"][2] == got["blk.0.attn_q.weight"][1]
+
+
+def test_hybrid_arch_with_fused_gate_up(tiny_models, tmp_path, llama_cpp):
+    """qwen35moe (recurrent layers, fused ffn_gate_up_exps, shared experts): quantizes, keeps its small
+    special tensors, runs."""
+    src = tiny_models["qwen35moe"]
+    res = qmod.quantize(src, tmp_path / "h.gguf", experts="Q2_K", dense="Q8_0")
+    ti, to = tensors(src), tensors(res.paths[0])
+    assert to["blk.0.ffn_gate_up_exps.weight"][0] == "Q2_K"
+    conv = [n for n in ti if "ssm_conv1d" in n]
+    assert conv and all(to[n] == ti[n] for n in conv)
+    assert len(generate(res.paths[0])) == 8
