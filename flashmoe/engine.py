@@ -252,14 +252,13 @@ class Engine:
                          f"{s.stream.readers} readers{', direct I/O' if self.info and self.info['direct_io'] else ''}")
         else:
             parts.append(f"streaming experts: page cache, {s.stream.readers} readers")
-        if s.policy_name and s.policy_name != "stock":
-            parts.insert(0, f"policy {s.policy_name}:")
+        prefix = f"policy {s.policy_name}: " if s.policy_name and s.policy_name != "stock" else ""
         if s.runtime.n_expert_used:
             parts.append(f"EXPERTS PER TOKEN OVERRIDDEN: {s.runtime.n_expert_used} of "
                          f"{self.model_facts['n_expert_used']} (output differs from the model's)")
         if self.routing_trace:
             parts.append(f"routing forced from trace {os.path.basename(self.routing_trace)}")
-        return "; ".join(parts)
+        return prefix + "; ".join(parts)
 
     def stats(self) -> dict:
         """Expert cache and I/O figures: per layer and total."""

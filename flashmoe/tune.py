@@ -842,8 +842,9 @@ def run_tune(opts: TuneOptions, log: Callable[[str], None] = _default_log) -> Tu
               f"{format_size(mp.runtime)} (n_ctx {n_ctx}) -> {format_size(mp.cache_space)} for experts: "
               f"up to {mp.max_slots} slots per layer")
     if mp.max_slots < K:
-        notes.append(f"the budget leaves room for {mp.max_slots} expert cache slots per layer, fewer than the {K} "
-                     "a token needs: only page-cache mode can run")
+        notes.append(f"by the policy's memory estimate the budget leaves room for {mp.max_slots} expert cache slots "
+                     f"per layer, fewer than the {K} a token needs: only page-cache mode (and a cache sized from the "
+                     "measured memory, if it fits) can run")
 
     # -- machine
     machine = MachineInfo.detect()
@@ -961,15 +962,15 @@ def run_tune(opts: TuneOptions, log: Callable[[str], None] = _default_log) -> Tu
                                   direct_io=disk.has(True), note="85% of the largest cache: a margin on the estimate")
                     c.prediction = predict(curves[ev][safe], c, mf, disk, cm)
                     cands.append(c)
-            if tight_slots:
-                for ev in ("lru", "lfru"):
-                    r = readers[-1]
-                    c = Candidate(f"{ev}-{tight_slots}-r{r}-tight", "cache", slots=tight_slots, eviction=ev, readers=r,
-                                  direct_io=disk.has(True), overhead=tight_overhead,
-                                  note=f"sized from the memory measured on this machine (runtime.overhead "
-                                       f"{format_size(tight_overhead)} instead of {format_size(mp.overhead)})")
-                    c.prediction = predict(curves[ev][tight_slots], c, mf, disk, cm)
-                    cands.append(c)
+        if tight_slots:
+            for ev in ("lru", "lfru"):
+                r = readers[-1]
+                c = Candidate(f"{ev}-{tight_slots}-r{r}-tight", "cache", slots=tight_slots, eviction=ev, readers=r,
+                              direct_io=disk.has(True), overhead=tight_overhead,
+                              note=f"sized from the memory measured on this machine (runtime.overhead "
+                                   f"{format_size(tight_overhead)} instead of {format_size(mp.overhead)})")
+                c.prediction = predict(curves[ev][tight_slots], c, mf, disk, cm)
+                cands.append(c)
         pc_sim = simulate_pagecache(tr, ubs, pc_capacity, mf.expert_bytes, last_layer=mf.last_layer)
         for r in readers:
             c = Candidate(f"pagecache-r{r}", "pagecache", readers=r, direct_io=False,
@@ -1262,7 +1263,7 @@ def _document(opts, mf, mp, facts, machine, avail, direct, buffered, cm, tr, tst
               pc_sim, ws, cands, per_layer, validated, winner, why, notes, clock) -> Dict[str, Any]:
     from flashmoe import bench
 
-    label = (f"{os.path.basename(trace_src['path'])} ({tstats['kind']}, {tr.n_tokens} tokens)"
+    label = (f"{os.path.basename(trace_src['path'])} ({tr.n_tokens} tokens)"
              if trace_src["source"] == "given" else f"recorded on the {trace_src['prompt']} ({tr.n_tokens} tokens)")
     curve_rows = []
     for s in grid:
