@@ -476,9 +476,10 @@ class DiskModel:
 
 
 def _worker_env() -> Dict[str, str]:
-    from flashmoe.bench import _worker_env as env
-
-    return env()
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
 
 
 def _run_json_worker(module: str, spec: Dict[str, Any], timeout: float, tag: str) -> Dict[str, Any]:
@@ -589,7 +590,7 @@ def calibrate_compute(base, view, mf: ModelFacts, opts: TuneOptions, n_ctx: int,
     ks = [mf.n_used] + ([1] if mf.n_used > 1 else [])
     got: Dict[int, Dict[str, float]] = {}
     for k in ks:
-        if clock.left < 5:
+        if clock.left < 8:
             cm.note = "no time left for the compute calibration"
             break
         tpath = os.path.join(tmp, f"constant-k{k}.trace")
@@ -602,7 +603,7 @@ def calibrate_compute(base, view, mf: ModelFacts, opts: TuneOptions, n_ctx: int,
         spec = {"model": mf.path, "settings": asdict(s), "prompt_tokens": CAL_PROMPT, "gen_tokens": CAL_GEN,
                 "threads": opts.threads, "n_ctx": n_ctx, "routing_trace": tpath}
         clock.log(f"compute: warm-cache run with {k} expert{'s' if k > 1 else ''} per token ...")
-        rec = run_worker(spec, None, min(timeout, max(5.0, clock.left - 2)), measure=False)
+        rec = run_worker(spec, None, max(3.0, min(timeout, clock.left - 5)), measure=False)
         if rec["status"] != "ok":
             cm.note = f"calibration run with k={k} {rec['status']}: {rec.get('detail', '')}"
             clock.log("  " + cm.note)
@@ -904,7 +905,10 @@ def run_tune(opts: TuneOptions, log: Callable[[str], None] = _default_log) -> Tu
                     "n_ctx": n_ctx, "trace_path": trace_path}
             clock.log(f"trace: recording the model's routing on {'--prompt' if opts.prompt_file else 'the default prompt'}"
                       f" ({opts.gen_tokens} tokens generated) ...")
-            r = _run_json_worker("flashmoe.tune", spec, max(10.0, clock.left * 0.4), RESULT_TAG)
+            if clock.left < 5:
+                raise FlashMoEError("--time-limit is too short to record a routing trace: raise it, or give --trace")
+            r = _run_json_worker("flashmoe.tune", spec, max(3.0, min(clock.left - 2, max(10.0, clock.left * 0.4))),
+                                 RESULT_TAG)
             if not r.get("ok"):
                 raise FlashMoEError(f"recording the routing failed: {r.get('error')}")
             tr = read_trace(trace_path)
@@ -945,32 +949,27 @@ def run_tune(opts: TuneOptions, log: Callable[[str], None] = _default_log) -> Tu
             curves[ev] = {s: simulate(tr, ubs, s, ev, last_layer=mf.last_layer, expert_bytes=mf.expert_bytes)
                           for s in grid}
         readers = sorted(set(int(r) for r in opts.readers))
-        cands: List[Candidate] = []
+        io_modes = (True, False) if disk.has(True) else (False,)
+        sizes: List[Tuple[int, Optional[int], str]] = []  # (slots, policy overhead, note)
         if mp.max_slots >= K:
-            for ev in ("lru", "lfru"):
-                for r in readers:
-                    for d in ((True, False) if disk.has(True) else (False,)):
-                        c = Candidate(f"{ev}-{mp.max_slots}-r{r}{'' if d else '-buffered'}", "cache",
-                                      slots=mp.max_slots, eviction=ev, readers=r, direct_io=d)
-                        c.prediction = predict(curves[ev][mp.max_slots], c, mf, disk, cm)
-                        cands.append(c)
+            sizes.append((mp.max_slots, None, ""))
             safe = int(mp.max_slots * 0.85)
             if K <= safe < mp.max_slots:
-                for ev in ("lru", "lfru"):
-                    r = readers[-1]
-                    c = Candidate(f"{ev}-{safe}-r{r}", "cache", slots=safe, eviction=ev, readers=r,
-                                  direct_io=disk.has(True), note="85% of the largest cache: a margin on the estimate")
-                    c.prediction = predict(curves[ev][safe], c, mf, disk, cm)
-                    cands.append(c)
+                sizes.append((safe, None, "85% of the largest cache: a margin on the estimate"))
         if tight_slots:
+            sizes.append((tight_slots, tight_overhead,
+                          f"sized from the memory measured on this machine (runtime.overhead "
+                          f"{format_size(tight_overhead)} instead of {format_size(mp.overhead)})"))
+        cands: List[Candidate] = []
+        for slots, ov, note in sizes:
             for ev in ("lru", "lfru"):
-                r = readers[-1]
-                c = Candidate(f"{ev}-{tight_slots}-r{r}-tight", "cache", slots=tight_slots, eviction=ev, readers=r,
-                              direct_io=disk.has(True), overhead=tight_overhead,
-                              note=f"sized from the memory measured on this machine (runtime.overhead "
-                                   f"{format_size(tight_overhead)} instead of {format_size(mp.overhead)})")
-                c.prediction = predict(curves[ev][tight_slots], c, mf, disk, cm)
-                cands.append(c)
+                for d in io_modes:
+                    for r in readers:
+                        name = f"{ev}-{slots}-r{r}{'' if d else '-buffered'}{'-tight' if ov else ''}"
+                        c = Candidate(name, "cache", slots=slots, eviction=ev, readers=r, direct_io=d, overhead=ov,
+                                      note=note)
+                        c.prediction = predict(curves[ev][slots], c, mf, disk, cm)
+                        cands.append(c)
         pc_sim = simulate_pagecache(tr, ubs, pc_capacity, mf.expert_bytes, last_layer=mf.last_layer)
         for r in readers:
             c = Candidate(f"pagecache-r{r}", "pagecache", readers=r, direct_io=False,
@@ -1050,17 +1049,25 @@ def _fmt(x: Optional[float], f: str = "{:.2f}") -> str:
 
 
 def _pick_for_validation(cands: List[Candidate], n: int) -> List[Candidate]:
-    """The best predicted of each family first (so that LRU, LFRU and the page cache are each
-    measured), then the next best; at most n."""
-    if n <= 0:
+    """The best prediction, then the best that differs from it in what matters most: the other
+    mode (explicit cache or page cache), then, among explicit caches, the other I/O mode (direct or
+    buffered), the other eviction, another size; then the next best. At most n, best first."""
+    if n <= 0 or not cands:
         return []
-    out: List[Candidate] = []
-    seen = set()
-    for c in cands:
-        if c.family not in seen:
-            seen.add(c.family)
+    out: List[Candidate] = [cands[0]]
+
+    def add(pred):
+        c = next((x for x in cands if x not in out and pred(x)), None)
+        if c is not None and len(out) < n:
             out.append(c)
-    out = sorted(out, key=lambda c: cands.index(c))[:n]
+
+    best = cands[0]
+    add(lambda x: x.mode != best.mode)
+    bc = next((x for x in cands if x.mode == "cache"), None)
+    if bc is not None:
+        add(lambda x: x.mode == "cache" and x.direct_io != bc.direct_io)
+        add(lambda x: x.mode == "cache" and x.eviction != bc.eviction)
+        add(lambda x: x.mode == "cache" and x.slots != bc.slots)
     for c in cands:
         if len(out) >= n:
             break
@@ -1095,6 +1102,8 @@ def _validate(chosen: List[Candidate], base, view, mf: ModelFacts, mp: MemoryPla
         return resolve_text(text, view, None, source=f"<candidate {c.name}>").engine_settings()
 
     def estimate(c: Candidate) -> float:
+        """Seconds a run of c needs: its own completed runs, else the prediction (capped by twice the
+        longest completed run of any candidate: predictions are least sure on a busy machine)."""
         done = [r["wall_s"] for r in c.runs if r.get("wall_s") and r["status"] == "ok"]
         if done:
             return max(done) * 1.2 + 1.0
@@ -1103,7 +1112,9 @@ def _validate(chosen: List[Candidate], base, view, mf: ModelFacts, mp: MemoryPla
         d, pf = p.get("decode_tok_s"), p.get("prefill_tok_s")
         t += (G - 1) / d if d else 60.0
         t += P / pf if pf else 10.0
-        return t * 1.5 + 3.0
+        t = t * 1.3 + 3.0
+        other = [r["wall_s"] for x in chosen for r in x.runs if r.get("wall_s") and r["status"] == "ok"]
+        return min(t, 2.0 * max(other)) if other else t
 
     reserve = 3.0  # to write the outputs
     for rnd in range(max(1, opts.repeat)):
@@ -1117,7 +1128,7 @@ def _validate(chosen: List[Candidate], base, view, mf: ModelFacts, mp: MemoryPla
             need = estimate(c)
             left = clock.left - reserve
             first_ever = not any(x.runs for x in chosen)
-            if left < need and not (first_ever and left > 10):
+            if left < 5 or (left < need and not (first_ever and left > 10)):
                 if rnd == 0:
                     clock.log(f"validation: skipping {c.name}: about {need:.0f} s needed, {max(0, left):.0f} s left")
                 continue
@@ -1125,7 +1136,7 @@ def _validate(chosen: List[Candidate], base, view, mf: ModelFacts, mp: MemoryPla
             spec = {"model": mf.path, "settings": asdict(settings_of(c)), "prompt_tokens": P, "gen_tokens": G,
                     "threads": opts.threads, "n_ctx": n_ctx, "routing_trace": trace_path}
             clock.log(f"validation round {rnd + 1}: {c.name} ({c.describe()}) under {format_size(opts.ram)} ...")
-            rec = run_worker(spec, opts.ram if confined else None, max(5.0, min(left, need * 3)), measure=confined)
+            rec = run_worker(spec, opts.ram if confined else None, min(left, max(10.0, need * 3)), measure=confined)
             rec["round"] = rnd + 1
             rec["confined"] = confined
             rec["model_evicted"] = why is None
@@ -1176,12 +1187,14 @@ def _choose(validated: List[Candidate], cands: List[Candidate]) -> Tuple[Candida
     ok = [c for c in validated if c.measured]
     if not ok:
         failed = [c for c in validated if c.failed]
-        mem_failed = [c for c in failed if any(r["status"] in ("OOM", "FAILED") for r in c.runs)]
-        untried = [c for c in cands if not c.failed]
+        hard = [c for c in failed if any(r["status"] in ("OOM", "FAILED") for r in c.runs)]
         fails = "; ".join(f"{c.name}: {c.runs[0]['status']} ({c.runs[0].get('detail', '')})" for c in failed)
-        if not untried or (mem_failed and len(mem_failed) == len(validated)):
+        if hard and len(hard) == len(failed) == len(validated):
             raise FlashMoEError(f"every validated configuration failed under the budget: {fails}")
-        w = untried[0]
+        left = [c for c in cands if c not in hard]
+        if not left:
+            raise FlashMoEError(f"no configuration ran under the budget: {fails}")
+        w = left[0]
         why = ("no validation run completed in the time limit" + (f" ({fails})" if fails else "") +
                f": the winner is the best prediction ({_fmt(w.prediction.get('decode_tok_s'))} decode tok/s "
                "predicted); raise --time-limit to measure it")

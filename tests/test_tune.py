@@ -1,0 +1,226 @@
+"""`flashmoe tune` on the tiny models: the whole command (real llama.cpp runs under a memory
+cgroup), the policy it writes, the errors, the time limit and Ctrl-C."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import REPO_ROOT
+
+N_CTX = 512
+
+
+def _budget(path, slots):
+    """A budget that leaves `slots` expert cache slots per layer by the policy estimate."""
+    from flashmoe.policy import load_policy
+
+    pol = load_policy("stream")
+    pol.runtime.n_ctx = N_CTX
+    r = pol.resolve(path, budget="1GiB")
+    return r.memory.weights + r.memory.runtime + slots * r.cache.bytes_per_slot_all_layers + 4096
+
+
+@pytest.fixture(scope="module")
+def realistic_trace(tiny_models, tmp_path_factory):
+    from flashmoe.trace import trace_for_model, write_trace
+
+    p = str(tmp_path_factory.mktemp("tune") / "realistic.trace")
+    write_trace(p, trace_for_model(tiny_models["qwen3moe"], "realistic", 300, seed=4))
+    return p
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_models, realistic_trace, tmp_path_factory, llama_cpp):
+    out = tmp_path_factory.mktemp("tuned")
+    path = tiny_models["qwen3moe"]
+    budget = _budget(path, 5)
+    args = ["tune", "-m", path, "--ram", str(budget), "--trace", realistic_trace, "--time-limit", "90s",
+            "-o", str(out / "tuned.yaml"), "--report", str(out / "tune.md"), "--gen-tokens", "16", "--ctx", str(N_CTX),
+            "--threads", "1", "--validate", "3", "--repeat", "2"]
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "flashmoe", *args], capture_output=True, text=True, timeout=200,
+                       cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    return {"proc": p, "wall": time.monotonic() - t0, "dir": out, "model": path, "budget": budget}
+
+
+def test_tune_writes_a_policy_that_loads(tuned):
+    from flashmoe.engine import Engine
+    from flashmoe.policy import load_policy
+
+    p = tuned["proc"]
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert tuned["wall"] < 90 + 15
+    yml = tuned["dir"] / "tuned.yaml"
+    text = yml.read_text()
+    head = [l for l in text.splitlines() if l.startswith("#")]
+    assert any(l.startswith("# model: ") for l in head) and any(l.startswith("# machine: ") for l in head)
+    assert any(l.startswith("# budget: ") for l in head) and any(l.startswith("# predicted: ") for l in head)
+    assert any(l.startswith("# measured: ") for l in head)
+    pol = load_policy(str(yml))
+    res = pol.resolve(tuned["model"])
+    assert not res.errors
+    assert res.memory.budget == tuned["budget"]
+    s = res.engine_settings()
+    assert s.stream.mode in ("cache", "pagecache")
+    with Engine(tuned["model"], policy=str(yml), n_threads=1) as e:
+        g = e.generate("Hello", 4, stop_at_eos=False)
+        assert len(g.tokens) == 4
+        if s.stream.mode == "cache":
+            assert e.info["n_slots"] == s.stream.cache_slots
+    # progress was shown
+    assert "[tune " in p.stderr and "validation round 1" in p.stderr
+
+
+def test_tune_report(tuned):
+    md = (tuned["dir"] / "tune.md").read_text()
+    for section in ("## Result", "## Machine", "## Memory plan", "## Hit rate against cache size",
+                    "## Candidates (predicted)", "## Validation (measured under the budget)", "## Per-layer slot counts"):
+        assert section in md
+    assert "| slots/layer | cache | fits | LRU all | LRU decode | LFRU all | LFRU decode |" in md
+    assert "Per layer, decode hit rate, LRU" in md and "Per layer, decode hit rate, LFRU" in md
+    assert "not yet supported by the engine" in md
+    assert "**Winner: " in md
+    # a validated explicit cache: the measured decode hit rate is the simulated one (exact simulator)
+    import re
+
+    rows = [l for l in md.splitlines() if l.startswith("| lru-") or l.startswith("| lfru-")]
+    checked = 0
+    for l in rows:
+        cells = [c.strip() for c in l.strip("|").split("|")]
+        if len(cells) == 12 and cells[-1] == "ok":
+            assert cells[4] == cells[5], l  # predicted decode hit == measured decode hit
+            checked += 1
+    assert checked >= 1
+    assert (tuned["dir"] / "tune.png").exists() == ("![hit rate" in md)
+
+
+def test_tune_records_the_routing_without_trace(tiny_models, tmp_path, run_cli, llama_cpp):
+    path = tiny_models["qwen35moe"]
+    out = tmp_path / "t.yaml"
+    r = run_cli("tune", "-m", path, "--ram", str(_budget(path, 4)), "--time-limit", "60s", "-o", out,
+                "--report", tmp_path / "t.md", "--gen-tokens", "12", "--ctx", N_CTX, "--threads", "1",
+                "--validate", "1", "--repeat", "1", "--no-plot", "--readers", "4")
+    assert r.code == 0, r.stderr[-3000:]
+    assert "recording the model's routing" in r.stderr
+    md = (tmp_path / "t.md").read_text()
+    assert "recorded on the default prompt" in md
+    assert not (tmp_path / "t.png").exists()
+    from flashmoe.policy import load_policy
+
+    assert not load_policy(str(out)).resolve(path).errors
+
+
+def test_budget_below_pinned_weights_is_a_clear_error(tiny_model, tmp_path, run_cli):
+    r = run_cli("tune", "-m", tiny_model, "--ram", "1MiB", "-o", tmp_path / "x.yaml")
+    assert r.code == 1
+    assert "below the pinned weights" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.yaml").exists()
+    r = run_cli("tune", "-m", tiny_model, "--ram", "100MiB", "--ctx", N_CTX, "-o", tmp_path / "x.yaml")
+    assert r.code == 1 and "leaves nothing for experts" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("tune", "-m", tiny_model, "--ram", "lots", "-o", tmp_path / "x.yaml")
+    assert r.code == 2 and "Traceback" not in r.stderr
+    r = run_cli("tune", "-m", tiny_model, "--ram", "1GiB", "--time-limit", "5 parsecs", "-o", tmp_path / "x.yaml")
+    assert r.code == 2 and "--time-limit" in r.stderr
+    assert not (tmp_path / "x.yaml").exists()
+
+
+def test_short_time_limit_is_kept(tiny_model, realistic_trace, tmp_path, llama_cpp):
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "flashmoe", "tune", "-m", tiny_model, "--ram", str(_budget(tiny_model, 5)),
+                        "--trace", realistic_trace, "--time-limit", "8s", "-o", str(tmp_path / "x.yaml"),
+                        "--gen-tokens", "16", "--ctx", str(N_CTX), "--threads", "1"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+                       env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    wall = time.monotonic() - t0
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert wall < 8 + 6  # the limit, plus the interpreter start and the writing
+    assert "# measured: " in (tmp_path / "x.yaml").read_text()
+
+
+def test_ctrl_c_writes_nothing(tiny_model, realistic_trace, tmp_path, llama_cpp):
+    out, rep = tmp_path / "x.yaml", tmp_path / "x.md"
+    p = subprocess.Popen([sys.executable, "-m", "flashmoe", "tune", "-m", tiny_model, "--ram",
+                          str(_budget(tiny_model, 5)), "--trace", realistic_trace, "--time-limit", "60s", "-o", str(out),
+                          "--report", str(rep), "--gen-tokens", "64", "--ctx", str(N_CTX), "--threads", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                         env={**os.environ, "PYTHONPATH": REPO_ROOT}, start_new_session=True)
+    seen = []
+
+    def read():
+        for line in p.stderr:
+            seen.append(line)
+
+    th = threading.Thread(target=read, daemon=True)
+    th.start()
+    t0 = time.monotonic()
+    while not any("compute:" in l or "validation" in l for l in seen) and time.monotonic() - t0 < 60:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    p.wait(timeout=60)
+    th.join(timeout=5)
+    assert p.returncode == 130, "".join(seen)[-2000:]
+    assert "interrupted: nothing written" in "".join(seen)
+    assert not out.exists() and not rep.exists()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary file left
+
+
+# ------------------------------------------------------------------------------------------- units
+
+
+def test_parse_duration():
+    from flashmoe.errors import UsageError
+    from flashmoe.tune import parse_duration
+
+    assert parse_duration("10m") == 600 and parse_duration("90s") == 90 and parse_duration("1h30m") == 5400
+    assert parse_duration("45") == 45  # plain numbers are seconds
+    for bad in ("", "m", "-5m", "3 weeks", "10x", "0s"):
+        with pytest.raises(UsageError):
+            parse_duration(bad)
+
+
+def test_policy_text_round_trips(tiny_model):
+    from flashmoe.policy import load_policy
+    from flashmoe.sizes import MiB
+    from flashmoe.tune import Candidate, policy_text, resolve_text
+
+    base = load_policy("stream")
+    for c in (Candidate("a", "cache", slots=3, eviction="lfru", readers=8, direct_io=True),
+              Candidate("b", "pagecache", readers=2),
+              Candidate("c", "cache", slots=4, eviction="lru", readers=4, direct_io=False, overhead=64 * MiB)):
+        text = policy_text(base, c, budget=1 << 30, n_ctx=N_CTX, threads=2, header=["hello", ""])
+        assert text.startswith("# hello\n#\nversion: 1")
+        s = resolve_text(text, tiny_model, None).engine_settings()
+        assert s.stream.mode == c.mode and s.stream.readers == c.readers and s.runtime.n_ctx == N_CTX
+        assert s.memory_budget == 1 << 30 and s.runtime.n_threads == 2
+        if c.mode == "cache":
+            assert (s.stream.cache_slots, s.stream.eviction, s.stream.direct_io) == (c.slots, c.eviction, c.direct_io)
+    assert "overhead: 64MiB" in policy_text(base, c, budget=None, n_ctx=N_CTX, threads=None)
+
+
+def test_per_layer_splits_stay_within_the_bytes():
+    from flashmoe.simulate import engine_ubatches, simulate
+    from flashmoe.trace import gen_realistic
+    from flashmoe.tune import ModelFacts, greedy_split, proportional_split, size_grid, working_set
+
+    tr = gen_realistic([0, 1, 2, 3], 32, 4, 200, seed=2)
+    mf = ModelFacts("m", "m", "qwen3moe", 4, 32, 4, 0, [0, 1, 2, 3], {l: 1000 for l in range(4)},
+                    {l: 3 for l in range(4)})
+    ubs = engine_ubatches(16, 150)
+    ws = working_set(tr, ubs, mf)
+    assert all(4 <= v <= 32 for v in ws.values())
+    cache_bytes = 4 * 10 * 1000  # 10 slots per layer
+    alloc = proportional_split(ws, mf, cache_bytes)
+    assert sum(alloc.values()) * 1000 <= cache_bytes and min(alloc.values()) >= 4
+    grid = size_grid(4, 32, [10])
+    curves = {s: simulate(tr, ubs, s, "lru", last_layer=3) for s in grid}
+    g = greedy_split(curves, mf, cache_bytes)
+    assert sum(g.values()) * 1000 <= cache_bytes
+    uniform = curves[10].total("decode")["misses"]
+    assert simulate(tr, ubs, g, "lru", last_layer=3).total("decode")["misses"] <= uniform
