@@ -82,13 +82,11 @@ def test_tune_report(tuned):
     for section in ("## Result", "## Machine", "## Memory plan", "## Hit rate against cache size",
                     "## Candidates (predicted)", "## Validation (measured under the budget)", "## Per-layer slot counts"):
         assert section in md
-    assert "| slots/layer | cache | fits | LRU all | LRU decode | LFRU all | LFRU decode |" in md
+    assert "| slots/layer | cache | fits (estimate) | LRU all | LRU decode | LFRU all | LFRU decode |" in md
     assert "Per layer, decode hit rate, LRU" in md and "Per layer, decode hit rate, LFRU" in md
     assert "not yet supported by the engine" in md
     assert "**Winner: " in md
     # a validated explicit cache: the measured decode hit rate is the simulated one (exact simulator)
-    import re
-
     rows = [l for l in md.splitlines() if l.startswith("| lru-") or l.startswith("| lfru-")]
     checked = 0
     for l in rows:
@@ -180,7 +178,7 @@ def test_parse_duration():
 
     assert parse_duration("10m") == 600 and parse_duration("90s") == 90 and parse_duration("1h30m") == 5400
     assert parse_duration("45") == 45  # plain numbers are seconds
-    for bad in ("", "m", "-5m", "3 weeks", "10x", "0s"):
+    for bad in ("", "m", "-5m", "3 weeks", "10x", "0s", "0", "-5", "nan", "inf"):
         with pytest.raises(UsageError):
             parse_duration(bad)
 
@@ -224,3 +222,46 @@ def test_per_layer_splits_stay_within_the_bytes():
     assert sum(g.values()) * 1000 <= cache_bytes
     uniform = curves[10].total("decode")["misses"]
     assert simulate(tr, ubs, g, "lru", last_layer=3).total("decode")["misses"] <= uniform
+
+
+def _cand(name, mode="cache", ev="lru", d=True, slots=10, pred=1.0, meas=None, prefill=1.0, status="ok"):
+    from flashmoe.tune import Candidate
+
+    c = Candidate(name, mode, slots=slots, eviction=ev, direct_io=d)
+    c.prediction = {"decode_tok_s": pred, "prefill_tok_s": 1.0}
+    if meas is not None:
+        c.runs = [{"status": "ok"}]
+        c.measured = {"runs": 1, "decode_tok_s": meas, "decode_min": meas, "decode_max": meas,
+                      "prefill_tok_s": prefill, "decode_hit_rate": 0.5}
+    elif status != "ok":
+        c.runs = [{"status": status, "detail": "killed"}]
+    return c
+
+
+def test_pick_for_validation_covers_the_alternatives():
+    from flashmoe.tune import _pick_for_validation
+
+    cands = [_cand("a", d=False, pred=5), _cand("b", d=False, ev="lfru", pred=4.9), _cand("c", pred=4.5),
+             _cand("p", mode="pagecache", d=False, pred=4), _cand("e", slots=8, pred=3)]
+    assert [c.name for c in _pick_for_validation(cands, 3)] == ["a", "c", "p"]  # other I/O mode, other mode
+    assert [c.name for c in _pick_for_validation(cands, 4)] == ["a", "b", "c", "p"]
+    assert _pick_for_validation(cands, 0) == []
+
+
+def test_choose_by_measured_decode_then_prefill():
+    from flashmoe.errors import FlashMoEError
+    from flashmoe.tune import _choose
+
+    a, b = _cand("a", meas=10.0, prefill=5), _cand("b", ev="lfru", meas=10.1, prefill=9)
+    c = _cand("c", mode="pagecache", meas=7.0)
+    w, why = _choose([a, b, c], [a, b, c])
+    assert w is b and "+" in why  # b is faster
+    b.measured["decode_tok_s"] = 9.9  # within 2%: the better prefill wins
+    w, why = _choose([a, b, c], [a, b, c])
+    assert w is b and "prefilled faster" in why
+    # nothing measured (time): the best prediction that was not killed
+    x, y = _cand("x", pred=9, status="OOM"), _cand("y", pred=8)
+    w, why = _choose([x], [x, y])
+    assert w is y and "not killed" in why and "not measured" in why
+    with pytest.raises(FlashMoEError, match="every validated configuration failed"):
+        _choose([x], [x])
