@@ -221,26 +221,9 @@ def reference_settings(n_ctx: int, threads: Optional[int]) -> EngineSettings:
 
 def planned_mode_line(settings: EngineSettings, routing_trace: Optional[str], n_expert_used_model: int) -> str:
     """What a run was set to run with (the engine's own mode line is used when the run got that far)."""
-    s = settings
-    if s.stream.mode == "off":
-        parts = [f"stock llama.cpp ({'mmap' if s.runtime.load_mode == 'mmap' else 'in RAM'}"
-                 f"{'' if s.runtime.use_extra_bufts else ', no weight repacking'}"
-                 f"{', lazy mode ' + s.runtime.lazy_mode if s.runtime.lazy_mode else ''})"]
-    elif s.stream.mode == "cache":
-        parts = [f"streaming experts: explicit cache, {s.stream.cache_slots} slots/layer, {s.stream.eviction}, "
-                 f"{s.stream.readers} readers{', direct I/O' if s.stream.direct_io else ''}"]
-    else:
-        parts = [f"streaming experts: page cache, {s.stream.readers} readers"]
-    if s.policy_name and s.policy_name != "stock":
-        parts.insert(0, f"policy {s.policy_name}:")
-    if s.runtime.n_expert_used:
-        parts.append(f"EXPERTS PER TOKEN OVERRIDDEN: {s.runtime.n_expert_used} of {n_expert_used_model} "
-                     "(output differs from the model's)")
-    if routing_trace:
-        parts.append(f"routing forced from trace {os.path.basename(routing_trace)}")
-    if s.runtime.n_threads:
-        parts.append(f"{s.runtime.n_threads} thread{'s' if s.runtime.n_threads != 1 else ''}")
-    return "; ".join(parts)
+    from flashmoe.engine import format_mode_line
+
+    return format_mode_line(settings, routing_trace, n_expert_used_model, n_threads=True)
 
 
 # ------------------------------------------------------------------------------------------ machine

@@ -241,24 +241,11 @@ class Engine:
 
     # ------------------------------------------------------------------ facts
     def mode_line(self) -> str:
-        s = self.settings
-        parts = []
-        if s.stream.mode == "off":
-            parts.append(f"stock llama.cpp ({'mmap' if self.settings.runtime.load_mode == 'mmap' else 'in RAM'}"
-                         f"{'' if s.runtime.use_extra_bufts else ', no weight repacking'})")
-        elif s.stream.mode == "cache":
-            slots = self.info["n_slots"] if self.info else s.stream.cache_slots
-            parts.append(f"streaming experts: explicit cache, {slots} slots/layer, {s.stream.eviction}, "
-                         f"{s.stream.readers} readers{', direct I/O' if self.info and self.info['direct_io'] else ''}")
-        else:
-            parts.append(f"streaming experts: page cache, {s.stream.readers} readers")
-        prefix = f"policy {s.policy_name}: " if s.policy_name and s.policy_name != "stock" else ""
-        if s.runtime.n_expert_used:
-            parts.append(f"EXPERTS PER TOKEN OVERRIDDEN: {s.runtime.n_expert_used} of "
-                         f"{self.model_facts['n_expert_used']} (output differs from the model's)")
-        if self.routing_trace:
-            parts.append(f"routing forced from trace {os.path.basename(self.routing_trace)}")
-        return prefix + "; ".join(parts)
+        return format_mode_line(
+            self.settings, self.routing_trace, self.model_facts["n_expert_used"],
+            n_slots=self.info["n_slots"] if self.info else None,
+            direct_io=bool(self.info["direct_io"]) if self.info else None,
+        )
 
     def stats(self) -> dict:
         """Expert cache and I/O figures: per layer and total."""
@@ -451,3 +438,28 @@ def _is_eog(llama, tok: int) -> bool:
     import llama_cpp.llama_cpp as lc
 
     return bool(lc.llama_vocab_is_eog(llama._model.vocab, tok))
+
+
+def format_mode_line(s: EngineSettings, routing_trace: Optional[str], n_expert_used_model: int,
+                     n_slots: Optional[int] = None, direct_io: Optional[bool] = None, n_threads: bool = False) -> str:
+    """The one-line description of what a run ran with (or, before it ran, was set to run with)."""
+    if s.stream.mode == "off":
+        parts = [f"stock llama.cpp ({'mmap' if s.runtime.load_mode == 'mmap' else 'in RAM'}"
+                 f"{'' if s.runtime.use_extra_bufts else ', no weight repacking'}"
+                 f"{', lazy mode ' + s.runtime.lazy_mode if s.runtime.lazy_mode else ''})"]
+    elif s.stream.mode == "cache":
+        slots = n_slots if n_slots is not None else s.stream.cache_slots
+        dio = direct_io if direct_io is not None else s.stream.direct_io
+        parts = [f"streaming experts: explicit cache, {slots} slots/layer, {s.stream.eviction}, "
+                 f"{s.stream.readers} readers{', direct I/O' if dio else ''}"]
+    else:
+        parts = [f"streaming experts: page cache, {s.stream.readers} readers"]
+    if s.runtime.n_expert_used:
+        parts.append(f"EXPERTS PER TOKEN OVERRIDDEN: {s.runtime.n_expert_used} of {n_expert_used_model} "
+                     "(output differs from the model's)")
+    if routing_trace:
+        parts.append(f"routing forced from trace {os.path.basename(routing_trace)}")
+    if n_threads and s.runtime.n_threads:
+        parts.append(f"{s.runtime.n_threads} thread{'s' if s.runtime.n_threads != 1 else ''}")
+    prefix = f"policy {s.policy_name}: " if s.policy_name and s.policy_name != "stock" else ""
+    return prefix + "; ".join(parts)
