@@ -180,13 +180,16 @@ def _count(placements: dict) -> dict:
     return {"tensors_by_placement": out}
 
 
-def main():
-    arg = sys.argv[1]
+def read_spec(arg: str) -> dict:
+    """A worker's run spec: JSON on the command line, or @FILE holding it."""
     if arg.startswith("@"):
         with open(arg[1:]) as f:
-            spec = json.load(f)
-    else:
-        spec = json.loads(arg)
+            return json.load(f)
+    return json.loads(arg)
+
+
+def main():
+    spec = read_spec(sys.argv[1])
     try:
         res = run(spec)
     except BaseException as e:  # reported to the bench as a failed run, not a crash of the bench

@@ -537,12 +537,9 @@ def _record_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _worker_main(argv: Sequence[str]) -> None:
-    arg = argv[0]
-    if arg.startswith("@"):
-        with open(arg[1:]) as f:
-            spec = json.load(f)
-    else:
-        spec = json.loads(arg)
+    from flashmoe.bench_worker import read_spec
+
+    spec = read_spec(argv[0])
     try:
         res = _record_worker(spec)
     except Exception as e:  # reported to the tuner, not a crash of it

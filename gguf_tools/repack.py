@@ -43,7 +43,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from flashmoe.errors import FlashMoEError, UsageError
 from flashmoe.sizes import format_size
-from gguf_tools.atomic import ByteProgress, check_free_space
+from gguf_tools.atomic import ByteProgress, _fsync_dir, check_free_space
 from gguf_tools.reader import GGUFModel, TensorInfo, open_model, require_moe
 
 DEFAULT_ALIGN = 16384
@@ -608,19 +608,6 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return os.path.realpath(a) == os.path.realpath(b)
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class _Signals:
