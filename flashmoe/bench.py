@@ -367,6 +367,42 @@ def _alloc_aligned(n: int) -> mmap.mmap:
     return mmap.mmap(-1, n)  # anonymous mappings are page-aligned: fine for O_DIRECT
 
 
+def timed_reads(fds: List[int], offs: List[Tuple[int, int]], qd: int, read_len: int) -> Tuple[int, float, List[str]]:
+    """`qd` threads doing back-to-back preadv of `read_len` bytes (page-aligned buffers) at the
+    (file index, offset) pairs: (bytes read, seconds, errors)."""
+    it = iter(offs)
+    lock = threading.Lock()
+    done = [0]
+    errors: List[str] = []
+
+    def worker():
+        b = _alloc_aligned(read_len)
+        try:
+            while True:
+                with lock:
+                    nxt = next(it, None)
+                if nxt is None:
+                    return
+                fi, off = nxt
+                try:
+                    got = os.preadv(fds[fi], [b], off)
+                except OSError as e:
+                    errors.append(e.strerror or str(e))
+                    return
+                with lock:
+                    done[0] += got
+        finally:
+            b.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(qd)]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return done[0], time.perf_counter() - t0, errors
+
+
 def measure_disk(model_path: str, depths: Sequence[int] = DISK_DEPTHS, reads: int = DISK_READS,
                  seed: int = 0, drop: Optional[Callable[[], Optional[str]]] = None) -> Dict[str, Any]:
     """Random reads of one expert slice's size on the model's own file, O_DIRECT where the file system
@@ -421,41 +457,11 @@ def measure_disk(model_path: str, depths: Sequence[int] = DISK_DEPTHS, reads: in
                 offs.append((t.file_index, off))
             if not direct:
                 evict_file(files)
-            it = iter(offs)
-            lock = threading.Lock()
-            done = [0]
-            errors: List[str] = []
-
-            def worker():
-                b = _alloc_aligned(rlen)
-                try:
-                    while True:
-                        with lock:
-                            nxt = next(it, None)
-                        if nxt is None:
-                            return
-                        fi, off = nxt
-                        try:
-                            got = os.preadv(fds[fi], [b], off)
-                        except OSError as e:
-                            errors.append(e.strerror or str(e))
-                            return
-                        with lock:
-                            done[0] += got
-                finally:
-                    b.close()
-
-            threads = [threading.Thread(target=worker) for _ in range(qd)]
-            t0 = time.perf_counter()
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
-            dt = time.perf_counter() - t0
+            got, dt, errors = timed_reads(fds, offs, qd, rlen)
             if errors:
                 return {"ok": False, "reason": f"reads failed: {errors[0]}", "method": method}
-            results.append({"qd": qd, "reads": n, "bytes": done[0], "s": dt,
-                            "bytes_per_s": done[0] / dt if dt > 0 else 0.0,
+            results.append({"qd": qd, "reads": n, "bytes": got, "s": dt,
+                            "bytes_per_s": got / dt if dt > 0 else 0.0,
                             "latency_ms": 1000 * dt * qd / n})
     finally:
         for fd in fds:

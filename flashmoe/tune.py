@@ -362,6 +362,7 @@ def measure_buffered(model_path: str, depths: Sequence[int], reads: int = 256, s
     import mmap as _mmap
     import random
 
+    from flashmoe import bench
     from flashmoe.bench import evict_file
     from gguf_tools.reader import open_model
 
@@ -389,41 +390,11 @@ def measure_buffered(model_path: str, depths: Sequence[int], reads: int = 256, s
                 e = rng.randrange(max(1, t.nbytes // t.expert_stride))
                 offs.append((t.file_index, t.data_offset + e * t.expert_stride))
             why = evict_file(files)
-            it = iter(offs)
-            lock = threading.Lock()
-            done = [0]
-            errors: List[str] = []
-
-            def worker():
-                b = _mmap.mmap(-1, slice_bytes)
-                try:
-                    while True:
-                        with lock:
-                            nxt = next(it, None)
-                        if nxt is None:
-                            return
-                        fi, off = nxt
-                        try:
-                            got = os.preadv(fds[fi], [b], off)
-                        except OSError as e:
-                            errors.append(e.strerror or str(e))
-                            return
-                        with lock:
-                            done[0] += got
-                finally:
-                    b.close()
-
-            ths = [threading.Thread(target=worker) for _ in range(qd)]
-            t0 = time.perf_counter()
-            for th in ths:
-                th.start()
-            for th in ths:
-                th.join()
-            dt = time.perf_counter() - t0
+            got, dt, errors = bench.timed_reads(fds, offs, qd, slice_bytes)
             if errors:
                 return {"ok": False, "reason": f"reads failed: {errors[0]}"}
-            results.append({"qd": qd, "reads": n, "bytes": done[0], "s": dt,
-                            "bytes_per_s": done[0] / dt if dt > 0 else 0.0, "latency_ms": 1000 * dt * qd / n,
+            results.append({"qd": qd, "reads": n, "bytes": got, "s": dt,
+                            "bytes_per_s": got / dt if dt > 0 else 0.0, "latency_ms": 1000 * dt * qd / n,
                             "evicted": why is None})
     finally:
         for fd in fds:
