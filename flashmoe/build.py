@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -66,12 +67,44 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def detect_backend(backend: str) -> str:
+BACKENDS = ("auto", "cpu", "metal", "cuda")
+
+
+@dataclass(frozen=True)
+class BuildPlatform:
+    """The facts about the machine that the build flags depend on. `current()` reads them from this
+    machine; tests construct other platforms to check the flags every user gets (the build matrix)."""
+
+    system: str  # sys.platform: "linux", "darwin", ...
+    machine: str  # platform.machine(): "x86_64", "arm64", "aarch64", ...
+    has_amx: bool = False  # x86-64 CPU advertises AMX tiles
+    has_nvcc: bool = False
+    has_nvidia_gpu: bool = False
+
+    @classmethod
+    def current(cls) -> "BuildPlatform":
+        return cls(
+            system=sys.platform,
+            machine=platform.machine(),
+            has_amx=cpu_has_amx(),
+            has_nvcc=bool(shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")),
+            has_nvidia_gpu=_cuda_gpu_present(),
+        )
+
+    @property
+    def is_x86(self) -> bool:
+        return self.machine.lower() in ("x86_64", "amd64", "i686", "i386")
+
+
+def detect_backend(backend: str, plat: Optional[BuildPlatform] = None) -> str:
+    if backend not in BACKENDS:
+        raise FlashMoEError(f"unknown backend {backend!r} (choose {', '.join(BACKENDS)})", exit_code=2)
     if backend != "auto":
         return backend
-    if sys.platform == "darwin" and platform.machine() == "arm64":
+    plat = plat or BuildPlatform.current()
+    if plat.system == "darwin" and plat.machine == "arm64":
         return "metal"
-    if (shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")) and _cuda_gpu_present():
+    if plat.has_nvcc and plat.has_nvidia_gpu:
         return "cuda"
     return "cpu"
 
@@ -83,49 +116,69 @@ def _cuda_gpu_present() -> bool:
         return True
     smi = shutil.which("nvidia-smi")
     if smi:
-        r = subprocess.run([smi, "-L"], capture_output=True, text=True)
+        try:
+            r = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
         return r.returncode == 0 and "GPU" in r.stdout
     return False
 
 
-def cmake_args(backend: str) -> List[str]:
+# -march=native turns on ggml's AMX kernels where the CPU advertises AMX; virtual machines that
+# advertise it without granting the tile state kill them with SIGILL. CMAKE_<LANG>_FLAGS come *before*
+# ggml's own -march=native on each compile line, so "-mno-amx-*" there would be overridden; instead
+# such machines build with GGML_NATIVE=OFF and "-march=native -mno-amx-*" as the only -march.
+NO_AMX_FLAGS = "-march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def cmake_args(backend: str, plat: Optional[BuildPlatform] = None) -> List[str]:
+    """The CMake arguments of a build of `backend` ("auto" is resolved first) on `plat`."""
+    plat = plat or BuildPlatform.current()
+    backend = detect_backend(backend, plat)
+    if backend == "metal" and plat.system != "darwin":
+        raise FlashMoEError("the Metal backend builds only on macOS", exit_code=2)
     args = [
         "-DLLAVA_BUILD=OFF",  # the multimodal library is not needed
         "-DLLAMA_BUILD_TESTS=OFF",
         "-DLLAMA_BUILD_EXAMPLES=OFF",
         "-DLLAMA_BUILD_TOOLS=OFF",
         "-DLLAMA_BUILD_SERVER=OFF",
-        "-DGGML_NATIVE=ON",
     ]
     if backend == "cuda":
-        args += ["-DGGML_CUDA=ON"]
+        args += ["-DGGML_CUDA=ON", "-DGGML_METAL=OFF"]
         archs = os.environ.get("FLASHMOE_CUDA_ARCHITECTURES")
         if archs:
             args += [f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
+        if os.environ.get("FLASHMOE_CUDA_FA", "1") == "0":
+            args += ["-DGGML_CUDA_FA=OFF"]  # flash-attention kernels multiply the CUDA compile time
     elif backend == "metal":
         args += ["-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"]
-    elif backend == "cpu":
+    else:  # cpu
         args += ["-DGGML_METAL=OFF", "-DGGML_CUDA=OFF"]
-    if backend in ("cpu", "cuda") and _cpu_has_amx():
-        # -march=native turns on ggml's AMX kernels where the CPU advertises AMX; on virtual machines
-        # that advertise it without enabling the tile state they die with SIGILL (seen on this project's
-        # build machines). The AVX-512 kernels are used instead.
-        flags = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-        args += [f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}"]
+    if plat.is_x86 and plat.has_amx:
+        args += ["-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
+                 f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}"]
     else:
-        raise FlashMoEError(f"unknown backend {backend!r} (choose auto, cpu, metal or cuda)", exit_code=2)
+        args += ["-DGGML_NATIVE=ON"]
     return args
 
 
-def _cpu_has_amx() -> bool:
-    if platform.machine() not in ("x86_64", "AMD64") or not os.path.exists("/proc/cpuinfo"):
+def cpu_has_amx() -> bool:
+    """Whether this x86-64 CPU advertises AMX. FLASHMOE_CPU_AMX=0|1 overrides the detection (tests use it
+    to take the other branch on any machine)."""
+    forced = os.environ.get("FLASHMOE_CPU_AMX")
+    if forced is not None and forced.strip() != "":
+        if forced.strip() not in ("0", "1"):
+            raise FlashMoEError(f"FLASHMOE_CPU_AMX must be 0 or 1, not {forced!r}", exit_code=2)
+        return forced.strip() == "1"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
                     return "amx_tile" in line.split()
-    except OSError:
+    except OSError:  # no /proc (macOS, a sandbox): an Intel Mac has no AMX
         pass
     return False
 
@@ -309,8 +362,9 @@ def install_wheel(wheel: Path) -> None:
 
 
 def build(backend: str = "auto", force: bool = False) -> dict:
-    backend = detect_backend(backend)
-    args = cmake_args(backend)
+    plat = BuildPlatform.current()
+    backend = detect_backend(backend, plat)
+    args = cmake_args(backend, plat)
     key = build_key(backend, args)
     wheel_dir = cache_dir() / "wheels" / key
     wheels = sorted(wheel_dir.glob("llama_cpp_python-*.whl")) if wheel_dir.is_dir() else []
