@@ -442,9 +442,16 @@ class ChatModel:
         L = self.llama
         orig = L.eval
 
+        engine = self.engine
+
         def counting_eval(tokens):
             self.n_evaluated += len(tokens)
-            return orig(tokens)
+            try:
+                return orig(tokens)
+            except RuntimeError as e:  # a failed decode: the hook says why (an expert read error, ...)
+                if engine is not None:
+                    raise engine.decode_error(e) from None
+                raise
 
         L.eval = counting_eval  # instance attribute: Llama.generate calls self.eval
 

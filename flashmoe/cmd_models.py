@@ -30,12 +30,14 @@ from flashmoe.errors import UsageError
 @click.option("--layout", metavar="LAYOUT", help="interleaved (converter order, default) or grouped (dense first, then experts by layer).")
 @click.option("--shards", type=int, help="Write a split GGUF of N shards.")
 @click.option("--name", "model_name", help="general.name of the model.")
+@click.option("--expert-scales", is_flag=True, default=None,
+              help="Add per-expert scale tensors (ffn_*_exps.scale), as some converted models have.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def synth(output, arch, preset, layers, experts, experts_used, embd, expert_ffn, shared_ffn, heads, kv_heads,
-          head_dim, vocab, ctx, dense_type, expert_type, seed, alignment, layout, shards, model_name, force, quiet,
-          as_json):
+          head_dim, vocab, ctx, dense_type, expert_type, seed, alignment, layout, shards, model_name, expert_scales,
+          force, quiet, as_json):
     """Write a synthetic random-weight MoE model that llama.cpp loads and runs."""
     from gguf_tools.atomic import human_bytes
     from gguf_tools.synth import make_spec, synth_model
@@ -47,7 +49,7 @@ def synth(output, arch, preset, layers, experts, experts_used, embd, expert_ffn,
         n_layer=layers, n_expert=experts, n_expert_used=experts_used, n_embd=embd, n_ff_exp=expert_ffn,
         n_ff_shexp=shared_ffn, n_head=heads, n_head_kv=kv_heads, head_dim=head_dim, n_vocab=vocab, n_ctx=ctx,
         dense_type=dense_type, expert_type=expert_type, seed=seed, alignment=alignment, layout=layout,
-        shards=shards, name=model_name,
+        shards=shards, name=model_name, expert_scales=expert_scales,
     )
     res = synth_model(output, spec, progress=not quiet and not as_json, overwrite=force)
     if as_json:

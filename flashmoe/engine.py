@@ -112,6 +112,7 @@ class Engine:
         seed: int = 0,
         verbose: bool = False,
         chat_format: Optional[str] = None,
+        lora_path: Optional[str] = None,
         **runtime_overrides,
     ):
         from gguf_tools.reader import open_model, require_moe
@@ -157,6 +158,7 @@ class Engine:
         self.routing_trace = str(routing_trace) if routing_trace else None
         self.record_trace = record_trace
         self.seed = seed
+        self.lora_path = str(lora_path) if lora_path else None
         self._load(verbose=verbose, chat_format=chat_format)
 
     # ------------------------------------------------------------------ load
@@ -206,6 +208,7 @@ class Engine:
                     seed=self.seed,
                     verbose=verbose,
                     chat_format=chat_format,
+                    lora_path=self.lora_path,
                 )
         except ValueError as e:
             err = hook.last_error() if hook.available() else ""
@@ -283,6 +286,26 @@ class Engine:
         return hook.tensor_placement(self._model_ptr, name) if hook.available() else None
 
     # ------------------------------------------------------------------ generation
+    def eval(self, tokens: List[int]) -> None:
+        """Runs tokens through the model; a failed decode (an expert read error, a model file changed
+        after load) raises FlashMoEError with the hook's reason: file, offset, errno."""
+        try:
+            self.llama.eval(tokens)
+        except RuntimeError as e:
+            raise self.decode_error(e) from None
+
+    def decode_error(self, exc: BaseException) -> FlashMoEError:
+        """The FlashMoEError for a failed llama.cpp decode: the hook's reason when it has one."""
+        msg = ""
+        if hook.available() and getattr(self, "llama", None) is not None:
+            msg = hook.model_error(self._model_ptr)
+            hook.clear_model_error(self._model_ptr)
+        return FlashMoEError(msg or f"llama.cpp could not decode: {exc}")
+
+    def clear_error(self) -> None:
+        if hook.available() and getattr(self, "llama", None) is not None:
+            hook.clear_model_error(self._model_ptr)
+
     def tokenize(self, text: str, add_bos: bool = True) -> List[int]:
         return self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
@@ -319,12 +342,13 @@ class Engine:
         if self.routing_trace:
             self.rewind_trace()
         self.reset_stats()
+        self.clear_error()
         if seed is not None or temp > 0:
             L.set_seed(self.seed if seed is None else seed)
         eos = L.token_eos()
         c0 = ProcessCounters.now()
         t0 = time.perf_counter()
-        L.eval(toks)
+        self.eval(toks)
         t_prefill = time.perf_counter() - t0
         out: List[int] = []
         logits = [] if return_logits else None
@@ -348,7 +372,7 @@ class Engine:
                 if piece:
                     on_token(piece)
             if i + 1 < n_tokens:
-                L.eval([tok])
+                self.eval([tok])
         t_end = time.perf_counter()
         if on_token:
             rest = decoder.flush()

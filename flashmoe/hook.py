@@ -109,6 +109,14 @@ def lib():
     L.flashmoe_model_trace_save.restype = ctypes.c_int64
     L.flashmoe_model_tensor_placement.argtypes = [vp, ctypes.c_char_p]
     L.flashmoe_model_tensor_placement.restype = ctypes.c_int32
+    if not hasattr(L, "flashmoe_model_error"):
+        raise FlashMoEError(
+            "the installed llama.cpp library carries an older flashmoe patch; run `flashmoe build`"
+        )
+    L.flashmoe_model_error.argtypes = [vp]
+    L.flashmoe_model_error.restype = ctypes.c_char_p
+    L.flashmoe_model_clear_error.argtypes = [vp]
+    L.flashmoe_model_clear_error.restype = None
     _lib = L
     return L
 
@@ -196,6 +204,15 @@ def trace_clear(model_ptr) -> None:
 
 def trace_save(model_ptr, path: str) -> int:
     return int(lib().flashmoe_model_trace_save(model_ptr, str(path).encode()))
+
+
+def model_error(model_ptr) -> str:
+    """The model's last expert-read error ("" if none): file, offset and the system's reason."""
+    return lib().flashmoe_model_error(model_ptr).decode("utf-8", errors="replace")
+
+
+def clear_model_error(model_ptr) -> None:
+    lib().flashmoe_model_clear_error(model_ptr)
 
 
 def tensor_placement(model_ptr, name: str) -> Optional[str]:

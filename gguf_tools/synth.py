@@ -78,6 +78,9 @@ class SynthSpec:
     rope_freq_base: float = 1_000_000.0
     rms_eps: float = 1e-6
     name: Optional[str] = None
+    # per-expert output scales blk.N.ffn_{gate,up,down}_exps.scale ([n_expert] F32, llama.cpp multiplies each
+    # expert's matmul output by them): archs with separate gate/up/down experts
+    expert_scales: bool = False
 
     @property
     def has_shared_expert(self) -> bool:
@@ -162,6 +165,9 @@ def make_spec(arch: str = "qwen3moe", preset: str = "tiny", **overrides: Any) ->
         n_head = vals.get("n_head") or 0
         if isinstance(n_head, int) and n_head > 0 and isinstance(vals.get("n_embd"), int):
             vals["head_dim"] = vals["n_embd"] // n_head
+    if overrides.get("expert_scales") and arch != "qwen3moe":
+        # llama.cpp's qwen2moe graph ignores the scales and qwen35moe's fused gate_up has none
+        raise UsageError("--expert-scales applies to qwen3moe (the synthesized arch whose llama.cpp graph applies them)")
     if arch == "qwen3moe":
         if overrides.get("n_ff_shexp"):
             raise UsageError("--shared-ffn applies to qwen2moe and qwen35moe only (qwen3moe has no shared expert)")
@@ -342,6 +348,8 @@ def plan_tensors(s: SynthSpec) -> List[TensorPlan]:
             L.append(exps(b + "ffn_gate_exps.weight", (D, FF, E), il))
             L.append(exps(b + "ffn_up_exps.weight", (D, FF, E), il))
             L.append(exps(b + "ffn_down_exps.weight", (FF, D, E), il))
+            if s.expert_scales:
+                L += [vec(b + f"ffn_{k}_exps.scale", E, "scale", il) for k in ("gate", "up", "down")]
         if s.has_shared_expert:
             SH = s.n_ff_shexp
             L += [
@@ -656,6 +664,8 @@ def tensor_chunks(s: SynthSpec, p: TensorPlan, chunk_bytes: int = quants.DEFAULT
         v = rng.uniform(0.9, 1.1, n).astype(np.float32)
     elif p.init == "bias":
         v = (rng.standard_normal(n) * p.std).astype(np.float32)
+    elif p.init == "scale":
+        v = rng.uniform(0.25, 2.0, n).astype(np.float32)  # far from 1: a scale applied to the wrong expert shows
     elif p.init == "ssm_a":
         v = -rng.uniform(1.0, 4.0, n).astype(np.float32)  # -exp(A_log): a decay, must be negative
     else:  # pragma: no cover
