@@ -168,7 +168,7 @@ def _tool_result(con: _Console, call, tool_cmd: Optional[str], yes: bool) -> str
 
 @click.command("chat")
 @click.option("-m", "--model", "model_path", required=True, help="The GGUF model (first shard of a split model).")
-@click.option("--policy", default=None, help="Placement policy: a shipped name (stream, stock, ...) or a YAML file.")
+@click.option("--policy", default=None, help="Placement policy: a shipped name (stream, stock, ...) or a YAML file. Default: auto (in RAM when the model fits, else stream).")
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--tools", "tools_file", default=None,
               help="JSON file of tools the model may call (OpenAI 'tools' list, or bare function objects).")

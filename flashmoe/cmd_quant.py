@@ -85,7 +85,7 @@ def quantize(input_path, output, experts, dense, rules, imatrix, align, fuse_gat
               help="The reference model.")
 @click.option("--vs", "candidate", default=None, metavar="CANDIDATE.gguf", type=click.Path(dir_okay=False),
               help="The model compared with it (default: the reference file itself, e.g. under --vs-policy).")
-@click.option("--policy", default=None, help="Policy of the reference run (a YAML file or shipped config name).")
+@click.option("--policy", default=None, help="Policy of the reference run (a YAML file or shipped config name; default: auto).")
 @click.option("--vs-policy", default=None,
               help="Policy of the candidate run (e.g. one with runtime: experts_per_token).")
 @click.option("--experts-per-token", type=click.IntRange(min=1), default=None,

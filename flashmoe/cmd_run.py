@@ -12,7 +12,7 @@ from flashmoe.errors import FlashMoEError, UsageError
 def stream_options(f):
     """Streaming options shared by the commands that run a model (a policy file says the same in YAML)."""
     opts = [
-        click.option("--policy", default=None, help="A placement policy: a YAML file or a shipped config name (stream, pagecache, stock, ...)."),
+        click.option("--policy", default=None, help="A placement policy: a YAML file or a shipped config name (stream, pagecache, stock, ...). Default: auto (in RAM when the model fits 90%% of RAM or the cgroup limit, else stream)."),
         click.option("--stream", "stream_mode", type=click.Choice(["off", "cache", "pagecache"]), default=None,
                      help="Stream routed experts: explicit cache, OS page cache, or off (stock). Overrides the policy."),
         click.option("--cache-slots", type=click.IntRange(min=1), default=None, help="Expert cache slots per layer."),
@@ -41,12 +41,17 @@ def engine_from_options(model, policy, stream_mode, cache_slots, cache_size, evi
     from flashmoe.sizes import parse_size
 
     settings = None
-    if policy:
+    if policy and policy != "auto":
         from flashmoe.policy import load_policy
         from gguf_tools.reader import open_model
 
         with open_model(model) as m:
             settings = load_policy(policy).resolve(m).engine_settings()
+    elif stream_mode is None:
+        # no policy (or `auto`): in RAM when the model fits the memory budget, else stream its experts
+        from flashmoe.autopolicy import auto_settings
+
+        settings = auto_settings(model)
     if settings is None:
         settings = EngineSettings()
     st = settings.stream
@@ -59,7 +64,7 @@ def engine_from_options(model, policy, stream_mode, cache_slots, cache_size, evi
     if cache_slots is not None:
         st.cache_slots = cache_slots
     if cache_size is not None:
-        st.cache_bytes = parse_size(cache_size)
+        st.cache_bytes = parse_size(cache_size, "--cache-size")
         st.cache_slots = 0
     if eviction is not None:
         st.eviction = eviction
@@ -94,6 +99,10 @@ def generate(model, prompt, n_tokens, seed, temp, record_trace, as_json, **opts)
     """Generate text, streaming tokens to stdout, then a run report."""
     if opts.get("n_ctx") is None:
         opts["n_ctx"] = 4096
+    if record_trace:
+        from flashmoe.trace import ensure_writable_target
+
+        ensure_writable_target(record_trace, "--record-trace")  # before the model loads and generates
     eng = engine_from_options(model, record_trace=bool(record_trace), seed=seed, **opts)
     try:
         def emit(piece):

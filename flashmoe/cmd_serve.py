@@ -21,7 +21,7 @@ def _is_loopback(host: str) -> bool:
 
 @click.command("serve")
 @click.option("-m", "--model", "model_path", required=True, help="The GGUF model (first shard of a split model).")
-@click.option("--policy", default=None, help="Placement policy: a shipped name (stream, stock, ...) or a YAML file.")
+@click.option("--policy", default=None, help="Placement policy: a shipped name (stream, stock, ...) or a YAML file. Default: auto (in RAM when the model fits, else stream).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but loopback exposes the model to the network: use --api-key.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0 = any free port.")

@@ -119,6 +119,10 @@ class Engine:
 
         self.model_path = str(model_path)
         with open_model(self.model_path) as m:
+            from gguf_tools.validate import require_loadable
+
+            # hyper-parameters llama.cpp asserts on (an abort, not an error) are refused here first
+            require_loadable(m, n_expert_used=runtime_overrides.get("n_expert_used"))
             self.model_facts = {
                 "arch": m.arch,
                 "n_layer": m.n_layer,
@@ -126,6 +130,11 @@ class Engine:
                 "n_expert_used": m.n_expert_used,
                 "n_tensors": len(m.tensors),
             }
+            if settings is None and stream is None and (policy is None or str(policy) == "auto"):
+                # no policy named: in RAM when the model fits the memory budget, else stream its experts
+                from flashmoe.autopolicy import auto_settings
+
+                settings = auto_settings(m)
             if settings is None and policy is not None:
                 from flashmoe.policy import load_policy
 
@@ -142,6 +151,7 @@ class Engine:
                     settings.placements = _streaming_placements(m, settings.stream)
                 if settings.stream.cache_slots <= 0 and settings.stream.mode == "cache":
                     settings.stream.cache_slots = _slots_from_bytes(m, settings.stream.cache_bytes)
+            require_loadable(m, n_expert_used=settings.runtime.n_expert_used or None)  # a policy's override
             self._expert_bytes_per_layer = _expert_bytes_per_layer(m)
             if routing_trace:
                 from flashmoe.trace import check_trace_fits, read_trace
@@ -486,4 +496,6 @@ def format_mode_line(s: EngineSettings, routing_trace: Optional[str], n_expert_u
     if n_threads and s.runtime.n_threads:
         parts.append(f"{s.runtime.n_threads} thread{'s' if s.runtime.n_threads != 1 else ''}")
     prefix = f"policy {s.policy_name}: " if s.policy_name and s.policy_name != "stock" else ""
+    if getattr(s, "auto_reason", None):
+        prefix = f"{s.auto_reason}; "
     return prefix + "; ".join(parts)

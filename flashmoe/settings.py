@@ -63,3 +63,5 @@ class EngineSettings:
     memory_budget: Optional[int] = None  # bytes, informational / checked by the policy
     policy_path: Optional[str] = None  # the policy file this was resolved from (None: built by hand)
     policy_warnings: List[str] = field(default_factory=list)  # what `flashmoe policy show` warned
+    auto_reason: Optional[str] = None  # set when the `auto` policy chose: "auto -> stream: model ... > budget ..."
+
