@@ -8,14 +8,31 @@ import click
 
 @click.command("build")
 @click.option("--backend", type=click.Choice(["auto", "cpu", "metal", "cuda"]), default="auto", show_default=True,
-              help="auto = Metal on Apple Silicon, CUDA when nvcc is found, else CPU.")
+              help="auto = Metal on Apple Silicon, CUDA when nvcc and an NVIDIA GPU are found, else CPU.")
 @click.option("--force", is_flag=True, help="Rebuild even if a cached wheel exists.")
 @click.option("--info", "show_info", is_flag=True, help="Say what is installed and whether it carries the patch.")
 @click.option("--json", "as_json", is_flag=True, help="With --info: JSON output.")
-def build_cmd(backend, force, show_info, as_json):
-    """Build llama.cpp (llama-cpp-python 0.3.36) with flashmoe's patches and install it."""
+@click.option("--print-cmake-args", "print_args", is_flag=True,
+              help="Print the backend and CMake arguments this machine would build with, and stop.")
+def build_cmd(backend, force, show_info, as_json, print_args):
+    """Build llama.cpp (llama-cpp-python 0.3.36) with flashmoe's patches and install it.
+
+    FLASHMOE_CPU_AMX=0|1 overrides the CPU's AMX detection; FLASHMOE_CUDA_ARCHITECTURES (e.g. 90) and
+    FLASHMOE_CUDA_FA=0 (no flash-attention kernels: a much shorter CUDA compile) tune a CUDA build.
+    """
     from flashmoe import build as B
     from flashmoe.errors import FlashMoEError
+
+    if print_args:
+        plat = B.BuildPlatform.current()
+        resolved = B.detect_backend(backend, plat)
+        args = B.cmake_args(resolved, plat)
+        if as_json:
+            click.echo(json.dumps({"backend": resolved, "platform": plat.__dict__, "cmake_args": args}, indent=2))
+        else:
+            click.echo(f"backend {resolved}")
+            click.echo(" ".join(args))
+        return
 
     if show_info:
         info = B.info()
