@@ -11,7 +11,7 @@ Public API::
     run_bench(opts, log=print) -> dict       # runs everything, returns the JSON document
     format_markdown(doc) -> str              # the readable report (tables) of that document
     plot_sweep(doc, path)                    # decode tok/s against the budget (matplotlib)
-    measure_disk(model_path, ...) -> dict    # O_DIRECT random reads of one expert slice at QD 1/4/8
+    measure_disk(model_path, ...) -> dict    # direct (O_DIRECT/F_NOCACHE) random reads of one expert slice at QD 1/4/8
     machine_facts(model_path) -> dict
     STOCK_VARIANTS                           # the stock llama.cpp baselines of --vs stock
 """
@@ -292,12 +292,8 @@ def disk_facts(path: str) -> Dict[str, Any]:
 
 
 def machine_facts(model_path: str) -> Dict[str, Any]:
-    from flashmoe.policy import physical_ram
+    from flashmoe import machine
 
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        affinity = None
     try:
         from importlib.metadata import version
 
@@ -312,9 +308,9 @@ def machine_facts(model_path: str) -> Dict[str, Any]:
         fm_version = None
     return {
         "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "cores_usable": affinity,
-        "ram_bytes": physical_ram(),
+        "cores": machine.cpu_count(),
+        "cores_usable": machine.usable_cpus(),
+        "ram_bytes": machine.physical_ram(),
         "os": _os_name(),
         "kernel": platform.release(),
         "arch": platform.machine(),
@@ -370,6 +366,8 @@ def _alloc_aligned(n: int) -> mmap.mmap:
 def timed_reads(fds: List[int], offs: List[Tuple[int, int]], qd: int, read_len: int) -> Tuple[int, float, List[str]]:
     """`qd` threads doing back-to-back preadv of `read_len` bytes (page-aligned buffers) at the
     (file index, offset) pairs: (bytes read, seconds, errors)."""
+    from flashmoe.machine import pread_into
+
     it = iter(offs)
     lock = threading.Lock()
     done = [0]
@@ -385,7 +383,7 @@ def timed_reads(fds: List[int], offs: List[Tuple[int, int]], qd: int, read_len: 
                     return
                 fi, off = nxt
                 try:
-                    got = os.preadv(fds[fi], [b], off)
+                    got = pread_into(fds[fi], b, off)
                 except OSError as e:
                     errors.append(e.strerror or str(e))
                     return
@@ -405,9 +403,11 @@ def timed_reads(fds: List[int], offs: List[Tuple[int, int]], qd: int, read_len: 
 
 def measure_disk(model_path: str, depths: Sequence[int] = DISK_DEPTHS, reads: int = DISK_READS,
                  seed: int = 0, drop: Optional[Callable[[], Optional[str]]] = None) -> Dict[str, Any]:
-    """Random reads of one expert slice's size on the model's own file, O_DIRECT where the file system
-    allows it (else buffered reads after evicting the file from the page cache, said so), at each queue
-    depth: that many threads doing back-to-back preadv into page-aligned buffers."""
+    """Random reads of one expert slice's size on the model's own file, around the page cache where the
+    system and file system allow it (O_DIRECT on Linux, F_NOCACHE on macOS; else buffered reads after
+    evicting the file from the page cache, said so, or saying that it could not be evicted), at each
+    queue depth: that many threads doing back-to-back preadv into page-aligned buffers."""
+    from flashmoe.machine import open_uncached, pread_into
     from gguf_tools.reader import open_model
 
     with open_model(model_path) as m:
@@ -427,23 +427,31 @@ def measure_disk(model_path: str, depths: Sequence[int] = DISK_DEPTHS, reads: in
         why = drop()
         if why:
             note = why
-    direct = hasattr(os, "O_DIRECT")
+    direct = True
     fds: List[int] = []
     method = "O_DIRECT"
+    evict_why: Optional[str] = None
     try:
         try:
-            if not direct:
-                raise OSError("no O_DIRECT")
-            fds = [os.open(f, os.O_RDONLY | os.O_DIRECT) for f in files]
+            for f in files:
+                fd, method = open_uncached(f)
+                fds.append(fd)
             buf = _alloc_aligned(rlen)
-            os.preadv(fds[0], [buf], 0)  # some file systems accept the flag but fail the read
-            buf.close()
-        except OSError:
+            try:
+                pread_into(fds[0], buf, 0)  # some file systems accept the flag but fail the read
+            finally:
+                buf.close()
+        except OSError as e:
             for fd in fds:
                 os.close(fd)
             fds = [os.open(f, os.O_RDONLY) for f in files]
-            method = "buffered (O_DIRECT not supported here; file evicted from the page cache first)"
+            why_not = e.strerror or str(e)
             direct = False
+            evict_why = evict_file(files)
+            method = (f"buffered (direct I/O not available: {why_not}; file evicted from the page cache first)"
+                      if evict_why is None else
+                      f"buffered (direct I/O not available: {why_not}; the file could not be evicted from the "
+                      f"page cache either: {evict_why}, so reads may be served from memory)")
         rng = random.Random(seed)
         results = []
         for qd in depths:
@@ -466,8 +474,8 @@ def measure_disk(model_path: str, depths: Sequence[int] = DISK_DEPTHS, reads: in
     finally:
         for fd in fds:
             os.close(fd)
-    return {"ok": True, "method": method, "slice_bytes": slice_bytes, "read_bytes": rlen, "depths": results,
-            "note": note}
+    return {"ok": True, "method": method, "direct": direct, "slice_bytes": slice_bytes, "read_bytes": rlen,
+            "depths": results, "note": note}
 
 
 def disk_bw_for(disk: Dict[str, Any], readers: int) -> Tuple[Optional[float], Optional[int]]:
@@ -704,10 +712,20 @@ def first_difference(a: List[int], b: List[int]) -> Optional[int]:
 
 def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Dict[str, Any]:
     from flashmoe import cgroup
+    from flashmoe.machine import is_linux, needs_linux
     from flashmoe.policy import open_model_view
     from gguf_tools.inspect import model_facts
     from gguf_tools.reader import open_model, require_moe
 
+    # Linux-only features: one clear line before anything starts (macOS has no cgroups and no /proc)
+    if any(b is not None for b in opts.budgets) and not is_linux():
+        flag = "--sweep-ram" if len(opts.budgets) > 1 else "--ram-limit"
+        raise FlashMoEError(needs_linux(
+            flag, "each run is confined with a Linux memory cgroup",
+            f"run without {flag} (peak memory is then each run's peak RSS), or in a Linux VM"))
+    if opts.drop_caches and not is_linux():
+        raise FlashMoEError(needs_linux(
+            "--drop-caches", "it writes /proc/sys/vm/drop_caches", "run without --drop-caches, or in a Linux VM"))
     if not os.path.isfile(opts.model):
         raise FlashMoEError(f"no such model: {opts.model}")
     if opts.routing_trace and not os.path.isfile(opts.routing_trace):

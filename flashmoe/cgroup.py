@@ -3,7 +3,8 @@
 cgroup v2: a child of this process's own cgroup (a delegated subtree) with ``memory.max``; where the
 subtree is not writable, ``systemd-run --scope -p MemoryMax=...`` (user or system manager).
 cgroup v1: a child of this process's memory cgroup with ``memory.limit_in_bytes`` (and memsw).
-Where none of these is possible, ``unavailable_reason()`` says what to enable.
+Where none of these is possible, ``unavailable_reason()`` says what to enable. macOS (and every system
+but Linux) has no cgroups: ``detect()`` says so in one line, and runs there are unconfined.
 """
 from __future__ import annotations
 
@@ -17,23 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from flashmoe import machine
 from flashmoe.errors import FlashMoEError
 
-_ROOT = Path(os.environ.get("FLASHMOE_CGROUP_ROOT", "/sys/fs/cgroup"))
+PathLike = machine.PathLike
 
 
-def _own_path(controller: Optional[str]) -> Optional[str]:
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        hid, ctrls, path = line.split(":", 2)
-        if controller is None and hid == "0" and ctrls == "":
-            return path
-        if controller is not None and controller in ctrls.split(","):
-            return path
-    return None
+def _own_path(controller: Optional[str], proc: Optional[PathLike] = None) -> Optional[str]:
+    return machine.own_cgroup(controller, proc)
 
 
 def _writable_dir(p: Path) -> bool:
@@ -46,38 +38,45 @@ class Backend:
     parent: Optional[Path] = None
 
 
-def detect() -> Backend:
-    """The way to confine a run here; FlashMoEError with what to enable when there is none."""
-    if not Path("/proc/self/cgroup").exists():
-        raise FlashMoEError(unavailable_reason())
+def detect(root: Optional[PathLike] = None, proc: Optional[PathLike] = None, systemd: bool = True) -> Backend:
+    """The way to confine a run here; FlashMoEError with what to enable when there is none.
+    root/proc: where the cgroup file system and /proc are (tests); systemd=False: do not try
+    `systemd-run --scope`."""
+    if not machine.is_linux() or machine.cgroup_lines(proc) is None:
+        raise FlashMoEError(unavailable_reason(proc))
+    root = machine.cgroup_root(root)
     # v2 (unified): our own cgroup must have the memory controller available for children
-    own2 = _own_path(None)
-    if own2 is not None and (_ROOT / "cgroup.controllers").exists():
-        parent = _ROOT / own2.lstrip("/")
-        ctrls = (parent / "cgroup.controllers").read_text().split() if (parent / "cgroup.controllers").exists() else []
+    own2 = _own_path(None, proc)
+    if own2 is not None and (root / "cgroup.controllers").exists():
+        parent = root / own2.lstrip("/")
+        ctrls = (machine.read_text(parent / "cgroup.controllers") or "").split()
         if "memory" in ctrls and _writable_dir(parent):
             return Backend("v2", parent)
     # v1
-    own1 = _own_path("memory")
+    own1 = _own_path("memory", proc)
     if own1 is not None:
-        parent = _ROOT / "memory" / own1.lstrip("/")
+        parent = root / "memory" / own1.lstrip("/")
         if _writable_dir(parent) and (parent / "memory.limit_in_bytes").exists():
             return Backend("v1", parent)
-    if shutil.which("systemd-run"):
-        r = subprocess.run(["systemd-run", "--user", "--scope", "-q", "-p", "MemoryMax=1G", "true"],
-                           capture_output=True, text=True)
-        if r.returncode == 0:
-            return Backend("systemd")
-        r = subprocess.run(["systemd-run", "--scope", "-q", "-p", "MemoryMax=1G", "true"], capture_output=True, text=True)
-        if r.returncode == 0:
-            return Backend("systemd")
-    raise FlashMoEError(unavailable_reason())
+    if systemd and shutil.which("systemd-run"):
+        for user in (["--user"], []):
+            try:
+                r = subprocess.run(["systemd-run", *user, "--scope", "-q", "-p", "MemoryMax=1G", "true"],
+                                   capture_output=True, text=True, timeout=60)
+            except (OSError, subprocess.SubprocessError):
+                continue
+            if r.returncode == 0:
+                return Backend("systemd")
+    raise FlashMoEError(unavailable_reason(proc))
 
 
-def unavailable_reason() -> str:
-    if not Path("/proc/self/cgroup").exists():
-        return ("memory limits need Linux cgroups (on macOS, run without --ram-limit, or in a Linux VM); "
-                "no /proc/self/cgroup here")
+def unavailable_reason(proc: Optional[PathLike] = None) -> str:
+    if not machine.is_linux():
+        return (f"memory cgroups exist only on Linux, and this is {machine.platform_name()}: runs cannot be "
+                "confined to a memory budget here")
+    if machine.cgroup_lines(proc) is None:
+        return (f"memory limits need Linux cgroups, and there is no {machine.proc_root(proc) / 'self' / 'cgroup'} "
+                "here (is /proc mounted?)")
     return ("cannot create a memory cgroup: enable a delegated cgroup v2 subtree with the memory controller "
             "(e.g. run under `systemd-run --user --scope -p Delegate=yes`), or run as root with cgroup v1 memory "
             "mounted, or make `systemd-run --scope -p MemoryMax=...` work")
@@ -92,20 +91,29 @@ class Limited:
         self.path: Optional[Path] = None
         self._oom_before = 0
         if self.backend.kind in ("v1", "v2"):
-            self.path = self.backend.parent / f"flashmoe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            self.path.mkdir()
-            if self.backend.kind == "v2":
-                (self.path / "memory.max").write_text(str(self.limit))
-                if (self.path / "memory.swap.max").exists():
-                    (self.path / "memory.swap.max").write_text("0")
-            else:
-                (self.path / "memory.limit_in_bytes").write_text(str(self.limit))
-                sw = self.path / "memory.memsw.limit_in_bytes"
-                if sw.exists():
-                    try:
-                        sw.write_text(str(self.limit))
-                    except OSError:
-                        pass
+            path = self.backend.parent / f"flashmoe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                path.mkdir()
+            except OSError as e:
+                raise FlashMoEError(f"cannot create a memory cgroup in {self.backend.parent}: "
+                                    f"{e.strerror or e}") from None
+            self.path = path
+            try:
+                if self.backend.kind == "v2":
+                    (path / "memory.max").write_text(str(self.limit))
+                    if (path / "memory.swap.max").exists():
+                        (path / "memory.swap.max").write_text("0")
+                else:
+                    (path / "memory.limit_in_bytes").write_text(str(self.limit))
+                    sw = path / "memory.memsw.limit_in_bytes"
+                    if sw.exists():
+                        try:
+                            sw.write_text(str(self.limit))
+                        except OSError:
+                            pass
+            except OSError as e:
+                self.close()
+                raise FlashMoEError(f"cannot set the memory limit of the cgroup {path}: {e.strerror or e}") from None
 
     def _procs_file(self) -> Path:
         return self.path / "cgroup.procs"
@@ -121,7 +129,10 @@ class Limited:
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
 
-        return subprocess.Popen(cmd, preexec_fn=enter, **kw)
+        try:
+            return subprocess.Popen(cmd, preexec_fn=enter, **kw)
+        except subprocess.SubprocessError as e:  # the child could not enter the cgroup
+            raise FlashMoEError(f"cannot start a run inside the memory cgroup {self.path} ({e})") from None
 
     def peak_bytes(self) -> Optional[int]:
         if self.path is None:
@@ -140,16 +151,16 @@ class Limited:
             return False
         ev = self.path / "memory.events"
         if ev.exists():
-            for line in ev.read_text().splitlines():
-                k, v = line.split()
-                if k == "oom_kill" and int(v) > 0:
+            for line in (machine.read_text(ev) or "").splitlines():
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == "oom_kill" and parts[1].isdigit() and int(parts[1]) > 0:
                     return True
             return False
         oc = self.path / "memory.oom_control"
         if oc.exists():
-            for line in oc.read_text().splitlines():
+            for line in (machine.read_text(oc) or "").splitlines():
                 parts = line.split()
-                if parts[0] == "oom_kill" and int(parts[1]) > 0:
+                if len(parts) == 2 and parts[0] == "oom_kill" and parts[1].isdigit() and int(parts[1]) > 0:
                     return True
         return False
 
@@ -204,17 +215,19 @@ def run_limited(cmd: List[str], limit_bytes: Optional[int], timeout: Optional[fl
             lim.close()
 
 
-def drop_caches() -> Optional[str]:
-    """Empties the page cache. None on success, else why it could not."""
-    if os.path.exists("/proc/sys/vm/drop_caches"):
-        try:
-            os.sync()
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
-            return None
-        except OSError as e:
-            return f"cannot drop the page cache ({e.strerror}; needs root)"
-    if shutil.which("purge"):
-        r = subprocess.run(["purge"], capture_output=True, text=True)
-        return None if r.returncode == 0 else "cannot drop the page cache (`purge` needs sudo on macOS)"
-    return "cannot drop the page cache on this system"
+def drop_caches(proc: Optional[PathLike] = None) -> Optional[str]:
+    """Empties the page cache (Linux, root: /proc/sys/vm/drop_caches). None on success, else why it could
+    not (one line). proc: where /proc is (tests)."""
+    if not machine.is_linux():
+        return (f"dropping the page cache needs Linux (/proc/sys/vm/drop_caches), and this is "
+                f"{machine.platform_name()}")
+    f = machine.proc_root(proc) / "sys" / "vm" / "drop_caches"
+    if not f.exists():
+        return f"cannot drop the page cache: there is no {f} here"
+    try:
+        os.sync()
+        with open(f, "w") as fh:
+            fh.write("3\n")
+        return None
+    except OSError as e:
+        return f"cannot drop the page cache ({f}: {e.strerror or e}; needs root, outside a read-only container /proc)"

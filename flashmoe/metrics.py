@@ -1,15 +1,18 @@
 """Process counters for run reports: bytes read from storage, page faults, peak memory.
 
 Linux: /proc/self/io (read_bytes: bytes fetched from the storage layer, page-cache hits excluded)
-and getrusage. macOS: getrusage only (ru_inblock counts block reads; bytes are estimated at 4 KiB per
-block, said so in the report).
+and getrusage. macOS (and wherever /proc/self/io is missing): getrusage only (ru_inblock counts block
+reads; bytes are estimated at 4 KiB per block, and ``exact_bytes`` is False so reports can say so).
+Peak RSS is getrusage's ru_maxrss, which macOS gives in bytes and Linux in KiB.
 """
 from __future__ import annotations
 
 import os
 import resource
-import sys
 from dataclasses import dataclass
+from typing import Optional
+
+from flashmoe import machine
 
 
 @dataclass
@@ -20,16 +23,16 @@ class ProcessCounters:
     exact_bytes: bool = True
 
     @staticmethod
-    def now() -> "ProcessCounters":
+    def now(proc: Optional[machine.PathLike] = None) -> "ProcessCounters":
+        """This process's counters now; proc: where /proc is (tests)."""
         ru = resource.getrusage(resource.RUSAGE_SELF)
         rb = None
-        try:
-            with open("/proc/self/io") as f:
-                for line in f:
-                    if line.startswith("read_bytes:"):
-                        rb = int(line.split()[1])
-        except OSError:
-            pass
+        for line in (machine.read_text(machine.proc_root(proc) / "self" / "io") or "").splitlines():
+            if line.startswith("read_bytes:"):
+                try:
+                    rb = int(line.split()[1])
+                except (IndexError, ValueError):
+                    rb = None
         exact = rb is not None
         if rb is None:
             rb = int(ru.ru_inblock) * 4096
@@ -45,13 +48,14 @@ class ProcessCounters:
 
 
 def peak_rss_bytes() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r) if sys.platform == "darwin" else int(r) * 1024
+    """The peak resident set of this process in bytes (getrusage; macOS says bytes, Linux KiB)."""
+    return machine.maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
-def current_rss_bytes() -> int:
+def current_rss_bytes(proc: Optional[machine.PathLike] = None) -> int:
+    """The resident set now (Linux /proc/self/statm); the peak where there is no /proc (macOS)."""
+    text = machine.read_text(machine.proc_root(proc) / "self" / "statm")
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
+        return int(text.split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, IndexError, ValueError, OSError):
         return peak_rss_bytes()

@@ -25,8 +25,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import resource
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import yaml
 
 from flashmoe.errors import FlashMoEError
+from flashmoe.machine import cgroup_memory_limit, memlock_hint, memlock_limit, physical_ram  # noqa: F401
+from flashmoe.machine import has_cap_ipc_lock as _has_cap_ipc_lock
+from flashmoe.machine import read_int_file as _read_int_file  # noqa: F401
 from flashmoe.settings import (
     EXPERT_TENSOR_REGEX,
     PLACEMENTS,
@@ -1098,85 +1099,8 @@ def _finish_view(path, arch, meta, views, n_layer, n_expert, n_expert_used) -> M
 # This machine
 
 
-def _read_int_file(path: str) -> Optional[int]:
-    try:
-        s = Path(path).read_text().strip()
-    except OSError:
-        return None
-    if s == "max" or not s:
-        return None
-    try:
-        return int(s)
-    except ValueError:
-        return None
-
-
-def physical_ram() -> Optional[int]:
-    """Total RAM of the machine in bytes (Linux /proc/meminfo, macOS sysctl hw.memsize, sysconf)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    if sys.platform == "darwin":
-        try:
-            out = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True, timeout=5)
-            return int(out.stdout.strip())
-        except (OSError, ValueError, subprocess.SubprocessError):
-            pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def cgroup_memory_limit() -> Optional[int]:
-    """The tightest memory limit of this process's cgroup and its ancestors (v2 memory.max, v1
-    memory.limit_in_bytes), or None."""
-    limits: List[int] = []
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    root = Path("/sys/fs/cgroup")
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _hid, controllers, rel = parts
-        if controllers == "":  # v2
-            base, fname = root, "memory.max"
-        elif "memory" in controllers.split(","):
-            base, fname = root / "memory", "memory.limit_in_bytes"
-        else:
-            continue
-        d = base / rel.lstrip("/")
-        seen = set()
-        while True:
-            if d not in seen:
-                seen.add(d)
-                v = _read_int_file(str(d / fname))
-                if v is not None and v < (1 << 60):
-                    limits.append(v)
-            if d == base or base not in d.parents:
-                break
-            d = d.parent
-        v = _read_int_file(str(base / fname))  # namespaced root (containers)
-        if v is not None and v < (1 << 60):
-            limits.append(v)
-    return min(limits) if limits else None
-
-
-def _has_cap_ipc_lock() -> bool:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) & (1 << 14))  # CAP_IPC_LOCK
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
+# physical_ram, cgroup_memory_limit and _has_cap_ipc_lock are flashmoe.machine's (imported at the top,
+# one copy for policy, tune, bench and cgroup); they stay importable from here.
 
 
 def detect_gpu_backend() -> Optional[str]:
@@ -1212,9 +1136,7 @@ class MachineInfo:
         phys = physical_ram()
         cg = cgroup_memory_limit()
         ram = min(x for x in (phys, cg) if x is not None) if (phys or cg) else None
-        soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-        memlock = None if soft == resource.RLIM_INFINITY else int(soft)
-        return cls(ram, phys, cg, memlock, _has_cap_ipc_lock(), _DETECT)
+        return cls(ram, phys, cg, memlock_limit(), _has_cap_ipc_lock(), _DETECT)
 
     def gpu(self) -> Optional[str]:
         if self.gpu_backend == _DETECT:
@@ -1735,8 +1657,7 @@ def _plan_memory(res: Resolution, budget_override: Optional[int]) -> None:
         if mem.pinned > machine.memlock_limit:
             res.warnings.append(
                 f"RLIMIT_MEMLOCK is {format_size(machine.memlock_limit)} but the policy pins "
-                f"{format_size(mem.pinned)}: locking will fail; raise it (ulimit -l unlimited, or memlock "
-                "in /etc/security/limits.conf) or use place: ram"
+                f"{format_size(mem.pinned)}: locking will fail; raise it ({memlock_hint()}) or use place: ram"
             )
     if mem.gpu_device:
         res.notes.append(f"{format_size(mem.gpu_device)} of weights in device memory (not counted in RAM)")

@@ -376,6 +376,7 @@ def measure_buffered(model_path: str, depths: Sequence[int], reads: int = 256, s
     rng = random.Random(seed)
     fds = [os.open(f, os.O_RDONLY) for f in files]
     results = []
+    evict_why: Optional[str] = None
     try:
         for fd in fds:
             try:
@@ -390,6 +391,7 @@ def measure_buffered(model_path: str, depths: Sequence[int], reads: int = 256, s
                 e = rng.randrange(max(1, t.nbytes // t.expert_stride))
                 offs.append((t.file_index, t.data_offset + e * t.expert_stride))
             why = evict_file(files)
+            evict_why = evict_why or why
             got, dt, errors = bench.timed_reads(fds, offs, qd, slice_bytes)
             if errors:
                 return {"ok": False, "reason": f"reads failed: {errors[0]}"}
@@ -403,8 +405,9 @@ def measure_buffered(model_path: str, depths: Sequence[int], reads: int = 256, s
             evict_file(files)
         except Exception:
             pass
-    return {"ok": True, "method": "buffered (POSIX_FADV_RANDOM, file evicted first)", "slice_bytes": slice_bytes,
-            "depths": results}
+    method = ("buffered (POSIX_FADV_RANDOM, file evicted first)" if evict_why is None else
+              f"buffered (the file could not be evicted from the page cache first: {evict_why}; reads may hit it)")
+    return {"ok": True, "method": method, "slice_bytes": slice_bytes, "depths": results}
 
 
 class DiskModel:
@@ -417,7 +420,7 @@ class DiskModel:
                 pts = sorted((int(x["qd"]), float(x["bytes_per_s"])) for x in d["depths"] if x["bytes_per_s"] > 0)
                 if pts:
                     self.curves[is_direct] = pts
-        if direct and direct.get("ok") and "O_DIRECT" not in str(direct.get("method", "")):
+        if direct and direct.get("ok") and not direct.get("direct", "O_DIRECT" in str(direct.get("method", ""))):
             # the bench fell back to buffered reads: there is no direct curve on this file system
             self.curves.pop(True, None)
             self.curves.setdefault(False, sorted((int(x["qd"]), float(x["bytes_per_s"])) for x in direct["depths"]))
@@ -769,14 +772,9 @@ def _default_log(msg: str) -> None:
 
 
 def _mem_available() -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    from flashmoe.machine import mem_available
+
+    return mem_available()  # Linux MemAvailable; None where the system does not say (macOS)
 
 
 def run_tune(opts: TuneOptions, log: Callable[[str], None] = _default_log) -> TuneResult:
@@ -830,7 +828,8 @@ def run_tune(opts: TuneOptions, log: Callable[[str], None] = _default_log) -> Tu
         notes.append(f"--gpu-mem {format_size(opts.gpu_mem)}: " + (
             "this llama.cpp build has no GPU backend; ignored" if machine.gpu() is None else
             "the tuner does not place tensors on the GPU yet; ignored (CPU-side tuning only)"))
-    clock.log(f"machine: {bench.describe_machine(facts)}; available memory {format_size(avail)}")
+    clock.log(f"machine: {bench.describe_machine(facts)}; available memory "
+              + (format_size(avail) if avail is not None else "unknown (no /proc/meminfo here)"))
 
     depths = sorted(set([1, 4, 8] + [int(r) for r in opts.readers]))
     clock.log("disk: random reads of one expert slice on the model file, QD " + "/".join(map(str, depths)))
