@@ -155,6 +155,15 @@ def cmake_args(backend: str, plat: Optional[BuildPlatform] = None) -> List[str]:
         args += ["-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"]
     else:  # cpu
         args += ["-DGGML_METAL=OFF", "-DGGML_CUDA=OFF"]
+    if plat.system.startswith("linux"):
+        # keep each shared library's statically linked C++ runtime pieces private: a toolchain that links
+        # parts of libstdc++ statically (seen on the lent H200's GCC 13 wrapper) otherwise exports them
+        # from libggml.so, and with llama-cpp-python's RTLD_GLOBAL loading libllama's iostream calls bind
+        # to that copy and crash in print_info at load (docs/patch.md, "The load crash on the H200")
+        args += ["-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL"]
+    extra = os.environ.get("FLASHMOE_EXTRA_CMAKE_ARGS", "").strip()
+    if extra:  # e.g. a sanitizer build: "-DCMAKE_C_FLAGS=-fsanitize=address" (part of the cache key)
+        args += shlex.split(extra)
     if plat.is_x86 and plat.has_amx:
         args += ["-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
                  f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}"]
@@ -399,6 +408,25 @@ def build(backend: str = "auto", force: bool = False) -> dict:
     return {"key": key, "wheel": str(final), "cached": False, "backend": backend}
 
 
+# symbols of the C++ runtime that no library of ours may export (a private static copy leaking out)
+_RUNTIME_EXPORT = re.compile(r"^_ZNSo9_M_insert|codecvt_utf8_base|^_ZNSt6locale|^_ZNSt8ios_base")
+
+
+def exported_runtime_symbols(lib_dir: Path) -> dict:
+    """{library: [C++ runtime symbols it exports]} for the shared libraries in lib_dir (needs `nm`;
+    {} when it is missing). Any entry means two copies of the runtime can bind to each other's code."""
+    nm = shutil.which("nm")
+    out: dict = {}
+    if not nm or sys.platform == "darwin":
+        return out
+    for lib in sorted(Path(lib_dir).glob("lib*.so")):
+        r = subprocess.run([nm, "-D", "--defined-only", str(lib)], capture_output=True, text=True)
+        bad = [ln.split()[-1] for ln in r.stdout.splitlines() if ln.split() and _RUNTIME_EXPORT.search(ln.split()[-1])]
+        if bad:
+            out[lib.name] = bad
+    return out
+
+
 def info() -> dict:
     """What is installed and whether the library that is actually imported carries our patch."""
     out = {"expected_patch_hash": patch_hash(), "installed": False}
@@ -411,6 +439,7 @@ def info() -> dict:
     out["installed"] = True
     out["llama_cpp_python"] = getattr(llama_cpp, "__version__", "?")
     out["library"] = getattr(lc._lib, "_name", "?")
+    out["exported_runtime_symbols"] = exported_runtime_symbols(Path(getattr(lc._lib, "_name", ".")).parent)
     facts_path = Path(llama_cpp.__file__).parent / BUILD_INFO_FILE
     if facts_path.exists():
         out["build"] = json.loads(facts_path.read_text())

@@ -72,8 +72,10 @@ def _streaming_placements(model, stream: StreamSettings) -> Dict[str, str]:
 
 
 @contextlib.contextmanager
-def _model_params_patch(runtime: RuntimeSettings):
-    """llama-cpp-python's Llama() does not expose use_extra_bufts; set it on the params it creates."""
+def _model_params_patch(runtime: RuntimeSettings, overrides=None):
+    """llama-cpp-python's Llama() does not expose use_extra_bufts or tensor buffer overrides; set them
+    on the params it creates (``overrides``: a NULL-terminated array from flashmoe.gpu, kept alive by
+    the caller for the load)."""
     import llama_cpp.llama_cpp as lc
 
     orig = lc.llama_model_default_params
@@ -83,6 +85,8 @@ def _model_params_patch(runtime: RuntimeSettings):
         p.use_extra_bufts = bool(runtime.use_extra_bufts)
         if runtime.lazy_mode is not None:
             p.lazy_mode = {"off": 0, "auto": 1, "on": 2}[runtime.lazy_mode]
+        if overrides is not None:
+            p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
         return p
 
     lc.llama_model_default_params = patched
@@ -122,7 +126,9 @@ class Engine:
             from gguf_tools.validate import require_loadable
 
             # hyper-parameters llama.cpp asserts on (an abort, not an error) are refused here first
-            require_loadable(m, n_expert_used=runtime_overrides.get("n_expert_used"))
+            # (a dense model: below, after the streaming check that names its real problem)
+            if m.is_moe:
+                require_loadable(m, n_expert_used=runtime_overrides.get("n_expert_used"))
             self.model_facts = {
                 "arch": m.arch,
                 "n_layer": m.n_layer,
@@ -151,7 +157,8 @@ class Engine:
                     settings.placements = _streaming_placements(m, settings.stream)
                 if settings.stream.cache_slots <= 0 and settings.stream.mode == "cache":
                     settings.stream.cache_slots = _slots_from_bytes(m, settings.stream.cache_bytes)
-            require_loadable(m, n_expert_used=settings.runtime.n_expert_used or None)  # a policy's override
+            require_loadable(m, n_expert_used=runtime_overrides.get("n_expert_used")
+                             or settings.runtime.n_expert_used or None)  # or a policy's override
             self._expert_bytes_per_layer = _expert_bytes_per_layer(m)
             if routing_trace:
                 from flashmoe.trace import check_trace_fits, read_trace
@@ -202,15 +209,33 @@ class Engine:
         kv = {}
         if rt.n_expert_used:
             kv[f"{self.model_facts['arch']}.expert_used_count"] = int(rt.n_expert_used)
+        # `gpu` placements: every layer offloaded, the tensors placed elsewhere kept in host memory
+        from flashmoe import gpu
+
+        self.n_gpu_layers, keep_host = gpu.plan(s.placements)
+        n_batch, n_ubatch = rt.n_batch, rt.n_ubatch
+        self.gpu_ubatch_note = None
+        if self.n_gpu_layers and s.stream.mode == "cache" and s.stream.cache_slots > 0:
+            # prefill waves (a ubatch touching more experts than the cache has slots) fail on CUDA (an
+            # illegal memory access in mul_mat_id, seen on the H200; not fixed yet): ubatches small enough
+            # that every expert they touch fits the device cache run in one wave
+            k = max(1, int(self.settings.runtime.n_expert_used or self.model_facts["n_expert_used"] or 1))
+            n_exp = int(self.model_facts["n_expert"] or 0)
+            if n_exp and s.stream.cache_slots < n_exp and n_ubatch * k > s.stream.cache_slots:
+                n_ubatch = max(1, s.stream.cache_slots // k)
+                n_batch = max(n_batch, n_ubatch)
+                self.gpu_ubatch_note = (f"prefill ubatch lowered to {n_ubatch} so that each fits the device expert "
+                                        f"cache in one wave (GPU prefill waves are not supported yet)")
+        overrides, self._override_patterns = gpu.host_overrides(keep_host) if self.n_gpu_layers else (None, [])
         self._counters_load = ProcessCounters.now()
         t0 = time.perf_counter()
         try:
-            with _model_params_patch(rt):
+            with _model_params_patch(rt, overrides):
                 self.llama = Llama(
                     self.model_path,
                     n_ctx=rt.n_ctx,
-                    n_batch=rt.n_batch,
-                    n_ubatch=rt.n_ubatch,
+                    n_batch=n_batch,
+                    n_ubatch=n_ubatch,
                     n_threads=rt.n_threads or max(1, os.cpu_count() or 1),
                     n_threads_batch=rt.n_threads or max(1, os.cpu_count() or 1),
                     use_mmap=use_mmap,
@@ -219,6 +244,11 @@ class Engine:
                     verbose=verbose,
                     chat_format=chat_format,
                     lora_path=self.lora_path,
+                    n_gpu_layers=self.n_gpu_layers,
+                    # a GPU build offloads big-batch matmuls whose weights are in host memory; run on the
+                    # expert cache's host slots that way they fail on CUDA (seen on the H200: an illegal
+                    # memory access), so streamed runs keep every op where its weights are
+                    **({"op_offload": False} if s.stream.mode != "off" and gpu.offload_supported() else {}),
                 )
         except ValueError as e:
             err = hook.last_error() if hook.available() else ""
@@ -254,11 +284,19 @@ class Engine:
 
     # ------------------------------------------------------------------ facts
     def mode_line(self) -> str:
-        return format_mode_line(
+        line = format_mode_line(
             self.settings, self.routing_trace, self.model_facts["n_expert_used"],
             n_slots=self.info["n_slots"] if self.info else None,
             direct_io=bool(self.info["direct_io"]) if self.info else None,
         )
+        if getattr(self, "n_gpu_layers", 0):
+            line += "; gpu placement: layers offloaded" + (
+                ", expert cache in device memory" if self.settings.stream.mode == "cache" else "")
+            if self.gpu_ubatch_note:
+                line += "; " + self.gpu_ubatch_note
+        elif any(p == "gpu" for p in self.settings.placements.values()):
+            line += "; gpu placement ignored (CPU build)"
+        return line
 
     def stats(self) -> dict:
         """Expert cache and I/O figures: per layer and total."""

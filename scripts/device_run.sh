@@ -15,9 +15,14 @@ case "${MODE:-cuda}" in
   cuda)
     FLASHMOE_CUDA_ARCHITECTURES=90 FLASHMOE_CUDA_FA=0 python3 -m flashmoe build --backend cuda 2>&1 | tail -3
     python3 -m flashmoe build --info | tee "$OUT/build-info.txt"
-    python3 scripts/gpu_check.py 2>&1 | tee "$OUT/gpu-check.txt"
+    python3 scripts/gpu_check.py --tokens 64 2>&1 | grep -v "^/opt\|^python3\|^/lib\|^/usr" | tee "$OUT/gpu-check.txt"
     ;;
-  asan-cpu)
+  cpu)
+    python3 -m flashmoe build --backend cpu 2>&1 | tail -2
+    python3 -m flashmoe build --info | head -6
+    python3 scripts/gpu_check.py --cpu-only 2>&1 | tail -20 | tee "$OUT/cpu-check.txt" || true
+    ;;&
+  asan-cpu|cpu)
     python3 -m flashmoe.devpatch unpack /tmp/fmdev >/dev/null
     cmake -S /tmp/fmdev/vendor/llama.cpp -B /tmp/asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBUILD_SHARED_LIBS=ON \
       -DLLAMA_BUILD_COMMON=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \

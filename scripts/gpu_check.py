@@ -14,13 +14,38 @@ import sys
 import tempfile
 import time
 
-faulthandler.enable(file=sys.__stderr__)  # llama-cpp-python hides fd 2 during loads: keep Python stacks visible
+# llama-cpp-python points fd 2 at /dev/null during loads: keep Python stacks on a copy of the real stderr
+_FH = os.fdopen(os.dup(2), "w")
+faulthandler.enable(file=_FH)
+
+
+import contextlib
+
+
+@contextlib.contextmanager
+def _no_op_offload(on: bool):
+    """The stock reference of a streamed run on a GPU build: no op offload (streamed runs have none),
+    so both run every matmul where its weights are: matched kernels."""
+    import llama_cpp.llama_cpp as lc
+
+    orig = lc.llama_context_default_params
+    if on:
+        def patched():
+            p = orig()
+            p.op_offload = False
+            return p
+        lc.llama_context_default_params = patched
+    try:
+        yield
+    finally:
+        lc.llama_context_default_params = orig
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cpu-only", action="store_true")
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--verbose", action="store_true", help="llama.cpp's log on stderr")
     a = ap.parse_args()
     from flashmoe.engine import Engine
     from flashmoe.settings import StreamSettings
@@ -32,27 +57,44 @@ def main() -> int:
     for arch in ("qwen3moe", "qwen2moe", "qwen35moe"):
         path = os.path.join(d, f"tiny-{arch}.gguf")
         synth_model(path, make_spec(arch, "tiny", seed=0), progress=False)
-        runs = [("stock", dict(policy="stock")),
+        runs = [("stock", dict(policy="stock", op_offload=False)),
                 ("stream", dict(stream=StreamSettings(mode="cache", cache_slots=2, readers=2)))]
+        gruns = []
         if not a.cpu_only:
-            runs.append(("gpu-dense", dict(policy="gpu-dense")))
-        ref = None
-        for name, kw in runs:
-            t0 = time.time()
-            try:
-                with Engine(path, n_ctx=512, use_extra_bufts=False, **kw) as e:
-                    g = e.generate(prompt, a.tokens, stop_at_eos=False)
-                    mode = e.mode_line()
-            except Exception as ex:  # noqa: BLE001 - report and go on
-                print(f"{arch:10s} {name:10s} FAILED {type(ex).__name__}: {ex}", flush=True)
-                bad += 1
-                continue
-            same = "" if ref is None else (" tokens == stock" if g.tokens == ref else " TOKENS DIFFER from stock")
-            if ref is not None and g.tokens != ref:
-                bad += 1
-            ref = ref if ref is not None else g.tokens
-            print(f"{arch:10s} {name:10s} ok {len(g.tokens)} tokens {g.report.decode_tok_s:.1f} tok/s "
-                  f"{time.time() - t0:.1f} s{same} | {mode}", flush=True)
+            # the GPU reference: every tensor on the GPU, nothing streamed; then dense on the GPU with the
+            # experts streamed into a 2-slot cache in device memory (the same kernels on the same device)
+            gall = os.path.join(d, "gpu-all.yaml")
+            with open(gall, "w") as f:
+                f.write("version: 1\nname: gpu-all\nrules:\n  - match: \"token_embd.weight\"\n    place: ram\n"
+                        "  - match: \"*\"\n    place: gpu\nruntime:\n  repack: false\n")
+            gdense = os.path.join(d, "gpu-dense-2.yaml")
+            with open(gdense, "w") as f:
+                f.write("version: 1\nname: gpu-dense-2\nrules:\n"
+                        "  - match: \"blk.*.ffn_{gate,up,down,gate_up}_exps.weight\"\n    place: stream\n"
+                        "  - match: \"token_embd.weight\"\n    place: ram\n  - match: \"*\"\n    place: gpu\n"
+                        "expert_cache:\n  mode: cache\n  cache_slots: 2\n  readers: 2\nruntime:\n  repack: false\n")
+            gruns = [("gpu-all", dict(policy=gall)), ("gpu-dense", dict(policy="gpu-dense")),
+                     ("gpu-dense-2", dict(policy=gdense))]
+        for group in (runs, gruns):
+          ref = None
+          for name, kw in group:
+              t0 = time.time()
+              try:
+                  ofl = kw.pop("op_offload", None)
+                  with _no_op_offload(ofl is False), \
+                          Engine(path, n_ctx=512, use_extra_bufts=False, verbose=a.verbose, **kw) as e:
+                      g = e.generate(prompt, a.tokens, stop_at_eos=False)
+                      mode = e.mode_line()
+              except Exception as ex:  # noqa: BLE001 - report and go on
+                  print(f"{arch:10s} {name:10s} FAILED {type(ex).__name__}: {ex}", flush=True)
+                  bad += 1
+                  continue
+              same = "" if ref is None else (" tokens == stock" if g.tokens == ref else " TOKENS DIFFER from stock")
+              if ref is not None and g.tokens != ref:
+                  bad += 1
+              ref = ref if ref is not None else g.tokens
+              print(f"{arch:10s} {name:10s} ok {len(g.tokens)} tokens {g.report.decode_tok_s:.1f} tok/s "
+                    f"{time.time() - t0:.1f} s{same} | {mode}", flush=True)
     print("summary:", "all ok" if bad == 0 else f"{bad} failed", flush=True)
     return 1 if bad else 0
 

@@ -24,6 +24,7 @@ CUDA_BOX_AMX = B.BuildPlatform("linux", "x86_64", has_amx=True, has_nvcc=True, h
 NVCC_NO_GPU = B.BuildPlatform("linux", "x86_64", has_nvcc=True, has_nvidia_gpu=False)
 COMMON = ["-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
           "-DLLAMA_BUILD_SERVER=OFF"]
+PRIVATE_RUNTIME = ["-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL"]  # Linux only
 NATIVE = ["-DGGML_NATIVE=ON"]
 NO_AMX = ["-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
           "-DCMAKE_C_FLAGS=-march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
@@ -61,6 +62,10 @@ MATRIX = [
 def test_build_matrix(monkeypatch, plat, backend, resolved, flags):
     monkeypatch.delenv("FLASHMOE_CUDA_ARCHITECTURES", raising=False)
     monkeypatch.delenv("FLASHMOE_CUDA_FA", raising=False)
+    monkeypatch.delenv("FLASHMOE_EXTRA_CMAKE_ARGS", raising=False)
+    if plat.system == "linux":
+        i = len(flags) - (6 if "-DGGML_NATIVE=OFF" in flags else 1)
+        flags = flags[:i] + PRIVATE_RUNTIME + flags[i:]
     assert B.detect_backend(backend, plat) == resolved
     assert B.cmake_args(backend, plat) == flags
     assert B.cmake_args(resolved, plat) == flags
@@ -138,3 +143,25 @@ def test_build_cli_plans_both_amx_branches_on_this_machine(forced):
     assert p.returncode == 0, p.stderr
     assert ("-DGGML_NATIVE=OFF" in p.stdout) == (forced == "1")
     assert ("-DGGML_NATIVE=ON" in p.stdout) == (forced == "0")
+
+
+def test_extra_cmake_args(monkeypatch):
+    monkeypatch.setenv("FLASHMOE_EXTRA_CMAKE_ARGS", "-DCMAKE_C_FLAGS=-fsanitize=address\\ -g -DGGML_OPENMP=OFF")
+    args = B.cmake_args("cpu", LINUX_X86)
+    assert "-DCMAKE_C_FLAGS=-fsanitize=address -g" in args and "-DGGML_OPENMP=OFF" in args
+
+
+def test_installed_libraries_export_no_cxx_runtime(llama_cpp):
+    """The H200 crash: a toolchain that links parts of libstdc++ statically made libggml.so export
+    std::ostream and codecvt code; libllama's calls bound to that private copy and crashed at load.
+    No library of the installed build may export the C++ runtime (needs nm, as in binutils)."""
+    import shutil
+    from pathlib import Path
+
+    import llama_cpp.llama_cpp as lc
+
+    if not shutil.which("nm"):
+        pytest.fail("nm (binutils) is needed to check the libraries' exported symbols")
+    lib_dir = Path(lc._lib._name).parent
+    assert list(lib_dir.glob("libggml*.so")), lib_dir
+    assert B.exported_runtime_symbols(lib_dir) == {}
