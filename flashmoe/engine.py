@@ -5,7 +5,6 @@ The CLI commands (generate, chat, serve, bench) are thin layers on it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import time
 from dataclasses import dataclass, field
@@ -14,9 +13,10 @@ from typing import Callable, Dict, List, Optional, Union
 import numpy as np
 
 from flashmoe import hook
+from flashmoe import llama as llama_api
 from flashmoe.errors import FlashMoEError
 from flashmoe.metrics import ProcessCounters, peak_rss_bytes
-from flashmoe.settings import EngineSettings, RuntimeSettings, StreamSettings
+from flashmoe.settings import EngineSettings, StreamSettings
 
 # Placement of every tensor for "streaming on, nothing else said": experts streamed, the rest resident.
 _EXPERT_SUFFIXES = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_up_exps.weight")
@@ -69,31 +69,6 @@ def _streaming_placements(model, stream: StreamSettings) -> Dict[str, str]:
     for t in model.tensors:
         out[t.name] = "stream" if t.is_expert else "ram"
     return out
-
-
-@contextlib.contextmanager
-def _model_params_patch(runtime: RuntimeSettings, overrides=None):
-    """llama-cpp-python's Llama() does not expose use_extra_bufts or tensor buffer overrides; set them
-    on the params it creates (``overrides``: a NULL-terminated array from flashmoe.gpu, kept alive by
-    the caller for the load)."""
-    import llama_cpp.llama_cpp as lc
-
-    orig = lc.llama_model_default_params
-
-    def patched():
-        p = orig()
-        p.use_extra_bufts = bool(runtime.use_extra_bufts)
-        if runtime.lazy_mode is not None:
-            p.lazy_mode = {"off": 0, "auto": 1, "on": 2}[runtime.lazy_mode]
-        if overrides is not None:
-            p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
-        return p
-
-    lc.llama_model_default_params = patched
-    try:
-        yield
-    finally:
-        lc.llama_model_default_params = orig
 
 
 class Engine:
@@ -180,10 +155,7 @@ class Engine:
 
     # ------------------------------------------------------------------ load
     def _load(self, verbose: bool, chat_format: Optional[str]):
-        try:
-            from llama_cpp import Llama
-        except Exception as e:
-            raise FlashMoEError(f"llama-cpp-python is not installed ({e}); run `flashmoe build`")
+        llama_api.lowlevel()  # a clear error when llama-cpp-python is missing
         s, rt = self.settings, self.settings.runtime
         # Load mode: "ram" tensors are read into anonymous memory (llama.cpp's load mode none); then
         # "mmap" tensors are kept on the mapping individually (lazy). When nothing asks for RAM the
@@ -230,26 +202,28 @@ class Engine:
         self._counters_load = ProcessCounters.now()
         t0 = time.perf_counter()
         try:
-            with _model_params_patch(rt, overrides):
-                self.llama = Llama(
-                    self.model_path,
-                    n_ctx=rt.n_ctx,
-                    n_batch=n_batch,
-                    n_ubatch=n_ubatch,
-                    n_threads=rt.n_threads or max(1, os.cpu_count() or 1),
-                    n_threads_batch=rt.n_threads or max(1, os.cpu_count() or 1),
-                    use_mmap=use_mmap,
-                    kv_overrides=kv or None,
-                    seed=self.seed,
-                    verbose=verbose,
-                    chat_format=chat_format,
-                    lora_path=self.lora_path,
-                    n_gpu_layers=self.n_gpu_layers,
-                    # a GPU build offloads big-batch matmuls whose weights are in host memory; run on the
-                    # expert cache's host slots that way they fail on CUDA (seen on the H200: an illegal
-                    # memory access), so streamed runs keep every op where its weights are
-                    **({"op_offload": False} if s.stream.mode != "off" and gpu.offload_supported() else {}),
-                )
+            self.llama = llama_api.load(
+                self.model_path,
+                use_extra_bufts=rt.use_extra_bufts,
+                lazy_mode=rt.lazy_mode,
+                tensor_overrides=overrides,
+                # a GPU build offloads big-batch matmuls whose weights are in host memory; on the expert
+                # cache's host slots that failed on CUDA (an illegal memory access, seen on the H200), so
+                # streamed runs keep every op where its weights are
+                op_offload=False if (s.stream.mode != "off" and gpu.offload_supported()) else None,
+                n_ctx=rt.n_ctx,
+                n_batch=n_batch,
+                n_ubatch=n_ubatch,
+                n_threads=rt.n_threads or max(1, os.cpu_count() or 1),
+                n_threads_batch=rt.n_threads or max(1, os.cpu_count() or 1),
+                use_mmap=use_mmap,
+                kv_overrides=kv or None,
+                seed=self.seed,
+                verbose=verbose,
+                chat_format=chat_format,
+                lora_path=self.lora_path,
+                n_gpu_layers=self.n_gpu_layers,
+            )
         except ValueError as e:
             err = hook.last_error() if hook.available() else ""
             if hooked:
@@ -257,7 +231,7 @@ class Engine:
             raise FlashMoEError(f"llama.cpp could not load {self.model_path}: {err or e}")
         self.load_s = time.perf_counter() - t0
         self._load_counters = ProcessCounters.now().minus(self._counters_load)
-        self._model_ptr = self.llama._model.model
+        self._model_ptr = llama_api.model_ptr(self.llama)
         err = hook.last_error() if hook.available() else ""
         if hooked:
             hook.reset_config()  # the configuration is for this load only
@@ -361,11 +335,7 @@ class Engine:
         return self.llama.detokenize(tokens).decode("utf-8", errors="replace")
 
     def _last_logits(self) -> np.ndarray:
-        import llama_cpp.llama_cpp as lc
-
-        n_vocab = self.llama.n_vocab()
-        ptr = lc.llama_get_logits_ith(self.llama._ctx.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+        return llama_api.last_logits(self.llama)
 
     def generate(
         self,
@@ -386,41 +356,43 @@ class Engine:
         n_ctx = min(L.n_ctx(), len(L.input_ids))
         if len(toks) + n_tokens > n_ctx:
             raise FlashMoEError(f"prompt ({len(toks)} tokens) + {n_tokens} new tokens exceed the context size {n_ctx}")
-        L.reset()
         if self.routing_trace:
             self.rewind_trace()
         self.reset_stats()
         self.clear_error()
-        if seed is not None or temp > 0:
-            L.set_seed(self.seed if seed is None else seed)
         eos = L.token_eos()
+        sampling = llama_api.Sampling(temperature=max(0.0, float(temp)), top_k=40, top_p=0.95, min_p=0.05,
+                                      seed=(self.seed if seed is None else seed) if (seed is not None or temp > 0) else None)
         c0 = ProcessCounters.now()
         t0 = time.perf_counter()
-        self.eval(toks)
-        t_prefill = time.perf_counter() - t0
+        t_prefill = None
         out: List[int] = []
         logits = [] if return_logits else None
         t_first = None
         decoder = _Utf8Stream(self)
-        for i in range(n_tokens):
-            lg = self._last_logits() if (return_logits or temp <= 0) else None
-            if return_logits:
-                logits.append(lg)
-            if temp <= 0:
-                tok = int(np.argmax(lg))
-            else:
-                tok = int(L.sample(temp=temp, top_k=40, top_p=0.95, min_p=0.05))
-            if t_first is None:
-                t_first = time.perf_counter()
-            if stop_at_eos and (tok == eos or _is_eog(L, tok)):
-                break
-            out.append(tok)
-            if on_token:
-                piece = decoder.push(tok)
-                if piece:
-                    on_token(piece)
-            if i + 1 < n_tokens:
-                self.eval([tok])
+        steps = llama_api.tokens(L, toks, sampling, with_logits=return_logits)
+        try:
+            for st in steps:
+                if t_first is None:
+                    t_first = st.t
+                    t_prefill = st.t - t0
+                if return_logits:
+                    logits.append(st.logits)
+                tok = st.token
+                if stop_at_eos and (tok == eos or llama_api.is_eog(L, tok)):
+                    break
+                out.append(tok)
+                if on_token:
+                    piece = decoder.push(tok)
+                    if piece:
+                        on_token(piece)
+                if len(out) >= n_tokens:
+                    break
+        except RuntimeError as e:
+            raise self.decode_error(e) from None
+        finally:
+            steps.close()
+        t_prefill = t_prefill if t_prefill is not None else time.perf_counter() - t0
         t_end = time.perf_counter()
         if on_token:
             rest = decoder.flush()
@@ -504,12 +476,6 @@ def _slots_from_bytes(model, cache_bytes: int) -> int:
             f"at least {n_used} (experts used per token) are needed"
         )
     return min(slots, model.n_expert)
-
-
-def _is_eog(llama, tok: int) -> bool:
-    import llama_cpp.llama_cpp as lc
-
-    return bool(lc.llama_vocab_is_eog(llama._model.vocab, tok))
 
 
 def format_mode_line(s: EngineSettings, routing_trace: Optional[str], n_expert_used_model: int,

@@ -33,6 +33,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from flashmoe import llama as llama_api
 from flashmoe.errors import FlashMoEError, UsageError
 
 DEFAULT_CTX = 512
@@ -96,14 +97,11 @@ class _Runner:
                              n_ubatch=min(n_ctx, 512),
                              n_threads=threads, use_extra_bufts=use_extra_bufts, n_expert_used=experts_per_token,
                              verbose=verbose)
-        import llama_cpp.llama_cpp as lc
-
-        self.lc = lc
         L = self.engine.llama
         self.L = L
         self.n_vocab = int(L.n_vocab())
         self.n_batch = int(L.n_batch)
-        self.add_bos = bool(lc.llama_vocab_get_add_bos(L._model.vocab))
+        self.add_bos = llama_api.adds_bos(L)
         self.bos = int(L.token_bos())
         if int(L.n_ctx()) < n_ctx:
             self.close()
@@ -117,40 +115,21 @@ class _Runner:
         return list(self.L.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def _clear(self) -> None:
-        lc = self.lc
-        mem = lc.llama_get_memory(self.L._ctx.ctx)
-        if mem is not None:
-            lc.llama_memory_clear(mem, True)
-        self.L.n_tokens = 0
+        llama_api.clear_memory(self.L)
 
     def chunk_logits(self, tokens: List[int], first: int) -> Iterator[Tuple[int, np.ndarray]]:
         """Evaluate one chunk from an empty context; yield (position, logits [n, n_vocab] float32) for the
         positions first .. len(tokens)-2 (each predicts the next token), batch by batch."""
-        lc = self.lc
-        L = self.L
         self._clear()
-        b = L._batch.batch
         n = len(tokens)
         last = n - 1  # the last position predicts nothing inside the chunk
         for s in range(0, n, self.n_batch):
             e = min(n, s + self.n_batch)
-            n_out = 0
-            for i in range(s, e):
-                j = i - s
-                b.token[j] = int(tokens[i])
-                b.pos[j] = i
-                b.n_seq_id[j] = 1
-                b.seq_id[j][0] = 0
-                want = first <= i < last
-                b.logits[j] = want
-                n_out += want
-            b.n_tokens = e - s
-            rc = lc.llama_decode(L._ctx.ctx, b)
-            if rc != 0:
-                raise FlashMoEError(f"llama_decode failed ({rc}) on {os.path.basename(self.path)}")
-            if n_out:
-                ptr = lc.llama_get_logits(L._ctx.ctx)
-                rows = np.ctypeslib.as_array(ptr, shape=(n_out * self.n_vocab,)).reshape(n_out, self.n_vocab)
+            try:
+                rows = llama_api.decode_rows(self.L, tokens[s:e], s, lambda i: first <= i < last)
+            except RuntimeError as err:
+                raise self.engine.decode_error(err) from None
+            if rows is not None:
                 yield max(s, first), rows
         self.L.n_tokens = 0
 

@@ -24,7 +24,8 @@ def test_generate_json_report_is_plausible(run_cli, tiny_models, arch):
     for k in ("load_s", "prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_bytes"):
         assert r[k] > 0, k
     assert r["disk_read_bytes"] >= 0 and r["major_faults"] >= 0
-    assert r["mode"].startswith("stock llama.cpp")
+    # no policy: auto, which runs a model that fits in RAM the stock way and says so
+    assert r["mode"].startswith("auto -> stock: ") and "; stock llama.cpp (mmap" in r["mode"]
     assert r["cache"] == {}
 
 

@@ -9,8 +9,8 @@ import ctypes
 import pytest
 
 from flashmoe import gpu
-from flashmoe.engine import Engine, _model_params_patch
-from flashmoe.settings import RuntimeSettings
+from flashmoe import llama as llama_api
+from flashmoe.engine import Engine
 from gguf_tools.reader import open_model
 
 
@@ -40,8 +40,7 @@ def test_llama_cpp_accepts_the_overrides(tiny_model, llama_cpp):
     with open_model(tiny_model) as m:
         names = [t.name for t in m.tensors]
     arr, _ = gpu.host_overrides(names)
-    with _model_params_patch(RuntimeSettings(use_extra_bufts=False), arr):
-        a = llama_cpp.Llama(tiny_model, n_ctx=128, verbose=False)
+    a = llama_api.load(tiny_model, use_extra_bufts=False, tensor_overrides=arr, n_ctx=128, verbose=False)
     b = llama_cpp.Llama(tiny_model, n_ctx=128, verbose=False, use_mmap=True)
     try:
         t = a.tokenize(b"hello world")
