@@ -183,7 +183,8 @@ def _tool_result(con: _Console, call, tool_cmd: Optional[str], yes: bool) -> str
               help="Most tokens per answer.")
 @click.option("--temp", default=0.7, show_default=True, type=click.FloatRange(min=0.0), help="Temperature (0: greedy).")
 @click.option("--seed", default=None, type=int, help="Sampling seed.")
-@click.option("--n-ctx", type=click.IntRange(min=64), default=None, help="Context size in tokens (default: the policy's).")
+@click.option("--ctx", "--n-ctx", "n_ctx", type=click.IntRange(min=64), default=None,
+              help="Context size in tokens (default: the policy's). --n-ctx is the older spelling.")
 @click.option("--verbose", is_flag=True, help="llama.cpp's own logging.")
 def chat(model_path, policy, system, tools_file, tool_choice, tool_cmd, yes, max_tokens, temp, seed, n_ctx,
              verbose):

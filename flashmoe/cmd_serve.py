@@ -27,7 +27,8 @@ def _is_loopback(host: str) -> bool:
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0 = any free port.")
 @click.option("--api-key", envvar="FLASHMOE_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' (also read from $FLASHMOE_API_KEY).")
-@click.option("--n-ctx", type=click.IntRange(min=64), default=None, help="Context size in tokens (default: the policy's).")
+@click.option("--ctx", "--n-ctx", "n_ctx", type=click.IntRange(min=64), default=None,
+              help="Context size in tokens (default: the policy's). --n-ctx is the older spelling.")
 @click.option("--alias", "model_name", default=None, help="Model id in /v1/models and responses (default: file name).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn log level (info: one line per request).")

@@ -328,7 +328,7 @@ def test_serve_survives_an_injected_read_error(tiny_model, tmp_path):
     env = dict(os.environ, FLASHMOE_FAULT_INJECT="eio:5")
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     p = subprocess.Popen([sys.executable, "-m", "flashmoe", "serve", "-m", tiny_model, "--policy", str(pol),
-                          "--port", "0", "--n-ctx", "512", "--log-level", "warning"],
+                          "--port", "0", "--ctx", "512", "--log-level", "warning"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=repo)
     lines: "queue.Queue[str]" = queue.Queue()
     threading.Thread(target=lambda: [lines.put(l) for l in p.stderr], daemon=True).start()
