@@ -5,18 +5,19 @@ import importlib.util
 import json
 import os
 import sys
+from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
 from flashmoe.errors import FlashMoEError, UsageError
+from flashmoe.sizes import parse_size
+from gguf_tools.atomic import atomic_write
 
 _VS_HELP = ("Stock llama.cpp baselines: 'stock' for all of them (stock, stock-mmap, stock-no-mmap, stock-lazy, "
             "and stock-n-cpu-moe on GPU builds), or one name; repeatable.")
 
 
-def _parse_sizes(text: str, what: str):
-    from flashmoe.sizes import parse_size
-
+def _parse_sizes(text: str, what: str) -> List[int]:
     out = []
     for part in text.split(","):
         part = part.strip()
@@ -29,6 +30,29 @@ def _parse_sizes(text: str, what: str):
     if not out:
         raise UsageError(f"{what}: no size given")
     return out
+
+
+def _budgets(ram_limit: Optional[str], sweep_ram: Optional[str]) -> List[Optional[int]]:
+    if ram_limit and sweep_ram:
+        raise UsageError("give --ram-limit or --sweep-ram, not both")
+    if sweep_ram:
+        return list(_parse_sizes(sweep_ram, "--sweep-ram"))
+    if ram_limit:
+        budgets = _parse_sizes(ram_limit, "--ram-limit")
+        if len(budgets) > 1:
+            raise UsageError("--ram-limit takes one size (use --sweep-ram for several)")
+        return list(budgets)
+    return [None]
+
+
+def _check_out(path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise FlashMoEError(f"output folder does not exist: {d}")
+
+
+def _argv() -> List[str]:
+    return ["flashmoe", "bench"] + sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "bench" else []
 
 
 @click.command("bench")
@@ -48,14 +72,18 @@ def _parse_sizes(text: str, what: str):
 @click.option("--threads", "-t", type=click.IntRange(min=1), default=None, help="Threads (default: all cores).")
 @click.option("--run-timeout", type=click.FloatRange(min=1), default=3600, show_default=True,
               help="Seconds before a run is killed and reported as TIMEOUT (with how far it got).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every raw figure as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print every raw figure as JSON on stdout instead of the report.")
+@click.option("--json-out", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write every raw figure as JSON to this file.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="PNG: decode tok/s against the budget, per configuration (with --sweep-ram; needs matplotlib).")
 @click.option("--no-reference", is_flag=True, help="Skip the reference run (no identical-output check).")
 @click.option("--fresh-reference", is_flag=True, help="Run the reference again even when a cached one matches.")
 @click.option("--no-disk", is_flag=True, help="Skip the disk measurement (no I/O bound).")
-def bench(model, policies, vs, ram_limit, sweep_ram, drop_caches, prompt_tokens, gen_tokens, repeat, routing_trace,
-          threads, run_timeout, json_path, plot_path, no_reference, fresh_reference, no_disk):
+def bench(model: str, policies: Tuple[str, ...], vs: Tuple[str, ...], ram_limit: Optional[str], sweep_ram: Optional[str],
+          drop_caches: bool, prompt_tokens: int, gen_tokens: int, repeat: int, routing_trace: Optional[str],
+          threads: Optional[int], run_timeout: float, as_json: bool, json_path: Optional[str], plot_path: Optional[str],
+          no_reference: bool, fresh_reference: bool, no_disk: bool) -> None:
     """Measure policies against stock llama.cpp, each run a fresh process confined to a memory budget.
 
     Reports load time, time to first token, prefill and decode tok/s, disk MiB and major faults per
@@ -63,17 +91,11 @@ def bench(model, policies, vs, ram_limit, sweep_ram, drop_caches, prompt_tokens,
     an unconfined reference run, and the I/O bound of each streaming run (docs/BENCHMARKS.md).
     Without --policy and --vs: the stream policy against every stock baseline.
     """
+    # Imported here, not at the top: the CLI imports every command module at start, and the bench
+    # package pulls in the engine, the policy module and numpy.
     from flashmoe import bench as B
 
-    if ram_limit and sweep_ram:
-        raise UsageError("give --ram-limit or --sweep-ram, not both")
-    budgets = [None]
-    if ram_limit:
-        budgets = _parse_sizes(ram_limit, "--ram-limit")
-        if len(budgets) > 1:
-            raise UsageError("--ram-limit takes one size (use --sweep-ram for several)")
-    if sweep_ram:
-        budgets = _parse_sizes(sweep_ram, "--sweep-ram")
+    budgets = _budgets(ram_limit, sweep_ram)
     if plot_path:
         if budgets == [None]:
             raise UsageError("--plot draws decode tok/s against the memory budget: give --sweep-ram (or --ram-limit)")
@@ -88,27 +110,14 @@ def bench(model, policies, vs, ram_limit, sweep_ram, drop_caches, prompt_tokens,
         model=model, policies=list(policies), vs=B.expand_vs(vs), budgets=budgets, drop_caches=drop_caches,
         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeat=repeat, routing_trace=routing_trace,
         threads=threads, run_timeout=run_timeout, reference=not no_reference, reference_cache=not fresh_reference,
-        disk=not no_disk, argv=["flashmoe", "bench"] + sys.argv[2:] if _argv_is_bench() else [],
+        disk=not no_disk, argv=_argv(),
     )
-    doc = B.run_bench(opts)
-    text = B.format_markdown(doc)
-    click.echo(text)
+    doc: Dict[str, Any] = B.run_bench(opts)
+    click.echo(json.dumps(doc, indent=1) if as_json else B.format_markdown(doc))
     if json_path:
-        from gguf_tools.atomic import atomic_write
-
         with atomic_write(json_path) as f:
             f.write(json.dumps(doc, indent=1).encode())
         click.echo(f"wrote {json_path}", err=True)
     if plot_path:
         B.plot_sweep(doc, plot_path)
         click.echo(f"wrote {plot_path}", err=True)
-
-
-def _argv_is_bench() -> bool:
-    return len(sys.argv) > 1 and sys.argv[1] == "bench"
-
-
-def _check_out(path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise FlashMoEError(f"output folder does not exist: {d}")

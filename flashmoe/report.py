@@ -1,5 +1,7 @@
-"""Readable run reports (one screen) for generate/chat/serve."""
+"""Readable run reports (one screen) for generate/chat/serve, and the markdown table of bench and tune."""
 from __future__ import annotations
+
+from typing import Any, Sequence
 
 
 def fmt_bytes(n: float) -> str:
@@ -38,3 +40,17 @@ def format_run_report(r) -> str:
         rows.append(("note", n))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def markdown_table(headers: Sequence[Any], rows: Sequence[Sequence[Any]], pad: bool = True) -> str:
+    """A markdown table. ``pad`` lines the columns up, for reading in a terminal (the bench's table);
+    without it each cell stands as written (the tuner's long report, read rendered)."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    if not pad:
+        out = ["| " + " | ".join(r) + " |" for r in cells]
+        out.insert(1, "|" + "|".join("---" for _ in headers) + "|")
+        return "\n".join(out)
+    w = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    out = ["| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(r)) + " |" for r in cells]
+    out.insert(1, "|" + "|".join("-" * (x + 2) for x in w) + "|")
+    return "\n".join(out)

@@ -83,7 +83,7 @@ for kind in $TRACES; do
     log "bench, $kind routing, budget $LIMIT, $REPEAT rounds, run timeout ${RUN_TIMEOUT}s"
     "$FLASHMOE" bench -m "$MODEL" ${pol_args[@]+"${pol_args[@]}"} ${tuned_args[@]+"${tuned_args[@]}"} --vs stock --ram-limit "$LIMIT" ${drop_args[@]+"${drop_args[@]}"} \
         -p 64 -n 128 --repeat "$REPEAT" --threads "$THREADS" --routing-trace "$base-$kind.trace" \
-        --run-timeout "$RUN_TIMEOUT" --json "$OUT/b1-$kind.json" | tee "$OUT/b1-$kind.md"
+        --run-timeout "$RUN_TIMEOUT" --json-out "$OUT/b1-$kind.json" | tee "$OUT/b1-$kind.md"
 done
 
 {

@@ -89,7 +89,7 @@ def alternation_run(tiny_model, bench_env, llama_cpp):
     p = subprocess.run([sys.executable, "-m", "flashmoe", "bench", "-m", tiny_model,
                         "--policy", str(d / "small-stream.yaml"), "--policy", str(d / "k1.yaml"),
                         "--vs", "stock-mmap", "-p", "8", "-n", "6", "--repeat", "2", "--threads", "1",
-                        "--json", str(js)], capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
+                        "--json-out", str(js)], capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
     assert p.returncode == 0, p.stderr
     return p.stdout, p.stderr, json.loads(js.read_text())
 
@@ -165,7 +165,7 @@ def test_limit_confines_and_oom_is_reported(small_model, bench_env, run_cli, lla
     limit = 96 * B.MiB
     r = run_cli("bench", "-m", small_model, "--policy", d / "small-stream.yaml", "--vs", "stock-no-mmap",
                 "--vs", "stock-mmap", "--ram-limit", "96MiB", "-p", "8", "-n", "4", "--repeat", "1",
-                "--threads", "1", "--json", js, env=bench_env["env"])
+                "--threads", "1", "--json-out", js, env=bench_env["env"])
     assert r.code == 0, r.stderr
     doc = json.loads(js.read_text())
     by = {s["config"]: s for s in doc["summary"]}
@@ -198,7 +198,7 @@ def test_no_cgroup_clear_error(tiny_model, tmp_path, run_cli):
 def test_timeout_is_reported_with_progress(tiny_model, bench_env, run_cli, llama_cpp):
     js = bench_env["dir"] / "timeout.json"
     r = run_cli("bench", "-m", tiny_model, "--vs", "stock-mmap", "-p", "8", "-n", "30000", "--repeat", "1",
-                "--threads", "1", "--run-timeout", "3", "--no-reference", "--no-disk", "--json", js,
+                "--threads", "1", "--run-timeout", "3", "--no-reference", "--no-disk", "--json-out", js,
                 env=bench_env["env"])
     assert r.code == 0, r.stderr
     doc = json.loads(js.read_text())
@@ -218,13 +218,13 @@ def test_forced_trace_and_cached_reference(tiny_model, bench_env, run_cli, llama
     write_trace(tr, trace_for_model(tiny_model, "realistic", 64, seed=1))
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     docs = []
-    for i in range(2):
-        js = tmp_path / f"t{i}.json"
+    for out in (["--json-out", tmp_path / "t0.json"], ["--json"]):  # to a file (and the report), then on stdout
         r = run_cli("bench", "-m", tiny_model, "--policy", bench_env["dir"] / "small-stream.yaml",
                     "--policy", bench_env["dir"] / "k1.yaml", "--vs", "stock-mmap", "--routing-trace", tr,
-                    "-p", "8", "-n", "4", "--repeat", "1", "--threads", "1", "--no-disk", "--json", js, env=env)
+                    "-p", "8", "-n", "4", "--repeat", "1", "--threads", "1", "--no-disk", *out, env=env)
         assert r.code == 0, r.stderr
-        docs.append(json.loads(js.read_text()))
+        docs.append(json.loads((tmp_path / "t0.json").read_text() if len(out) == 2 else r.stdout))
+    assert "routing: forced from real.trace (64 tokens: next-token reuse" not in r.stdout  # --json: JSON alone
     assert docs[0]["reference"]["cached"] is False and docs[1]["reference"]["cached"] is True
     assert docs[0]["reference"]["tokens"] == docs[1]["reference"]["tokens"]
     by = {s["config"]: s for s in docs[1]["summary"]}
@@ -233,7 +233,7 @@ def test_forced_trace_and_cached_reference(tiny_model, bench_env, run_cli, llama
     assert docs[1]["bench"]["routing_trace"]["stats"]["tokens"] == 64
     # one expert per token cannot replay a two-expert trace: that run fails alone, the bench goes on
     assert by["k1"]["status"] == "FAILED" and "routing trace does not fit" in by["k1"]["detail"]
-    assert "routing: forced from real.trace (64 tokens: next-token reuse" in r.stdout
+    assert "routing: forced from real.trace (64 tokens: next-token reuse" in B.format_markdown(docs[1])
 
 
 def test_sweep_and_plot(tiny_model, bench_env, run_cli, llama_cpp, tmp_path):
@@ -242,7 +242,7 @@ def test_sweep_and_plot(tiny_model, bench_env, run_cli, llama_cpp, tmp_path):
     png, js = tmp_path / "sweep.png", tmp_path / "sweep.json"
     r = run_cli("bench", "-m", tiny_model, "--policy", bench_env["dir"] / "small-stream.yaml", "--vs", "stock-mmap",
                 "--sweep-ram", "128MiB,256MiB", "-p", "8", "-n", "4", "--repeat", "1", "--threads", "1",
-                "--no-disk", "--json", js, "--plot", png, env=bench_env["env"])
+                "--no-disk", "--json-out", js, "--plot", png, env=bench_env["env"])
     assert r.code == 0, r.stderr
     doc = json.loads(js.read_text())
     assert [(s["config"], s["budget"]) for s in doc["summary"]] == [
@@ -259,6 +259,8 @@ def test_usage_errors(tiny_model, run_cli):
     assert r.code == 2 and "unknown --vs 'stok'" in r.stderr
     r = run_cli("bench", "-m", tiny_model, "--plot", "x.png")
     assert r.code == 2 and "--sweep-ram" in r.stderr
+    r = run_cli("bench", "-m", tiny_model, "--json", "out.json")  # --json is a flag: the file is --json-out
+    assert r.code == 2 and "out.json" in r.stderr
 
 
 def test_expand_vs():
@@ -268,12 +270,29 @@ def test_expand_vs():
 
 
 def test_disk_measurement(tiny_model):
-    d = B.measure_disk(tiny_model, reads=32)
-    assert d["ok"], d
-    assert [x["qd"] for x in d["depths"]] == [1, 4, 8]
-    assert all(x["bytes"] >= x["reads"] * d["slice_bytes"] for x in d["depths"])
+    d = B.disk_test(tiny_model, reads=32)
+    assert d.ok, d
+    assert [x.qd for x in d.depths] == [1, 4, 8]
+    assert all(x.bytes >= x.reads * d.slice_bytes for x in d.depths)
     bw, qd = B.disk_bw_for(d, 4)
     assert qd == 4 and bw > 0
+    assert B.measure_disk(tiny_model, depths=(1,), reads=16)["depths"][0]["qd"] == 1  # the JSON form
+    buffered = B.disk_test(tiny_model, direct=False, depths=(2,), reads=16, seed=1)
+    assert buffered.ok and buffered.direct is False and buffered.read_bytes == buffered.slice_bytes
+    assert buffered.depths[0].evicted is not None and "evicted" in buffered.depths[0].to_dict()
+    assert B.DiskMeasurement.from_dict(d.to_dict()) == d
+
+
+def test_expert_offset_sampler_stays_inside_the_file(tiny_model):
+    import random
+
+    s = B.ExpertSlices.of_model(tiny_model)
+    page = 4096
+    offs = s.sample(random.Random(0), 200, align=page, read_len=s.slice_bytes + page)
+    assert all(off % page == 0 and off + s.slice_bytes + page <= s.sizes[fi] for fi, off in offs)
+    exact = s.sample(random.Random(0), 50)
+    starts = {t.data_offset + e * t.expert_stride for t in s.tensors for e in range(t.nbytes // t.expert_stride)}
+    assert all(off in starts for _, off in exact)
 
 
 def test_realistic_trace_calibration():

@@ -1,4 +1,4 @@
-"""The offline cache simulator (flashmoe.simulate) against the engine's own counters.
+"""The offline cache simulator (flashmoe.tune.simulate) against the engine's own counters.
 
 The same trace replayed (or recorded) by the patched llama.cpp and simulated offline must give
 the same per-layer hits, misses, evictions, bytes read, tokens and waves: prefill ubatches (waves,
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flashmoe.simulate import (
+from flashmoe.tune.simulate import (
     Ubatch,
     combine,
     engine_ubatches,

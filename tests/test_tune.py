@@ -120,8 +120,10 @@ def test_budget_below_pinned_weights_is_a_clear_error(tiny_model, tmp_path, run_
     assert "below the pinned weights" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.yaml").exists()
-    r = run_cli("tune", "-m", tiny_model, "--ram", "100MiB", "--ctx", N_CTX, "-o", tmp_path / "x.yaml")
-    assert r.code == 1 and "leaves nothing for experts" in r.stderr and "Traceback" not in r.stderr
+    for ctx in ("--ctx", "--n-ctx"):  # --n-ctx: the hidden spelling of chat and serve
+        r = run_cli("tune", "-m", tiny_model, "--ram", "100MiB", ctx, N_CTX, "-o", tmp_path / "x.yaml")
+        assert r.code == 1 and "leaves nothing for experts" in r.stderr and "Traceback" not in r.stderr
+        assert f"at n_ctx {N_CTX}," in r.stderr
     r = run_cli("tune", "-m", tiny_model, "--ram", "lots", "-o", tmp_path / "x.yaml")
     assert r.code == 2 and "Traceback" not in r.stderr
     r = run_cli("tune", "-m", tiny_model, "--ram", "1GiB", "--time-limit", "5 parsecs", "-o", tmp_path / "x.yaml")
@@ -202,14 +204,26 @@ def test_policy_text_round_trips(tiny_model):
     assert "overhead: 64MiB" in policy_text(base, c, budget=None, n_ctx=N_CTX, threads=None)
 
 
+def _facts(n_layer, n_expert, n_used, expert_bytes):
+    """ModelFacts of a model (no file) whose layers each hold one expert tensor of expert_bytes per expert."""
+    from flashmoe.tune import ModelFacts
+    from gguf_tools.reader import GGUFModel, TensorInfo
+
+    tensors = [TensorInfo(f"blk.{l}.ffn_down_exps.weight", 1, "F16", (1, 1, n_expert), expert_bytes * n_expert, 0, 0,
+                          layer=l, is_expert=True, expert_kind="down", expert_stride=expert_bytes)
+               for l in range(n_layer)]
+    return ModelFacts.of(GGUFModel(path="m", files=["m"], arch="qwen3moe", metadata={}, alignment=[32],
+                                   tensors=tensors, n_layer=n_layer, n_expert=n_expert, n_expert_used=n_used))
+
+
 def test_per_layer_splits_stay_within_the_bytes():
-    from flashmoe.simulate import engine_ubatches, simulate
     from flashmoe.trace import gen_realistic
-    from flashmoe.tune import ModelFacts, greedy_split, proportional_split, size_grid, working_set
+    from flashmoe.tune import greedy_split, proportional_split, size_grid, working_set
+    from flashmoe.tune.simulate import engine_ubatches, simulate
 
     tr = gen_realistic([0, 1, 2, 3], 32, 4, 200, seed=2)
-    mf = ModelFacts("m", "m", "qwen3moe", 4, 32, 4, 0, [0, 1, 2, 3], {l: 1000 for l in range(4)},
-                    {l: 3 for l in range(4)})
+    mf = _facts(4, 32, 4, 1000)
+    assert mf.moe_layers == [0, 1, 2, 3] and mf.bytes_per_slot == 4000 and mf.last_layer == 3
     ubs = engine_ubatches(16, 150)
     ws = working_set(tr, ubs, mf)
     assert all(4 <= v <= 32 for v in ws.values())
@@ -225,43 +239,44 @@ def test_per_layer_splits_stay_within_the_bytes():
 
 
 def _cand(name, mode="cache", ev="lru", d=True, slots=10, pred=1.0, meas=None, prefill=1.0, status="ok"):
-    from flashmoe.tune import Candidate
+    from flashmoe.bench import RunRecord
+    from flashmoe.tune import Candidate, ValidationRun
 
     c = Candidate(name, mode, slots=slots, eviction=ev, direct_io=d)
     c.prediction = {"decode_tok_s": pred, "prefill_tok_s": 1.0}
     if meas is not None:
-        c.runs = [{"status": "ok"}]
+        c.runs = [ValidationRun(RunRecord("ok"))]
         c.measured = {"runs": 1, "decode_tok_s": meas, "decode_min": meas, "decode_max": meas,
                       "prefill_tok_s": prefill, "decode_hit_rate": 0.5}
     elif status != "ok":
-        c.runs = [{"status": status, "detail": "killed"}]
+        c.runs = [ValidationRun(RunRecord(status, detail="killed"))]
     return c
 
 
 def test_pick_for_validation_covers_the_alternatives():
-    from flashmoe.tune import _pick_for_validation
+    from flashmoe.tune import pick_for_validation
 
     cands = [_cand("a", d=False, pred=5), _cand("b", d=False, ev="lfru", pred=4.9), _cand("c", pred=4.5),
              _cand("p", mode="pagecache", d=False, pred=4), _cand("e", slots=8, pred=3)]
-    assert [c.name for c in _pick_for_validation(cands, 3)] == ["a", "c", "p"]  # other I/O mode, other mode
-    assert [c.name for c in _pick_for_validation(cands, 4)] == ["a", "b", "c", "p"]
-    assert _pick_for_validation(cands, 0) == []
+    assert [c.name for c in pick_for_validation(cands, 3)] == ["a", "c", "p"]  # other I/O mode, other mode
+    assert [c.name for c in pick_for_validation(cands, 4)] == ["a", "b", "c", "p"]
+    assert pick_for_validation(cands, 0) == []
 
 
 def test_choose_by_measured_decode_then_prefill():
     from flashmoe.errors import FlashMoEError
-    from flashmoe.tune import _choose
+    from flashmoe.tune import choose_winner
 
     a, b = _cand("a", meas=10.0, prefill=5), _cand("b", ev="lfru", meas=10.1, prefill=9)
     c = _cand("c", mode="pagecache", meas=7.0)
-    w, why = _choose([a, b, c], [a, b, c])
+    w, why = choose_winner([a, b, c], [a, b, c])
     assert w is b and "+" in why  # b is faster
     b.measured["decode_tok_s"] = 9.9  # within 2%: the better prefill wins
-    w, why = _choose([a, b, c], [a, b, c])
+    w, why = choose_winner([a, b, c], [a, b, c])
     assert w is b and "prefilled faster" in why
     # nothing measured (time): the best prediction that was not killed
     x, y = _cand("x", pred=9, status="OOM"), _cand("y", pred=8)
-    w, why = _choose([x], [x, y])
+    w, why = choose_winner([x], [x, y])
     assert w is y and "not killed" in why and "not measured" in why
     with pytest.raises(FlashMoEError, match="every validated configuration failed"):
-        _choose([x], [x])
+        choose_winner([x], [x])

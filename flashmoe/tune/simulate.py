@@ -32,17 +32,19 @@ Public API::
     last_layer_of(arch, n_layer) -> int | None     # the layer that computes only output rows
     simulate(trace, ubatches, slots, eviction="lru", *, last_layer, expert_bytes=None) -> SimResult
     simulate_pagecache(trace, ubatches, capacity_bytes, expert_bytes, *, last_layer) -> SimResult
-    layer_curves(trace, ubatches, sizes, eviction, *, last_layer) -> {layer: {slots: LayerCounters}}
+    layer_curves(trace, ubatches, sizes, eviction, *, last_layer) -> {slots: SimResult}
+    rows_per_layer(trace, ubatches, last_layer) -> per layer, the rows each ubatch computes
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from flashmoe.errors import FlashMoEError
+from flashmoe.trace import Trace
 
 PHASES = ("prefill", "decode")
 _AGE_FACTOR = 16  # counts are halved every 16 * n_slots accesses (the hook's ageing period)
@@ -157,7 +159,8 @@ class SimResult:
                 "decode": self.total("decode"), "prefill": self.total("prefill")}
 
 
-def _rows_per_layer(trace, ubatches: Sequence[Ubatch], last_layer: Optional[int]):
+def rows_per_layer(trace: Trace, ubatches: Sequence[Ubatch],
+                   last_layer: Optional[int]) -> List[List[Optional[np.ndarray]]]:
     """For every layer column, the trace rows (as id arrays) each ubatch computes: a list per ubatch."""
     n_rows = trace.n_tokens
     cols = []
@@ -214,7 +217,7 @@ class _LayerCache:
             self.freq_py = [0] * n_expert  # counted but unused by LRU (kept for symmetry)
         self.n_used_slots = 0
 
-    def ubatch(self, experts: Iterable[int]):
+    def ubatch(self, experts: Iterable[int]) -> Tuple[int, int, int, int]:
         """Distinct experts of one ubatch (any order) -> (hits, misses, evictions, waves)."""
         uniq = sorted(set(int(e) for e in experts))
         if not uniq:
@@ -272,7 +275,7 @@ class _LayerCache:
         return hits, misses, ev
 
 
-def simulate(trace, ubatches: Sequence[Ubatch], slots: Union[int, Mapping[int, int]], eviction: str = "lru", *,
+def simulate(trace: Trace, ubatches: Sequence[Ubatch], slots: Union[int, Mapping[int, int]], eviction: str = "lru", *,
              last_layer: Optional[int], expert_bytes: Optional[Mapping[int, int]] = None,
              layers: Optional[Sequence[int]] = None) -> SimResult:
     """The explicit expert cache (mode "cache") over ``ubatches`` of ``trace``.
@@ -284,7 +287,7 @@ def simulate(trace, ubatches: Sequence[Ubatch], slots: Union[int, Mapping[int, i
     layers: only these model layers (default: all of the trace's).
     """
     smap = _slots_map(trace, slots)
-    cols = _rows_per_layer(trace, ubatches, last_layer)
+    cols = rows_per_layer(trace, ubatches, last_layer)
     sel = [i for i, il in enumerate(trace.layers) if layers is None or il in layers]
     n_ub = len(ubatches)
     misses = np.zeros((n_ub, len(sel)), dtype=np.int32)
@@ -322,11 +325,11 @@ def simulate(trace, ubatches: Sequence[Ubatch], slots: Union[int, Mapping[int, i
                      list(ubatches), misses, distinct, waves, rows)
 
 
-def simulate_pagecache(trace, ubatches: Sequence[Ubatch], capacity_bytes: int, expert_bytes: Mapping[int, int], *,
+def simulate_pagecache(trace: Trace, ubatches: Sequence[Ubatch], capacity_bytes: int, expert_bytes: Mapping[int, int], *,
                        last_layer: Optional[int]) -> SimResult:
     """Page-cache mode, modelled as one LRU of expert slices shared by all layers holding
     ``capacity_bytes`` (the memory left after weights and runtime buffers)."""
-    cols = _rows_per_layer(trace, ubatches, last_layer)
+    cols = rows_per_layer(trace, ubatches, last_layer)
     n_ub, n_lay = len(ubatches), len(trace.layers)
     lru: "OrderedDict[tuple, int]" = OrderedDict()
     used = 0
@@ -371,7 +374,7 @@ def simulate_pagecache(trace, ubatches: Sequence[Ubatch], capacity_bytes: int, e
                      waves, rows)
 
 
-def layer_curves(trace, ubatches: Sequence[Ubatch], sizes: Sequence[int], eviction: str, *, last_layer: Optional[int],
+def layer_curves(trace: Trace, ubatches: Sequence[Ubatch], sizes: Sequence[int], eviction: str, *, last_layer: Optional[int],
                  expert_bytes: Optional[Mapping[int, int]] = None) -> Dict[int, SimResult]:
     """One simulation per slot count (uniform over layers): {slots: SimResult}. Layers are
     independent, so any per-layer allocation can be put together from these results."""

@@ -1,0 +1,63 @@
+"""`flashmoe tune`: measure this machine, simulate expert caches on a routing trace, validate the
+best few under the memory budget, and write the winner as a policy (issue #7; docs/tune.md).
+
+Steps (each shown as it runs; the whole stays inside ``time_limit``):
+
+1. **Memory plan** (``model``). The base policy (``stream`` by default: experts streamed, the rest
+   pinned) is resolved with the budget: pinned weights and runtime buffers (KV cache, compute
+   buffer, process overhead) come off first; what is left is the expert cache (or, in page-cache
+   mode, the OS page cache that holds experts). A budget below the pinned weights is an error.
+2. **Machine** (``measure``). Random reads of one expert slice on the model's own file at several
+   queue depths, direct and buffered (the bench's disk test, ``flashmoe.bench.disk``); memory
+   available.
+3. **Compute** (``measure``). Two short runs of the engine with streaming on and a warm cache: the
+   routing is forced to a constant trace (the same k experts every token), so after the first
+   token every access is a hit and the time is compute only (the hook's lookups included, no
+   I/O). Run once with the model's k experts per token and once with 1 (the experts-per-token
+   override): the difference is the cost of k-1 experts in every MoE layer, the rest is the dense
+   part. Why this and not a stock run with all experts resident: it works for models larger than
+   RAM (it only needs k slots per layer), and it times the same graph (fetch op, slot tensors) the
+   candidates run.
+4. **Trace** (``run``). ``--trace FILE``, or the engine's own routing recorded on a sample prompt.
+5. **Simulation** (``search`` with ``simulate``, exact for the explicit cache): hit rates for every
+   cache size, LRU and LFRU, per layer and overall; per-layer slot counts proportional to each
+   layer's working set, and a greedy per-layer split (not supported by the engine yet: reported
+   only); page-cache mode as a shared LRU of the leftover memory. Decode tok/s is predicted per
+   token from the misses of each layer (read time at the queue depth the readers reach, from the
+   disk measurement; the hook does not overlap reads with compute: the fetch op waits) plus the
+   compute time; prefill likewise, with each wave recomputing the layer's expert rows.
+6. **Validation** (``validate``). The best few candidates run in fresh processes confined to the
+   budget (memory cgroup, the model file evicted from the page cache before each run; the bench's
+   runner, ``flashmoe.bench.runner``), in alternation, as many rounds as time allows (at most
+   ``repeat``); the winner is the best measured median decode tok/s (prefill tok/s breaks ties
+   within 2%).
+7. **Output** (``document``, ``report``, ``candidates``). A normal policy YAML (it validates with
+   flashmoe.policy and loads in ``Engine(policy=path)``) with a header comment, and a markdown
+   report. Written atomically at the very end (``run.write_outputs``): an interrupted tune writes
+   nothing.
+
+Public API::
+
+    TuneOptions(...)
+    run_tune(opts, log) -> TuneResult      # measures, simulates, validates; writes nothing
+    write_outputs(result, opts)             # the policy, the report (and its PNG), atomically
+    parse_duration("10m") -> seconds
+"""
+from flashmoe.tune.candidates import Candidate, policy_text, resolve_text, size_text
+from flashmoe.tune.document import TUNE_VERSION, header_lines
+from flashmoe.tune.measure import ComputeModel, DiskModel, calibrate_compute, constant_trace, measure_disks
+from flashmoe.tune.model import MemoryPlan, ModelFacts, plan_memory
+from flashmoe.tune.options import Clock, TuneOptions, parse_duration
+from flashmoe.tune.report import format_report, plot_png
+from flashmoe.tune.run import DEFAULT_PROMPT, TuneResult, run_tune, write_outputs
+from flashmoe.tune.search import Search, Sizing, greedy_split, predict, proportional_split, search, size_grid, working_set
+from flashmoe.tune.validate import TIE_FRACTION, ValidationRun, choose_winner, pick_for_validation
+
+__all__ = [
+    "DEFAULT_PROMPT", "TIE_FRACTION", "TUNE_VERSION", "Candidate", "Clock", "ComputeModel", "DiskModel", "MemoryPlan",
+    "ModelFacts", "Search", "Sizing", "TuneOptions", "TuneResult", "ValidationRun", "calibrate_compute",
+    "choose_winner", "constant_trace", "format_report", "greedy_split", "header_lines", "measure_disks",
+    "parse_duration", "pick_for_validation", "plan_memory", "plot_png", "policy_text", "predict",
+    "proportional_split", "resolve_text", "run_tune", "search", "size_grid", "size_text", "working_set",
+    "write_outputs",
+]

@@ -1,0 +1,114 @@
+"""A configuration the tuner considers (``Candidate``) and the policy YAML that says it."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+
+from flashmoe.policy import DEFAULT_OVERHEAD, Policy, Resolution, parse_policy
+from flashmoe.sizes import GiB, KiB, MiB
+from gguf_tools.reader import GGUFModel
+
+if TYPE_CHECKING:  # a type only: validate imports this module
+    from flashmoe.tune.validate import ValidationRun
+
+
+@dataclass
+class Candidate:
+    """One configuration the tuner considers."""
+
+    name: str
+    mode: str  # "cache" | "pagecache"
+    slots: int = 0  # per layer (cache mode, uniform)
+    eviction: str = "lru"
+    readers: int = 4
+    direct_io: bool = True
+    per_layer: Optional[Dict[int, int]] = None  # simulated only (the engine takes one slot count)
+    overhead: Optional[int] = None  # runtime.overhead written in the policy (None: the base policy's)
+    supported: bool = True
+    note: str = ""
+    prediction: Dict[str, Any] = field(default_factory=dict)
+    runs: List["ValidationRun"] = field(default_factory=list)
+    measured: Optional[Dict[str, Any]] = None  # medians of the validation runs that completed
+
+    @property
+    def failed(self) -> bool:
+        """Validated and never completed (OOM, crash, timeout)."""
+        return bool(self.runs) and self.measured is None
+
+    @property
+    def family(self) -> str:
+        if self.mode == "pagecache":
+            return "pagecache"
+        return f"cache-{self.eviction}" + ("-per-layer" if self.per_layer else "")
+
+    def describe(self) -> str:
+        if self.mode == "pagecache":
+            return f"page cache, {self.readers} readers"
+        sl = (f"per-layer slots {min(self.per_layer.values())}-{max(self.per_layer.values())}" if self.per_layer
+              else f"{self.slots} slots/layer")
+        return f"expert cache {sl}, {self.eviction.upper()}, {self.readers} readers, " \
+               f"{'direct I/O' if self.direct_io else 'buffered I/O'}"
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {"name": self.name, "family": self.family, "description": self.describe(), "mode": self.mode,
+             "slots": self.slots, "eviction": self.eviction, "readers": self.readers, "direct_io": self.direct_io,
+             "supported": self.supported, "note": self.note, "prediction": self.prediction}
+        if self.per_layer:
+            d["per_layer"] = {str(k): v for k, v in self.per_layer.items()}
+        if self.runs:
+            d["runs"] = [r.to_dict() for r in self.runs]
+        if self.measured is not None or self.runs:
+            d["measured"] = self.measured
+        return d
+
+
+def size_text(n: int) -> str:
+    """A size for the policy YAML, exact: the largest unit that divides it (``64MiB``), else bytes."""
+    for unit, mult in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(int(n))
+
+
+def _q(s: str) -> str:
+    return json.dumps(s)  # a JSON string is a valid YAML scalar
+
+
+def policy_text(base: Policy, cand: Candidate, *, budget: Optional[int], n_ctx: int, threads: Optional[int],
+                header: Sequence[str] = (), name: str = "tuned", description: str = "") -> str:
+    """A policy YAML: the base policy's rules and runtime, the candidate's expert cache."""
+    lines = [f"# {h}" if h else "#" for h in header]
+    lines += ["version: 1", f"name: {_q(name)}"]
+    if description:
+        lines.append(f"description: {_q(description)}")
+    if budget is not None:
+        lines.append(f"budget: {size_text(budget)}")
+    lines += ["", "rules:"]
+    for r in base.rules:
+        pats = [p.text for p in r.patterns]
+        m = _q(pats[0]) if len(pats) == 1 else "[" + ", ".join(_q(p) for p in pats) + "]"
+        lines += [f"  - match: {m}", f"    place: {r.place}"]
+    lines += ["", "expert_cache:", f"  mode: {cand.mode}"]
+    if cand.mode == "cache":
+        lines += [f"  cache_slots: {cand.slots}", f"  eviction: {cand.eviction}"]
+    lines.append(f"  readers: {cand.readers}")
+    if cand.mode == "cache":
+        lines.append(f"  direct_io: {'true' if cand.direct_io else 'false'}")
+    rt = base.runtime
+    lines += ["", "runtime:"]
+    if threads:
+        lines.append(f"  threads: {threads}")
+    lines += [f"  n_ctx: {n_ctx}", f"  n_batch: {rt.n_batch}", f"  n_ubatch: {rt.n_ubatch}"]
+    if rt.experts_per_token is not None:
+        lines.append(f"  experts_per_token: {rt.experts_per_token}")
+    if not rt.repack:
+        lines.append("  repack: false")
+    overhead = cand.overhead if cand.overhead is not None else rt.overhead
+    if overhead != DEFAULT_OVERHEAD or cand.overhead is not None:
+        lines.append(f"  overhead: {size_text(overhead)}")
+    return "\n".join(lines) + "\n"
+
+
+def resolve_text(text: str, model: GGUFModel, budget: Optional[int], source: str = "<tuned policy>") -> Resolution:
+    return parse_policy(text, source=source).resolve(model, budget=budget)

@@ -1,0 +1,127 @@
+"""The model as the tuner sees it (its experts per layer) and the memory plan: what the base
+policy leaves of the budget for experts."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from flashmoe.errors import FlashMoEError
+from flashmoe.policy import Policy, PolicyError
+from flashmoe.sizes import format_size
+from flashmoe.tune.simulate import last_layer_of
+from gguf_tools.reader import GGUFModel, open_model, require_moe
+
+
+@dataclass
+class ModelFacts:
+    """A model (gguf_tools' GGUFModel) and, per MoE layer, the bytes of one expert (all its slices)
+    and the number of expert tensors (reads per expert)."""
+
+    model: GGUFModel
+    expert_bytes: Dict[int, int]
+    n_tensors: Dict[int, int]
+
+    @classmethod
+    def of(cls, model: GGUFModel) -> "ModelFacts":
+        eb: Dict[int, int] = {}
+        nt: Dict[int, int] = {}
+        for t in model.expert_tensors():
+            eb[t.layer] = eb.get(t.layer, 0) + t.expert_stride
+            nt[t.layer] = nt.get(t.layer, 0) + 1
+        return cls(model, dict(sorted(eb.items())), dict(sorted(nt.items())))
+
+    @classmethod
+    def open(cls, path: str) -> "ModelFacts":
+        if not os.path.isfile(path):
+            raise FlashMoEError(f"no such model: {path}")
+        with open_model(os.path.abspath(path)) as m:
+            return cls.of(require_moe(m))
+
+    @property
+    def path(self) -> str:
+        return os.path.abspath(self.model.path)
+
+    @property
+    def name(self) -> str:
+        """The file name (what the tuner's lines and report call the model)."""
+        return os.path.basename(self.model.path)
+
+    @property
+    def arch(self) -> str:
+        return self.model.arch
+
+    @property
+    def n_layer(self) -> int:
+        return int(self.model.n_layer)
+
+    @property
+    def n_expert(self) -> int:
+        return int(self.model.n_expert)
+
+    @property
+    def n_used(self) -> int:
+        return int(self.model.n_expert_used)
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(self.model.file_sizes)
+
+    @property
+    def moe_layers(self) -> List[int]:
+        return list(self.expert_bytes)
+
+    @property
+    def last_layer(self) -> Optional[int]:
+        return last_layer_of(self.arch, self.n_layer)
+
+    @property
+    def bytes_per_slot(self) -> int:
+        """One expert in every MoE layer."""
+        return sum(self.expert_bytes.values())
+
+
+@dataclass
+class MemoryPlan:
+    budget: int
+    weights: int
+    pinned: int
+    runtime: int
+    kv_cache: int
+    compute: int
+    overhead: int
+    cache_space: int  # budget - weights - runtime
+    bytes_per_slot: int  # one slot in every streamed layer
+    max_slots: int  # uniform slots per layer that fit (capped at n_expert)
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+
+
+def plan_memory(base: Policy, view: GGUFModel, mf: ModelFacts, budget: int) -> MemoryPlan:
+    """The base policy's memory estimate at this budget; FlashMoEError when nothing can run."""
+    try:
+        res = base.resolve(view, budget=budget)
+    except PolicyError as e:
+        raise FlashMoEError(f"the base policy does not apply to {mf.name}: {e}") from None
+    mem = res.memory
+    if mem.budget is not None and mem.budget < mem.pinned:
+        raise FlashMoEError(
+            f"--ram {format_size(budget)} is below the pinned weights of {mf.name} ({format_size(mem.pinned)}): "
+            "nothing can run; raise --ram (or tune a base policy that pins less)")
+    if res.cache.mode == "off":
+        raise FlashMoEError(f"the base policy {base.name!r} streams no tensor of {mf.name}: nothing to tune")
+    per_slot = res.cache.bytes_per_slot_all_layers
+    space = budget - mem.weights - mem.runtime
+    if space <= 0:
+        raise FlashMoEError(
+            f"--ram {format_size(budget)} leaves nothing for experts: resident weights {format_size(mem.weights)} "
+            f"+ runtime buffers {format_size(mem.runtime)} (KV cache {format_size(mem.kv_cache)} at n_ctx "
+            f"{mem.n_ctx}, compute {format_size(mem.compute)}, overhead {format_size(mem.overhead)}) = "
+            f"{format_size(mem.weights + mem.runtime)}; raise --ram or lower --ctx")
+    max_slots = min(mf.n_expert, space // per_slot) if per_slot else 0
+    rt = base.runtime
+    return MemoryPlan(budget=budget, weights=mem.weights, pinned=mem.pinned, runtime=mem.runtime,
+                      kv_cache=mem.kv_cache, compute=mem.compute, overhead=mem.overhead, cache_space=space,
+                      bytes_per_slot=per_slot, max_slots=int(max_slots), n_ctx=mem.n_ctx,
+                      n_batch=rt.n_batch, n_ubatch=min(rt.n_ubatch, rt.n_batch))

@@ -1,0 +1,259 @@
+"""The tune's markdown report and its PNG (hit rate against cache size), from the tune's document."""
+from __future__ import annotations
+
+import io
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from flashmoe.report import markdown_table
+from flashmoe.sizes import format_size
+from flashmoe.tune.validate import fmt
+
+PER_LAYER_SLOTS = (
+    "The hook takes one slot count for all layers today (`flashmoe_params.cache_slots`). The per-layer "
+    "candidates above are simulated only. Supporting them needs one call before the model load, "
+    "`int32_t flashmoe_config_layer_slots(int32_t il, int32_t n_slots)` (0 = use cache_slots), read "
+    "by `attach` when it sizes each layer's slot tensors; everything after that (`n_waves`, "
+    "`pick_victim`, the ageing period, the per-layer stats' n_slots) already works per layer; "
+    "`flashmoe_model_info.n_slots` would report the largest. A policy key `cache_slots_per_layer: "
+    "{N: slots}` would carry it.")
+
+
+def _table(headers: List[str], rows: List[List[Any]]) -> str:
+    return markdown_table(headers, rows, pad=False)
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _pick_sizes(grid: List[int], max_slots: int, n: int = 8) -> List[int]:
+    if len(grid) <= n:
+        return list(grid)
+    idx = np.unique(np.round(np.linspace(0, len(grid) - 1, n)).astype(int))
+    pick = {grid[i] for i in idx}
+    if max_slots in grid:
+        pick.add(max_slots)
+    return sorted(pick)
+
+
+def _result(doc: Dict[str, Any]) -> List[str]:
+    w = doc["winner"]
+    p, me = w["prediction"], w.get("measured")
+    L = ["## Result", "", f"**Winner: {w['name']}**: {w['description']}.", "", doc["why"], ""]
+    L.append(f"- predicted: {fmt(p.get('decode_tok_s'))} decode tok/s, {fmt(p.get('prefill_tok_s'), '{:.1f}')} "
+             f"prefill tok/s, decode hit rate {_pct(p.get('decode_hit_rate'))}, {p.get('bound') or '-'} bound")
+    if me:
+        L.append(f"- measured: {me['decode_tok_s']:.2f} decode tok/s (median of {me['runs']}, "
+                 f"{me['decode_min']:.2f}-{me['decode_max']:.2f}), {me['prefill_tok_s']:.1f} prefill tok/s, "
+                 f"decode hit rate {_pct(me['decode_hit_rate'])}, peak {me['peak_mib']:.0f} MiB of "
+                 f"{format_size(doc['budget'])}")
+    else:
+        L.append("- measured: not validated")
+    L.append("")
+    if doc.get("notes"):
+        L += ["Notes:"] + [f"- {n}" for n in doc["notes"]] + [""]
+    return L
+
+
+def _disk_table(doc: Dict[str, Any]) -> List[str]:
+    dd, db = doc["disk"]["direct"] or {}, doc["disk"]["buffered"] or {}
+    qds = sorted({x["qd"] for d in (dd, db) if d.get("ok") for x in d["depths"]})
+    if not qds:
+        return []
+
+    def at(d: Dict[str, Any], q: int) -> Optional[Dict[str, Any]]:
+        return next((x for x in d.get("depths", []) if x["qd"] == q), None) if d.get("ok") else None
+
+    rows = []
+    for q in qds:
+        a, b = at(dd, q), at(db, q)
+        rows.append([q, f"{a['bytes_per_s'] / 1e6:.0f}" if a else "-", f"{a['latency_ms']:.2f}" if a else "-",
+                     f"{b['bytes_per_s'] / 1e6:.0f}" if b else "-", f"{b['latency_ms']:.2f}" if b else "-"])
+    sb = dd.get("slice_bytes") or db.get("slice_bytes")
+    return [f"Random reads of one expert slice ({format_size(sb)}) on the model file "
+            f"(direct: {dd.get('method', 'failed')}):", "",
+            _table(["queue depth", "direct MB/s", "direct ms/read", "buffered MB/s", "buffered ms/read"], rows), ""]
+
+
+def _compute(doc: Dict[str, Any]) -> List[str]:
+    c, m = doc["compute"], doc["model"]
+    if not c.get("ok"):
+        return [f"Compute: not calibrated ({c.get('note') or 'no time'}); predictions count I/O only.", ""]
+    per_token = m["n_used"] * m["moe_layers"]
+    table = _table(["", "decode", "prefill"], [
+        ["dense part, ms per token", f"{1000 * c['dense_decode_s']:.3f}", f"{1000 * c['dense_prefill_s']:.3f}"],
+        ["one expert in one layer, ms per token", f"{1000 * c['expert_decode_s']:.4f}",
+         f"{1000 * c['expert_prefill_s']:.4f}"],
+        [f"a token ({m['n_used']} experts x {m['moe_layers']} layers), ms",
+         f"{1000 * (c['dense_decode_s'] + per_token * c['expert_decode_s']):.3f}",
+         f"{1000 * (c['dense_prefill_s'] + per_token * c['expert_prefill_s']):.3f}"],
+    ])
+    runs = "; ".join(f"k={r['k']}: {r['decode_ms_per_token']:.2f} ms/decode token, "
+                     f"{r['prefill_ms_per_token']:.2f} ms/prefill token, load {r['load_s']:.1f} s" for r in c["runs"])
+    return ["Compute (engine with streaming on and a warm cache: constant routing, every access a hit):", "",
+            table, "", f"Runs: {runs}.", ""]
+
+
+def _machine(doc: Dict[str, Any]) -> List[str]:
+    return (["## Machine", "", f"{doc['machine']['description']}; memory available at the start: "
+             f"{format_size(doc['machine'].get('mem_available'))}.", ""] + _disk_table(doc) + _compute(doc))
+
+
+def _memory_plan(doc: Dict[str, Any]) -> List[str]:
+    mem, m = doc["memory"], doc["model"]
+    rows = [
+        ["budget", format_size(doc["budget"])],
+        [f"resident weights (base policy `{doc['base_policy']}`)", format_size(mem["weights"])],
+        [f"runtime buffers: KV cache (n_ctx {mem['n_ctx']}) + compute + overhead",
+         f"{format_size(mem['runtime'])} = {format_size(mem['kv_cache'])} + {format_size(mem['compute'])} + "
+         f"{format_size(mem['overhead'])}"],
+        ["left for experts", format_size(mem["cache_space"])],
+        ["one slot in every MoE layer", format_size(mem["bytes_per_slot"])],
+        ["largest uniform expert cache", f"{mem['max_slots']} slots per layer "
+                                         f"({100 * mem['max_slots'] / m['n_expert']:.1f}% of the experts)"],
+    ]
+    if mem.get("measured_non_cache"):
+        rows.append(["measured: peak RSS of the calibration runs less their cache",
+                     format_size(mem["measured_non_cache"])])
+    if mem.get("tight_slots"):
+        rows.append(["measured: slots per layer that fit (margin kept)",
+                     f"{mem['tight_slots']} (candidates `*-tight`, policy overhead {format_size(mem['tight_overhead'])})"])
+    return ["## Memory plan", "", _table(["", "bytes"], rows), ""]
+
+
+def _trace(doc: Dict[str, Any]) -> List[str]:
+    t, wl = doc["trace"], doc["workload"]
+    st = t["stats"]
+    return ["## Trace", "",
+            f"{t['label']}: next-token reuse {_pct(st['next_token_reuse'])}, top 10% of experts take "
+            f"{_pct(st['top10pct_share'])} of the selections. Workload: {wl['prompt_tokens']}-token "
+            f"prompt (ubatches of {wl['n_ubatch']}), {wl['gen_tokens']} tokens generated; "
+            "routing forced from this trace in every validation run.", ""]
+
+
+def _per_layer_hits(doc: Dict[str, Any], ev: str, sizes: List[int]) -> List[str]:
+    by = {r["slots"]: r for r in doc["curve"]}
+    max_slots = doc["memory"]["max_slots"]
+    rows = [[l, f"{doc['working_set'].get(l, 0):.1f}"] + [_pct(by[s][ev]["layers"][l]) for s in sizes]
+            for l in by[sizes[0]][ev]["layers"]]
+    return [f"Per layer, decode hit rate, {ev.upper()} (columns: slots per layer):", "",
+            _table(["layer", "working set"] + [str(s) + ("*" if s == max_slots else "") for s in sizes], rows), ""]
+
+
+def _hit_rates(doc: Dict[str, Any]) -> List[str]:
+    L = ["## Hit rate against cache size", "",
+         "Exact simulation of the hook's cache (flashmoe.tune.simulate) over the workload; `decode` counts the "
+         "decode steps only (what decode tok/s depends on), `all` includes the prefill.", ""]
+    rows = [[r["slots"], format_size(r["bytes"]), "yes" if r["fits"] else "no", _pct(r["lru"]["all"]),
+             _pct(r["lru"]["decode"]), _pct(r["lfru"]["all"]), _pct(r["lfru"]["decode"])] for r in doc["curve"]]
+    L += [_table(["slots/layer", "cache", "fits (estimate)", "LRU all", "LRU decode", "LFRU all", "LFRU decode"],
+                 rows), ""]
+    pc = doc["pagecache"]
+    L += [f"Page-cache mode (modelled as one LRU of {format_size(pc['capacity_bytes'])} shared by all layers, "
+          f"the budget less the {'measured' if pc.get('capacity_source') == 'measured' else 'estimated'} "
+          f"memory of the process): {_pct(pc['all'])} all, {_pct(pc['decode'])} decode.", ""]
+    if doc.get("png"):
+        L += [f"![hit rate against cache size]({doc['png']})", ""]
+    sizes = _pick_sizes([r["slots"] for r in doc["curve"]], doc["memory"]["max_slots"])
+    for ev in ("lru", "lfru"):
+        L += _per_layer_hits(doc, ev, sizes)
+    L += ["\\* the largest cache that fits the budget. Working set: mean distinct experts in 32 consecutive "
+          "decode tokens.", ""]
+    return L
+
+
+def _candidates(doc: Dict[str, Any]) -> List[str]:
+    val = set(doc["validated"])
+    rows = []
+    for cd in doc["candidates"] + doc["per_layer_candidates"]:
+        p = cd["prediction"]
+        d = p.get("decode", {})
+        rows.append([cd["name"], cd["description"] + ("" if cd["supported"] else " (not yet supported by the engine)"),
+                     _pct(p.get("decode_hit_rate")), f"{d.get('mib_per_token', 0):.1f}",
+                     f"{1000 * d.get('io_s_per_token', 0):.2f}", f"{1000 * d.get('compute_s_per_token', 0):.2f}",
+                     fmt(p.get("decode_tok_s")), fmt(p.get("prefill_tok_s"), "{:.1f}"),
+                     "yes" if cd["name"] in val else ""])
+    return ["## Candidates (predicted)", "",
+            "Decode time per token = compute (dense + experts) + reads of the misses (the hook waits for them: "
+            "no overlap), each layer's misses read min(readers, reads) at a time at the measured bandwidth of that "
+            "queue depth.", "",
+            _table(["name", "configuration", "decode hit", "MiB/token", "I/O ms/token", "compute ms/token",
+                    "decode tok/s", "prefill tok/s", "validated"], rows), ""]
+
+
+def _validation_row(cd: Dict[str, Any]) -> List[Any]:
+    p, me = cd["prediction"], cd.get("measured")
+    runs = cd.get("runs") or []
+    status = ", ".join(sorted({r["status"] for r in runs})) or "not run (time)"
+    if not me:
+        detail = next((r.get("detail", "") for r in runs if r["status"] != "ok"), "")
+        return [cd["name"], fmt(p.get("decode_tok_s")), "-", "-", _pct(p.get("decode_hit_rate")), "-", "-", "-",
+                fmt(p.get("prefill_tok_s"), "{:.1f}"), "-", "-", status + (f": {detail}" if detail else "")]
+    ratio = (me["decode_tok_s"] / p["decode_tok_s"]) if p.get("decode_tok_s") else None
+    return [cd["name"], fmt(p.get("decode_tok_s")),
+            f"{me['decode_tok_s']:.2f} ({me['decode_min']:.2f}-{me['decode_max']:.2f}, n={me['runs']})",
+            fmt(ratio), _pct(p.get("decode_hit_rate")), _pct(me["decode_hit_rate"]),
+            f"{1000 * p.get('decode', {}).get('io_s_per_token', 0):.2f}", f"{me['stall_ms_per_token']:.2f}",
+            fmt(p.get("prefill_tok_s"), "{:.1f}"), f"{me['prefill_tok_s']:.1f}", f"{me['peak_mib']:.0f}", status]
+
+
+def _validation(doc: Dict[str, Any]) -> List[str]:
+    val = set(doc["validated"])
+    rows = [_validation_row(cd) for cd in doc["candidates"] if cd["name"] in val]
+    L = ["## Validation (measured under the budget)", ""]
+    if rows:
+        L.append(_table(["name", "pred. decode tok/s", "measured decode tok/s", "measured/pred.", "pred. decode hit",
+                         "meas. decode hit", "pred. read ms/token", "meas. stall ms/token", "pred. prefill tok/s",
+                         "meas. prefill tok/s", "peak MiB", "status"], rows))
+    else:
+        L.append("No validation run fitted in the time limit.")
+    return L + ["", "The measured decode hit rate of an explicit cache equals the simulated one when the simulator "
+                "and the engine agree (they are tested to); the page-cache figure is a model.", ""]
+
+
+def format_report(doc: Dict[str, Any]) -> str:
+    """The markdown report of a tune document."""
+    m = doc["model"]
+    L = [f"# flashmoe tune: {m['name']} at {format_size(doc['budget'])}", "",
+         f"{doc['date']}; {doc['elapsed_s']:.0f} s of a {doc['time_limit_s']:.0f} s limit. "
+         f"Command: `{' '.join(doc['command']) or 'flashmoe tune'}`", ""]
+    for section in (_result, _machine, _memory_plan, _trace, _hit_rates, _candidates, _validation):
+        L += section(doc)
+    L += ["## Per-layer slot counts", "", PER_LAYER_SLOTS, ""]
+    return "\n".join(L)
+
+
+def plot_png(doc: Dict[str, Any]) -> Optional[bytes]:
+    """Hit rate against cache size (overall and per layer) as a PNG, or None without matplotlib."""
+    try:  # matplotlib is optional (the `plot` extra)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return None
+    xs = [r["slots"] for r in doc["curve"]]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for ev, color in (("lru", "tab:blue"), ("lfru", "tab:orange")):
+        for l in doc["curve"][0][ev]["layers"]:
+            ax.plot(xs, [100 * r[ev]["layers"][l] for r in doc["curve"]], color=color, alpha=0.15, lw=0.8)
+        ax.plot(xs, [100 * r[ev]["decode"] for r in doc["curve"]], color=color, lw=2.2,
+                label=f"{ev.upper()} decode (overall; thin: per layer)")
+    ms = doc["memory"]["max_slots"]
+    if ms:
+        ax.axvline(ms, color="k", ls="--", lw=1)
+        ax.text(ms, 2, f" budget: {ms} slots", fontsize=8)
+    ax.axhline(100 * doc["pagecache"]["decode"], color="tab:green", ls=":", lw=1.5, label="page cache (model)")
+    ax.set_xlabel("cache slots per layer")
+    ax.set_ylabel("decode hit rate (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{doc['model']['name']}: hit rate against cache size", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

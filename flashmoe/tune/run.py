@@ -1,0 +1,244 @@
+"""``run_tune``: the tune's steps in order, within the time limit (the package docstring says what
+each does), and ``write_outputs``: the policy, the report and its PNG, atomically at the very end."""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from flashmoe.bench.facts import describe_machine, machine_facts
+from flashmoe.bench.runner import run_worker
+from flashmoe.errors import FlashMoEError, UsageError
+from flashmoe.machine import mem_available
+from flashmoe.policy import MachineInfo, Policy, load_policy, open_model_view
+from flashmoe.settings import EngineSettings
+from flashmoe.sizes import format_size
+from flashmoe.trace import check_trace_fits, read_trace, trace_stats
+from flashmoe.tune.candidates import Candidate, policy_text, resolve_text
+from flashmoe.tune.document import Findings, document, header_lines
+from flashmoe.tune.measure import DiskModel, calibrate_compute, measure_disks
+from flashmoe.tune.model import MemoryPlan, ModelFacts, plan_memory
+from flashmoe.tune.options import Clock, TuneOptions
+from flashmoe.tune.report import format_report, plot_png
+from flashmoe.tune.search import Search, measured_sizing, search
+from flashmoe.tune.simulate import engine_ubatches
+from flashmoe.tune.validate import Validation, choose_winner, fmt, pick_for_validation
+from flashmoe.worker import WorkerSpec
+from gguf_tools.atomic import atomic_write
+
+DEFAULT_PROMPT = (
+    "You are a helpful assistant. Answer the questions below clearly and concisely.\n"
+    "1. Explain how a hash map handles collisions, and when a balanced tree is a better choice.\n"
+    "2. Write a short Python function that returns the n-th Fibonacci number iteratively.\n"
+    "3. Summarize the causes of the French Revolution in three sentences.\n"
+    "4. Translate 'the weather is lovely today, let us walk to the harbour' into French and German.\n"
+    "5. A train leaves at 14:05 and arrives at 17:50. How long is the journey, in minutes?\n"
+)
+
+
+@dataclass
+class TuneResult:
+    doc: Dict[str, Any]
+    policy_text: str
+    report_text: str
+    png: Optional[bytes] = None
+
+
+def _default_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _check(opts: TuneOptions) -> None:
+    if opts.ram <= 0:
+        raise UsageError("--ram must be more than 0 bytes")
+    for p in (opts.out, opts.report):
+        if p:
+            d = os.path.dirname(os.path.abspath(p))
+            if not os.path.isdir(d):
+                raise FlashMoEError(f"output folder does not exist: {d}")
+    if opts.trace and not os.path.isfile(opts.trace):
+        raise FlashMoEError(f"no such routing trace: {opts.trace}")
+    if opts.prompt_file and not os.path.isfile(opts.prompt_file):
+        raise FlashMoEError(f"no such prompt file: {opts.prompt_file}")
+
+
+@dataclass
+class Tune:
+    """The state the steps share."""
+
+    opts: TuneOptions
+    clock: Clock
+    mf: ModelFacts
+    view: Any
+    base: Policy
+    mp: MemoryPlan
+    notes: List[str]
+
+    @classmethod
+    def start(cls, opts: TuneOptions, clock: Clock) -> "Tune":
+        """The model, the base policy and the memory plan (errors before anything is measured)."""
+        mf = ModelFacts.open(opts.model)
+        view = open_model_view(mf.model)
+        base = load_policy(opts.base)
+        if opts.n_ctx:
+            base.runtime.n_ctx = opts.n_ctx
+        if opts.threads:
+            base.runtime.threads = opts.threads
+        t = cls(opts, clock, mf, view, base, plan_memory(base, view, mf, opts.ram), [])
+        t.log_plan()
+        return t
+
+    def log_plan(self) -> None:
+        mf, mp, K = self.mf, self.mp, self.mf.n_used
+        self.clock.log(f"{mf.name}: {mf.arch}, {len(mf.moe_layers)} MoE layers, {mf.n_expert} experts ({K} per "
+                       f"token), {format_size(mf.file_bytes)}; one expert in every layer: "
+                       f"{format_size(mp.bytes_per_slot)}")
+        self.clock.log(f"budget {format_size(self.opts.ram)}: resident weights {format_size(mp.weights)}, runtime "
+                       f"{format_size(mp.runtime)} (n_ctx {mp.n_ctx}) -> {format_size(mp.cache_space)} for experts: "
+                       f"up to {mp.max_slots} slots per layer")
+        if mp.max_slots < K:
+            self.notes.append(
+                f"by the policy's memory estimate the budget leaves room for {mp.max_slots} expert cache slots "
+                f"per layer, fewer than the {K} a token needs: only page-cache mode (and a cache sized from the "
+                "measured memory, if it fits) can run")
+
+    def machine(self) -> Tuple[MachineInfo, Dict[str, Any], Optional[int]]:
+        """This machine's facts and the memory available now (notes when the budget exceeds it)."""
+        machine = MachineInfo.detect()
+        facts = machine_facts(self.mf.path)
+        avail = mem_available()  # Linux MemAvailable; None where the system does not say (macOS)
+        if avail is not None and self.opts.ram > avail:
+            self.notes.append(f"--ram {format_size(self.opts.ram)} is more than the memory available now "
+                              f"({format_size(avail)}): the runs may be slowed or killed by other programs")
+        if self.opts.gpu_mem is not None:
+            self.notes.append(f"--gpu-mem {format_size(self.opts.gpu_mem)}: " + (
+                "this llama.cpp build has no GPU backend; ignored" if machine.gpu() is None else
+                "the tuner does not place tensors on the GPU yet; ignored (CPU-side tuning only)"))
+        self.clock.log(f"machine: {describe_machine(facts)}; available memory "
+                       + (format_size(avail) if avail is not None else "unknown (no /proc/meminfo here)"))
+        return machine, facts, avail
+
+    def settings_for(self, cand: Candidate) -> EngineSettings:
+        """Engine settings of a candidate without a budget (calibration, recording)."""
+        text = policy_text(self.base, cand, budget=None, n_ctx=self.mp.n_ctx, threads=self.opts.threads)
+        return resolve_text(text, self.view, None).engine_settings()
+
+    def trace(self, tmp: str) -> Tuple[Any, str, int, int, Dict[str, Any]]:
+        """(trace, its path, prompt tokens, generated tokens, where it came from): --trace, or the
+        model's own routing recorded on a prompt."""
+        opts = self.opts
+        if opts.trace:
+            tr = read_trace(opts.trace)
+            check_trace_fits(tr, self.view)
+            path = os.path.abspath(opts.trace)
+            self.clock.log(f"trace: {opts.trace} ({tr.n_tokens} tokens); workload {opts.prompt_tokens}-token prompt, "
+                           f"{opts.gen_tokens} generated")
+            return tr, path, opts.prompt_tokens, opts.gen_tokens, {"source": "given", "path": path}
+        return self.record_trace(os.path.join(tmp, "recorded.trace"))
+
+    def record_trace(self, path: str) -> Tuple[Any, str, int, int, Dict[str, Any]]:
+        opts, mf, mp, K = self.opts, self.mf, self.mp, self.mf.n_used
+        prompt, max_p = DEFAULT_PROMPT, opts.prompt_tokens
+        if opts.prompt_file:
+            with open(opts.prompt_file, encoding="utf-8", errors="replace") as f:
+                prompt = f.read()
+            max_p = max(1, mp.n_ctx - opts.gen_tokens - 16)
+            if not prompt.strip():
+                raise FlashMoEError(f"prompt file {opts.prompt_file} is empty")
+        cand = Candidate("record", "cache" if mp.max_slots >= K else "pagecache",
+                         slots=min(mf.n_expert, max(K, mp.max_slots)), eviction="lru", readers=4, direct_io=True)
+        spec = WorkerSpec(mf.path, self.settings_for(cand), prompt_tokens=max_p, gen_tokens=opts.gen_tokens,
+                          threads=opts.threads, n_ctx=mp.n_ctx, prompt=prompt, record_trace=path)
+        self.clock.log(f"trace: recording the model's routing on "
+                       f"{'--prompt' if opts.prompt_file else 'the default prompt'} ({opts.gen_tokens} tokens "
+                       "generated) ...")
+        left = self.clock.left
+        if left < 5:
+            raise FlashMoEError("--time-limit is too short to record a routing trace: raise it, or give --trace")
+        rec = run_worker(spec, None, max(3.0, min(left - 2, max(10.0, left * 0.4))), measure=False)
+        if not rec.ok:
+            raise FlashMoEError(f"recording the routing failed: {rec.detail}")
+        tr = read_trace(path)
+        P, G = rec.result.report.prompt_tokens, opts.gen_tokens
+        src = {"source": "recorded", "prompt": "--prompt " + opts.prompt_file if opts.prompt_file
+               else "default prompt", "prompt_tokens": P, "gen_tokens": G,
+               "decode_tok_s": rec.result.report.decode_tok_s}
+        self.clock.log(f"  recorded {tr.n_tokens} tokens ({P}-token prompt)")
+        return tr, path, P, G, src
+
+    def log_best(self, found: Search) -> None:
+        for c in found.cands[:6]:
+            p = c.prediction
+            self.clock.log(f"  {c.name}: predicted {fmt(p.get('decode_tok_s'))} tok/s decode "
+                           f"(hit {100 * (p.get('decode_hit_rate') or 0):.1f}%), {fmt(p.get('prefill_tok_s'))} prefill")
+
+
+def _steps(t: Tune, tmp: str) -> Findings:
+    """Measure, trace, calibrate, simulate, validate, choose."""
+    opts, mf, mp = t.opts, t.mf, t.mp
+    machine, facts, avail = t.machine()
+    direct, buffered = measure_disks(mf.path, sorted(set([1, 4, 8] + [int(r) for r in opts.readers])), t.clock)
+    disk = DiskModel(direct, buffered)
+    if not disk.ok:
+        t.notes.append("the disk could not be measured: predictions count compute only")
+    tr, trace_path, P, G, trace_src = t.trace(tmp)
+    tstats = trace_stats(tr)
+    ubs = engine_ubatches(P, G, mp.n_batch, mp.n_ubatch)
+    cm = calibrate_compute(t.settings_for, mf, opts.threads, mp.n_ctx, tmp, t.clock,
+                           timeout=max(30.0, opts.time_limit * 0.2))
+    if not cm.ok:
+        t.notes.append("compute could not be calibrated (" + (cm.note or "no time") + "): predictions count I/O only")
+    sizing = measured_sizing(cm, mp, mf, opts.ram, t.clock)
+    t.clock.log("simulating the expert cache on the trace ...")
+    found = search(tr, ubs, mf, mp, sizing, disk, cm, opts.readers)
+    if not found.cands:
+        raise FlashMoEError("no configuration fits the budget")
+    t.log_best(found)
+    validation = Validation(t.base, t.view, mf, opts, trace_path, P, G, mp.n_ctx, cm, t.clock)
+    validated = validation.run(pick_for_validation(found.cands, opts.validate), found.cands)
+    winner, why = choose_winner(validated, found.cands)
+    return Findings(mf, mp, facts, machine, avail, direct, buffered, cm, tr, tstats, trace_src, P, G, sizing,
+                    found, validated, winner, why, t.notes)
+
+
+def run_tune(opts: TuneOptions, log: Callable[[str], None] = _default_log) -> TuneResult:
+    """Measures, simulates, validates; writes nothing (``write_outputs`` does)."""
+    clock = Clock(opts.time_limit, log)
+    _check(opts)
+    t = Tune.start(opts, clock)
+    with tempfile.TemporaryDirectory(prefix="flashmoe-tune-") as tmp:
+        found = _steps(t, tmp)
+        doc = document(opts, found, clock)
+    winner = found.winner
+    text = policy_text(t.base, winner, budget=opts.ram, n_ctx=t.mp.n_ctx, threads=opts.threads,
+                       header=header_lines(doc), name="tuned",
+                       description=f"flashmoe tune for {t.mf.name} at {format_size(opts.ram)}: {winner.describe()}")
+    resolve_text(text, t.view, None, source=opts.out).engine_settings()  # raises when the policy would not load
+    png = None
+    if opts.report and opts.plot:
+        png = plot_png(doc)
+        if png is not None:
+            doc["png"] = os.path.splitext(os.path.basename(opts.report))[0] + ".png"
+    report = format_report(doc)
+    clock.log(f"winner: {winner.name} ({winner.describe()})")
+    return TuneResult(doc=doc, policy_text=text, report_text=report, png=png)
+
+
+def write_outputs(result: TuneResult, opts: TuneOptions) -> List[str]:
+    """The policy, the report and its PNG, each written atomically; returns the paths written."""
+    written = []
+    with atomic_write(opts.out, "w") as f:
+        f.write(result.policy_text)
+    written.append(opts.out)
+    if opts.report:
+        if result.png is not None:
+            png_path = os.path.join(os.path.dirname(os.path.abspath(opts.report)), result.doc["png"])
+            with atomic_write(png_path, "wb") as f:
+                f.write(result.png)
+            written.append(png_path)
+        with atomic_write(opts.report, "w") as f:
+            f.write(result.report_text)
+        written.append(opts.report)
+    return written
