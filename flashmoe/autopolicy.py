@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from flashmoe.errors import FlashMoEError
+from flashmoe.policy import MachineInfo, Resolution, load_policy, open_model_view
+from flashmoe.settings import EngineSettings
 from flashmoe.sizes import format_size
 
 AUTO = "auto"
@@ -20,32 +22,29 @@ AUTO = "auto"
 class AutoChoice:
     policy: str  # "stock" or "stream"
     reason: str  # "model 8.5 GB + runtime 0.4 GB > budget 1.8 GiB"
-    resolution: Any  # the chosen policy resolved for the model (flashmoe.policy.Resolution)
+    resolution: Resolution  # the chosen policy resolved for the model
 
     @property
     def label(self) -> str:
         return f"auto -> {self.policy}: {self.reason}"
 
 
-def choose(model: Any, machine: Any = None, budget: Optional[int] = None) -> AutoChoice:
+def choose(model: Any, machine: Optional[MachineInfo] = None, budget: Optional[int] = None) -> AutoChoice:
     """Picks stock or stream for ``model`` (a path or an opened model) on ``machine`` (default: this one)."""
-    from flashmoe.policy import MachineInfo, load_policy, open_model_view
-
     view = open_model_view(model)
     machine = machine or MachineInfo.detect()
     stream = load_policy("stream").resolve(view, machine=machine, budget=budget)
     mem = stream.memory
     limit = mem.budget
-    model_bytes = sum(int(t.nbytes) for t in view.tensors)
+    model_bytes = view.total_bytes
     need = model_bytes + mem.runtime
-    has_experts = any(t.is_expert for t in view.tensors)
     if limit is None:
         choice, why = "stock", "this machine's RAM is unknown, so the model runs in RAM"
     elif need <= limit:
         choice = "stock"
         why = (f"model {format_size(model_bytes)} + runtime {format_size(mem.runtime)} fits the budget "
                f"{format_size(limit)}")
-    elif not has_experts:
+    elif not view.is_moe:
         raise FlashMoEError(
             f"the model ({format_size(model_bytes)}) does not fit the memory budget ({format_size(limit)}) and has no "
             "routed experts to stream; give more memory or run it with --policy stock (mmap) explicitly"
@@ -58,7 +57,7 @@ def choose(model: Any, machine: Any = None, budget: Optional[int] = None) -> Aut
     return AutoChoice(choice, why, res)
 
 
-def auto_settings(model: Any, machine: Any = None):
+def auto_settings(model: Any, machine: Optional[MachineInfo] = None) -> EngineSettings:
     """EngineSettings of the auto choice for ``model``, labelled with the choice and its reason."""
     ch = choose(model, machine)
     es = ch.resolution.engine_settings()

@@ -1,0 +1,137 @@
+"""The expert cache of a resolved policy: which layers stream, how many slots each holds.
+
+With ``mode: cache`` a streamed layer has ``slots`` slots, each holding one expert of the layer
+(its gate, up and down slices). The number comes from ``cache_slots``, from ``cache_size`` divided
+by one slot in every streamed layer, or (``auto``) from what the budget leaves after the resident
+weights and runtime buffers; it is capped at the model's experts and must be at least the experts
+per token. ``mode: pagecache`` leaves experts to the OS page cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, List, Tuple
+
+from flashmoe.policy.schema import DEFAULT_BUDGET_PERCENT, DEFAULT_READERS, PolicyError, plural, where
+from flashmoe.sizes import format_size
+
+if TYPE_CHECKING:  # annotations only: resolve.py imports this module
+    from flashmoe.policy.resolve import Resolution
+
+
+@dataclass
+class CachePlan:
+    """How routed experts are held. ``slots`` per layer; ``bytes`` for all streamed layers."""
+
+    mode: str  # "cache", "pagecache" or "off" (nothing streamed)
+    slots: int = 0
+    bytes: int = 0
+    sized_by: str = ""  # "slots", "bytes", "auto", "" (pagecache/off)
+    requested: str = ""  # what the policy asked, readable
+    slot_bytes_by_layer: Dict[int, int] = field(default_factory=dict)  # one expert of the layer
+    streamed_layers: List[int] = field(default_factory=list)
+    n_expert: int = 0
+    experts_used: int = 0
+    eviction: str = "lru"
+    readers: int = DEFAULT_READERS
+    direct_io: bool = False
+
+    @property
+    def bytes_per_slot_all_layers(self) -> int:
+        return sum(self.slot_bytes_by_layer.values())
+
+
+def plan_cache(res: "Resolution", budget_where: str, below_pinned: bool) -> bool:
+    """Fill ``res.cache`` (and ``res.memory.cache``) from the policy's expert_cache section, the
+    streamed tensors and the memory left. ``res.memory`` must hold the weights, runtime buffers and
+    budget already. Returns whether a too-small cache was reported in ``res.errors``."""
+    spec, c = res.policy.expert_cache, res.cache
+    c.eviction, c.readers, c.direct_io = spec.eviction, spec.readers, spec.direct_io
+    c.experts_used = res.experts_used
+    c.n_expert = res.model.n_expert
+    by_layer: Dict[int, int] = {}
+    for t in res.model.tensors:
+        if res.placements.get(t.name) == "stream" and t.layer is not None:  # experts always have a layer
+            by_layer[t.layer] = by_layer.get(t.layer, 0) + t.expert_stride
+    if by_layer:
+        c.slot_bytes_by_layer = dict(sorted(by_layer.items()))
+        c.streamed_layers = sorted(by_layer)
+        c.mode = spec.mode
+    else:
+        c.mode = "off"
+        if spec.given:
+            res.notes.append("no tensor is streamed: the expert_cache settings are not used")
+    if c.mode == "pagecache":
+        c.requested = "OS page cache"
+    if c.mode != "cache":
+        return False
+    return _size_cache(res, budget_where, below_pinned)
+
+
+def _size_cache(res: "Resolution", budget_where: str, below_pinned: bool) -> bool:
+    spec, c = res.policy.expert_cache, res.cache
+    per_slot = c.bytes_per_slot_all_layers  # one slot in every streamed layer
+    need_slots = max(c.experts_used, 1)
+    cache_error = False
+    if spec.size == "slots":
+        c.sized_by, c.requested = "slots", f"{plural(spec.slots, 'slot')} per layer"
+        slots = spec.slots
+    elif spec.size == "bytes":
+        c.sized_by, c.requested = "bytes", format_size(spec.size_bytes)
+        slots = spec.size_bytes // per_slot if per_slot else 0
+    else:
+        c.sized_by = "auto"
+        slots, cache_error = _auto_slots(res, budget_where, below_pinned, need_slots)
+    if c.n_expert and slots > c.n_expert:
+        if spec.size != "auto":
+            res.notes.append(
+                f"the expert cache ({c.requested}) can hold every expert: {c.n_expert} slots per layer are enough"
+            )
+        slots = c.n_expert
+    if spec.size != "auto" and slots < need_slots:
+        cache_error = True
+        got = f"{plural(slots, 'slot')} per layer"
+        if spec.size != "slots":
+            got = f"{c.requested} ({got})"
+        res.errors.append(
+            where(res.policy.source, spec.size_line or spec.line)
+            + f"an expert cache of {got} is too small: a token needs {need_slots} slots (experts per token) "
+            f"in every streamed layer, at least {format_size(need_slots * per_slot)}"
+        )
+    c.slots = slots
+    c.bytes = slots * per_slot
+    res.memory.cache = c.bytes
+    return cache_error
+
+
+def _auto_slots(res: "Resolution", budget_where: str, below_pinned: bool, need_slots: int) -> Tuple[int, bool]:
+    """``cache_size: auto``: the slots per layer that the budget (or 90% of RAM) leaves room for
+    after the resident weights and runtime buffers; and whether that was too few (an error)."""
+    pol, mem, c = res.policy, res.memory, res.cache
+    spec = pol.expert_cache
+    auto_budget, auto_where = mem.budget, budget_where
+    if auto_budget is None:
+        if res.machine.ram_bytes is None:
+            raise PolicyError(
+                pol.source,
+                spec.size_line or spec.line,
+                "cache_size auto needs a budget and this machine's RAM is unknown: set budget or cache_size",
+            )
+        auto_budget = int(res.machine.ram_bytes * DEFAULT_BUDGET_PERCENT / 100)
+        auto_where = where(pol.source, spec.size_line or spec.line) + "cache_size auto: "
+        c.requested = f"auto: {DEFAULT_BUDGET_PERCENT:g}% of RAM ({format_size(auto_budget)}) minus the rest"
+    else:
+        c.requested = f"auto: budget {format_size(auto_budget)} minus the rest"
+    per_slot = c.bytes_per_slot_all_layers
+    avail = max(auto_budget - mem.weights - mem.runtime, 0)
+    slots = avail // per_slot if per_slot else 0
+    if slots >= need_slots or below_pinned:
+        return slots, False
+    res.errors.append(
+        auto_where
+        + f"{format_size(auto_budget)} leaves {format_size(avail)} for the expert cache after the "
+        f"resident weights ({format_size(mem.weights)}) and runtime buffers ({format_size(mem.runtime)}): "
+        f"{plural(slots, 'slot')} per layer, but a token needs {need_slots} (experts per token; one "
+        f"slot in each of the {len(c.streamed_layers)} streamed layers takes {format_size(per_slot)}); "
+        "raise the budget, pin fewer tensors (mmap them), lower n_ctx, or use cache mode pagecache"
+    )
+    return slots, True

@@ -1,0 +1,135 @@
+"""The text of ``flashmoe policy show``: a resolved policy as tables (``--json`` is
+``Resolution.to_dict``)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Sequence
+
+from flashmoe.policy.resolve import Resolution
+from flashmoe.policy.schema import PLACEMENT_HELP, plural
+from flashmoe.settings import PLACEMENTS
+from flashmoe.sizes import format_size
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Sequence[int] = ()) -> str:
+    """A plain text table; columns whose index is in ``right`` are right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    out = []
+    for r in cells:
+        parts = []
+        for i, c in enumerate(r):
+            parts.append(c.rjust(widths[i]) if i in right else c.ljust(widths[i]))
+        out.append("  ".join(parts).rstrip())
+    return "\n".join(out)
+
+
+def _shape(shape) -> str:
+    return "x".join(str(x) for x in shape)
+
+
+def render(res: Resolution, verbose: bool = False) -> str:
+    """The text of ``policy show``: the policy and model, placements, memory, cache and runtime,
+    (with -v) every tensor and the notes, then warnings and errors."""
+    out: List[str] = _header(res) + [""] + [_placement_table(res), "", _memory_table(res), ""]
+    out += _cache_and_runtime(res)
+    if verbose:
+        out += ["", _tensor_table(res)]
+        if res.notes:
+            out += ["", "notes"] + [f"  - {n}" for n in res.notes]
+    if res.warnings:
+        out += ["", "warnings"] + [f"  ! {w}" for w in res.warnings]
+    if len(res.errors) > 1:
+        out += ["", "errors (this policy cannot load this model as asked)"] + [f"  x {e}" for e in res.errors]
+    return "\n".join(out)
+
+
+def _header(res: Resolution) -> List[str]:
+    pol, mv = res.policy, res.model
+    out = [f"policy  {pol.name}  ({pol.source})"]
+    if pol.description:
+        out.append(f"        {pol.description}")
+    used = f"{mv.n_expert_used} per token" if mv.n_expert_used else "?"
+    out.append(
+        f"model   {Path(mv.path).name}: {mv.arch}, {mv.n_layer} layers, {mv.n_expert} experts ({used}), "
+        f"{len(mv.tensors)} tensors, {format_size(mv.total_bytes)}"
+    )
+    return out
+
+
+def _placement_table(res: Resolution) -> str:
+    rows = []
+    for p in PLACEMENTS:
+        n = res.count_by_placement[p]
+        if n:
+            rows.append((p, n, format_size(res.bytes_by_placement[p]), PLACEMENT_HELP[p]))
+    rows.append(("total", len(res.model.tensors), format_size(res.model.total_bytes), ""))
+    return text_table(("placement", "tensors", "bytes", "where"), rows, right=(1, 2))
+
+
+def _memory_table(res: Resolution) -> str:
+    pol, mem, c = res.policy, res.memory, res.cache
+    rows = []
+    if mem.pinned:
+        rows.append(("pinned weights", format_size(mem.pinned), "locked in RAM"))
+    if mem.ram:
+        rows.append(("RAM weights", format_size(mem.ram), "resident, not locked"))
+    if mem.gpu_host:
+        rows.append(("GPU weights", format_size(mem.gpu_host), "unified memory (counts as RAM)"))
+    if c.mode == "cache":
+        per_layer = c.bytes_per_slot_all_layers // max(len(c.streamed_layers), 1)
+        rows.append((
+            "expert cache",
+            format_size(mem.cache),
+            f"{plural(c.slots, 'slot')}/layer of {c.n_expert} experts x {len(c.streamed_layers)} layers, "
+            f"{format_size(per_layer)} per slot ({c.requested})",
+        ))
+    rows.append(("KV cache", format_size(mem.kv_cache), f"n_ctx {mem.n_ctx}, f16"))
+    if mem.recurrent_state:
+        rows.append(("recurrent state", format_size(mem.recurrent_state), "hybrid layers, f32"))
+    rows.append(("compute buffer", format_size(mem.compute), f"estimate, n_ubatch {pol.runtime.n_ubatch}"))
+    rows.append(("overhead", format_size(mem.overhead), "process, libraries (runtime.overhead)"))
+    rows.append(("total", format_size(mem.total), "not counting mmap'd tensors (page cache, evictable)"))
+    if mem.budget is not None:
+        src = "--budget" if mem.budget_source == "--budget" else f"budget: {pol.budget.text}"
+        rows.append(("budget", format_size(mem.budget), src))
+    else:
+        rows.append(("budget", "none", ""))
+    rows.append(("machine RAM", res.machine.describe_ram() if mem.machine_ram else "unknown", ""))
+    if mem.gpu_device:
+        rows.append(("device memory", format_size(mem.gpu_device), "gpu weights (not in RAM)"))
+    return text_table(("memory", "bytes", ""), rows, right=(1,))
+
+
+def _cache_and_runtime(res: Resolution) -> List[str]:
+    c, rt, mem = res.cache, res.policy.runtime, res.memory
+    if c.mode == "cache":
+        io = "direct I/O" if c.direct_io else "buffered I/O"
+        share = f" ({round(c.slots * 100 / c.n_expert)}% of {c.n_expert})" if c.n_expert else ""
+        cache = (
+            f"expert cache  cache: {plural(c.slots, 'slot')} per layer{share}, eviction {c.eviction}, "
+            f"{c.readers} readers, {io}"
+        )
+    elif c.mode == "pagecache":
+        cache = f"expert cache  pagecache: OS page cache, populated from the routing by {c.readers} readers"
+    else:
+        cache = "expert cache  off (nothing streamed)"
+    threads = rt.threads if rt.threads is not None else "default"
+    if res.experts_used_override is not None:
+        ept = f"{res.experts_used} (override; model: {res.model.n_expert_used})"
+    else:
+        ept = f"{res.experts_used} (model)"
+    runtime = (
+        f"runtime       n_ctx {rt.n_ctx or str(mem.n_ctx) + ' (model)'}, n_batch {rt.n_batch}, n_ubatch {rt.n_ubatch}, "
+        f"threads {threads}, experts per token {ept}, repack {'on' if rt.repack else 'off'}"
+    )
+    return [cache, runtime]
+
+
+def _tensor_table(res: Resolution) -> str:
+    rows = []
+    for t in res.model.tensors:
+        r = res.rule_of.get(t.name)
+        rule = f"{r.index} (line {r.line})" if r else "- (gpu ignored)"
+        rows.append((t.name, t.type_name, _shape(t.shape), format_size(t.nbytes), res.placements[t.name], rule))
+    return text_table(("tensor", "type", "shape", "bytes", "placement", "rule"), rows, right=(3,))
