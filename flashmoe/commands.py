@@ -25,4 +25,5 @@ _COMMANDS = [
     ("flashmoe.cmd_quant", ["quantize", "quality"]),
     ("flashmoe.cmd_bench", ["bench"]),
     ("flashmoe.cmd_tune", ["tune"]),
+    ("flashmoe.demo", ["demo"]),
 ]
