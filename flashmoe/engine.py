@@ -453,10 +453,13 @@ class _Utf8Stream:
 
 
 def _expert_bytes_per_layer(model) -> Dict[int, int]:
-    """bytes of ONE expert (all its matrices) per layer."""
+    """bytes of ONE expert (all its matrices) per routed layer (not layers llama.cpp never runs)."""
+    from flashmoe.trace import model_moe_layers
+
+    routed = set(model_moe_layers(model))
     per: Dict[int, int] = {}
     for t in model.tensors:
-        if t.is_expert:
+        if t.is_expert and t.layer in routed:
             per[t.layer] = per.get(t.layer, 0) + t.expert_stride
     return per
 

@@ -1,4 +1,4 @@
-"""Fast writers of random but valid GGML tensor data (F32, F16, Q8_0, Q4_K).
+"""Fast writers of random but valid GGML tensor data (F32, F16, Q8_0, Q4_K, MXFP4).
 
 No real quantization happens: the block bytes are generated directly, vectorized, with finite,
 small scales chosen so that the dequantized weights have zero mean and roughly the requested
@@ -28,8 +28,9 @@ F32 = int(GGMLQuantizationType.F32)
 F16 = int(GGMLQuantizationType.F16)
 Q8_0 = int(GGMLQuantizationType.Q8_0)
 Q4_K = int(GGMLQuantizationType.Q4_K)
+MXFP4 = int(GGMLQuantizationType.MXFP4)
 
-TYPES = {"F32": F32, "F16": F16, "Q8_0": Q8_0, "Q4_K": Q4_K}
+TYPES = {"F32": F32, "F16": F16, "Q8_0": Q8_0, "Q4_K": Q4_K, "MXFP4": MXFP4}
 
 QK_K = 256
 DEFAULT_CHUNK = 32 << 20
@@ -184,7 +185,37 @@ def dequantize_q8_0(raw: np.ndarray) -> np.ndarray:
     return (d * q).reshape(-1)
 
 
-_BLOCK_WRITERS = {Q8_0: _q8_0, Q4_K: _q4_k}
+# MXFP4 (gpt-oss's experts): struct { u8 e; u8 qs[16]; } (17 bytes, 32 weights). value = kvalues[q] * 2^(e-128)
+# (ggml: kvalues_mxfp4 are twice the E2M1 values, GGML_E8M0_TO_FP32_HALF(e) = 2^(e-128)); element j of the
+# block is the low nibble of qs[j] (j < 16) or the high nibble of qs[j - 16].
+MXFP4_KVALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.float32)
+_MXFP4_STD = float(np.sqrt(np.mean(MXFP4_KVALUES ** 2)))  # std of a uniform random nibble's value (mean 0)
+
+
+def _mxfp4(rng, n_blocks, std) -> np.ndarray:
+    # random nibbles; each block's exponent is one of the two powers of two around the wanted scale, drawn so
+    # that the mean square of the weights is std**2
+    out = _random_u8(rng, n_blocks * 17).reshape(n_blocks, 17)
+    x = float(np.log2(std / _MXFP4_STD))
+    lo = int(np.floor(x))
+    a2, b2 = 4.0 ** lo, 4.0 ** (lo + 1)
+    p_hi = (2.0 ** (2 * x) - a2) / (b2 - a2)
+    e = 128 + lo + (rng.random(n_blocks) < p_hi)
+    out[:, 0] = np.clip(e, 2, 254).astype(np.uint8)
+    return out.reshape(-1)
+
+
+def dequantize_mxfp4(raw: np.ndarray) -> np.ndarray:
+    """Dequantize MXFP4 block bytes to float32 (reference, mirrors ggml's dequantize_row_mxfp4)."""
+    b = np.asarray(raw, dtype=np.uint8).reshape(-1, 17)
+    d = np.exp2(b[:, 0].astype(np.float32) - 128.0)
+    qs = b[:, 1:]
+    lo = MXFP4_KVALUES[qs & 0xF]
+    hi = MXFP4_KVALUES[qs >> 4]
+    return (np.concatenate([lo, hi], axis=1) * d[:, None]).reshape(-1)
+
+
+_BLOCK_WRITERS = {Q8_0: _q8_0, Q4_K: _q4_k, MXFP4: _mxfp4}
 
 
 def random_tensor_chunks(

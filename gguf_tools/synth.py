@@ -10,9 +10,14 @@ key the architecture needs, quantized blocks with finite small scales (no NaN).
     spec = make_spec("qwen3moe", preset="tiny", seed=1)        # or preset="bench" (B1), overrides as kwargs
     result = synth_model("/tmp/m.gguf", spec, progress=False)   # SynthResult(paths, total_bytes, seconds)
 
-Architectures: qwen3moe (separate gate/up/down experts), qwen2moe (plus a gated shared expert),
-qwen35moe (hybrid: gated-delta-net recurrent layers and, every ``full_attention_interval``-th
-layer, gated full attention; fused ``ffn_gate_up_exps``; gated shared expert).
+Architectures: whatever the registry ``gguf_tools.archs`` holds (``archs.names()``): qwen3moe,
+qwen2moe, qwen35moe, deepseek2, glm4moe, gpt-oss, llama (Mixtral; alias ``mixtral``), llama4, olmoe,
+granitemoe. Everything one architecture needs (its hyper-parameters and presets, metadata, tensor
+plan, which layers route) is in its module ``gguf_tools/archs/<arch>.py``; this module is
+arch-agnostic: the spec, the tokenizer, the chat template, the GGUF writer.
+
+A ``SynthSpec`` holds the generic hyper-parameters as fields and the architecture's own in
+``spec.params`` (its module's ``Params`` dataclass; read them as ``spec.<name>`` too).
 
 Writing streams tensor data to disk in chunks (memory stays small for an 8.5 GB model) into a
 temporary file that is fsynced and renamed. The same spec (seed included) gives byte-identical
@@ -21,6 +26,7 @@ files. Tensor data depends only on (seed, tensor name), so the same model writte
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -33,10 +39,11 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from flashmoe.errors import FlashMoEError, UsageError
-from gguf_tools import quants
+from gguf_tools import archs, quants
+from gguf_tools.archs.base import Builder, Checks, TensorPlan
 from gguf_tools.atomic import ByteProgress, atomic_write, check_free_space
 
-ARCHES = ("qwen3moe", "qwen2moe", "qwen35moe")
+ARCHES = tuple(archs.names())
 PRESETS = ("tiny", "bench")
 LAYOUTS = ("interleaved", "grouped")
 SYNTH_FORMAT_VERSION = 1
@@ -50,12 +57,12 @@ MAX_VOCAB = 1 << 20
 class SynthSpec:
     arch: str = "qwen3moe"
     preset: str = "tiny"
-    n_layer: int = 4
+    n_layer: int = 4  # block_count (next-token-prediction layers included)
     n_expert: int = 8
     n_expert_used: int = 2
     n_embd: int = 256
     n_ff_exp: int = 256
-    n_ff_shexp: int = 0  # shared expert FFN (qwen2moe, qwen35moe); 0 = none
+    n_ff_shexp: int = 0  # shared expert FFN for the archs that size it with --shared-ffn; 0 = none
     n_head: int = 4
     n_head_kv: int = 2
     head_dim: int = 64
@@ -64,12 +71,6 @@ class SynthSpec:
     dense_type: str = "F16"  # attention, embeddings, output, shared experts, ssm projections
     expert_type: str = "Q4_K"  # routed experts
     seed: int = 0
-    # qwen35moe (gated delta net) dimensions
-    ssm_d_conv: int = 4
-    ssm_d_state: int = 32
-    ssm_n_group: int = 2
-    ssm_dt_rank: int = 4
-    full_attention_interval: int = 4
     # file shape
     alignment: int = 32
     layout: str = "interleaved"  # "interleaved": llama.cpp converter order; "grouped": dense first, then experts by layer
@@ -79,127 +80,119 @@ class SynthSpec:
     rms_eps: float = 1e-6
     name: Optional[str] = None
     # per-expert output scales blk.N.ffn_{gate,up,down}_exps.scale ([n_expert] F32, llama.cpp multiplies each
-    # expert's matmul output by them): archs with separate gate/up/down experts
+    # expert's matmul output by them): archs whose llama.cpp graph applies them (Arch.expert_scales)
     expert_scales: bool = False
+    # the architecture's own hyper-parameters: an instance of archs.get(arch).Params (a dict is converted)
+    params: Any = None
+
+    def __post_init__(self):
+        key = (self.arch or "").strip().lower()
+        key = archs.aliases().get(key, key)
+        if key in archs.names():
+            self.arch = key  # canonical: llama.cpp's name (mixtral -> llama)
+        A = archs.for_model(key)
+        P = A.Params
+        if self.params is None:
+            self.params = P()
+        elif isinstance(self.params, dict):
+            self.params = P(**self.params)
+        elif dataclasses.is_dataclass(self.params):
+            self.params = dataclasses.replace(self.params)  # a copy: specs never share their params
+
+    def __getattr__(self, k: str) -> Any:
+        # only called when normal lookup fails: the arch's own hyper-parameters read as spec.<name>
+        p = self.__dict__.get("params")
+        if p is not None and k in getattr(p, "__dataclass_fields__", {}):
+            return getattr(p, k)
+        raise AttributeError(f"{type(self).__name__} of {self.__dict__.get('arch')!r} has no attribute {k!r}")
+
+    def __setattr__(self, k: str, v: Any) -> None:
+        p = self.__dict__.get("params")
+        if k not in self.__dataclass_fields__ and p is not None and k in getattr(p, "__dataclass_fields__", {}):
+            setattr(p, k, v)
+        else:
+            object.__setattr__(self, k, v)
+
+    @property
+    def arch_def(self) -> archs.Arch:
+        return archs.get(self.arch)
 
     @property
     def has_shared_expert(self) -> bool:
-        return self.arch in ("qwen2moe", "qwen35moe")
+        return self.arch_def.has_shared_expert(self)
 
     @property
-    def ssm_d_inner(self) -> int:
-        return self.ssm_d_state * self.ssm_dt_rank
-
-    def is_recurrent(self, il: int) -> bool:
-        return self.arch == "qwen35moe" and (il + 1) % self.full_attention_interval != 0
-
-    @property
-    def rope_dim(self) -> int:
-        # qwen35moe rotates a quarter of each head (like Qwen3.5); the others the whole head
-        return self.head_dim // 4 if self.arch == "qwen35moe" else self.head_dim
-
-    @property
-    def rope_sections(self) -> List[int]:
-        half = self.rope_dim // 2
-        a = half * 3 // 8
-        return [a, a, half - 2 * a, 0]
+    def moe_layers(self) -> List[int]:
+        """The layers that route (and that a routing trace holds)."""
+        return self.arch_def.moe_layers(self)
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        """Flat: the generic fields and the arch's own parameters (what flashmoe.synth.spec records)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "params"}
+        d.update(archs.for_model(self.arch).spec_json_compat)
+        if dataclasses.is_dataclass(self.params):
+            d.update(asdict(self.params))
+        return d
 
 
-# preset -> arch -> values (anything not listed keeps the SynthSpec default)
-_PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
-    # tests: ~5-7 MB, loads in well under a second. Dense matrices are F16 because llama.cpp's CPU
-    # AMX kernels (used for quantized dense matrices on AMX CPUs) crash on some VMs; experts are Q4_K.
-    "tiny": {
-        "qwen3moe": dict(n_layer=4, n_expert=8, n_expert_used=2, n_embd=256, n_ff_exp=256, n_head=4,
-                         n_head_kv=2, head_dim=64, n_vocab=512, n_ctx=4096, dense_type="F16", expert_type="Q4_K"),
-        "qwen2moe": dict(n_layer=4, n_expert=8, n_expert_used=2, n_embd=256, n_ff_exp=256, n_ff_shexp=128,
-                         n_head=4, n_head_kv=2, head_dim=64, n_vocab=512, n_ctx=4096,
-                         dense_type="F16", expert_type="Q4_K"),
-        "qwen35moe": dict(n_layer=4, n_expert=8, n_expert_used=2, n_embd=256, n_ff_exp=256, n_ff_shexp=128,
-                          n_head=4, n_head_kv=2, head_dim=64, n_vocab=512, n_ctx=4096,
-                          dense_type="F16", expert_type="Q4_K",
-                          ssm_d_conv=4, ssm_d_state=32, ssm_n_group=2, ssm_dt_rank=4, full_attention_interval=4),
-    },
-    # B1 of docs/BENCHMARK.md: Qwen3-30B-A3B's layer shape at half its depth (about 8.5 GB)
-    "bench": {
-        "qwen3moe": dict(n_layer=24, n_expert=128, n_expert_used=8, n_embd=2048, n_ff_exp=768, n_head=32,
-                         n_head_kv=4, head_dim=128, n_vocab=8192, n_ctx=32768, dense_type="Q4_K",
-                         expert_type="Q4_K"),
-        # qwen2moe ties head_dim to n_embd / n_head
-        "qwen2moe": dict(n_layer=24, n_expert=128, n_expert_used=8, n_embd=2048, n_ff_exp=768, n_ff_shexp=3072,
-                         n_head=16, n_head_kv=4, head_dim=128, n_vocab=8192, n_ctx=32768, dense_type="Q4_K",
-                         expert_type="Q4_K"),
-        "qwen35moe": dict(n_layer=24, n_expert=128, n_expert_used=8, n_embd=2048, n_ff_exp=768, n_ff_shexp=768,
-                          n_head=16, n_head_kv=2, head_dim=256, n_vocab=8192, n_ctx=32768, dense_type="Q4_K",
-                          expert_type="Q4_K", ssm_d_conv=4, ssm_d_state=128, ssm_n_group=16, ssm_dt_rank=32,
-                          full_attention_interval=4),
-    },
-}
+_GENERIC_FIELDS = tuple(f.name for f in dataclasses.fields(SynthSpec) if f.name not in ("arch", "preset", "params"))
 
 
 def preset_values(preset: str, arch: str) -> Dict[str, Any]:
-    if preset not in _PRESETS:
+    """The values (generic and the arch's own) of a preset."""
+    if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-    if arch not in ARCHES:
-        raise UsageError(f"unknown arch {arch!r} (choose from {', '.join(ARCHES)})")
-    return dict(_PRESETS[preset][arch])
+    return archs.get(arch).preset_values(preset)
 
 
 def make_spec(arch: str = "qwen3moe", preset: str = "tiny", **overrides: Any) -> SynthSpec:
-    """A validated SynthSpec: preset values for the arch, then the overrides (None values ignored)."""
-    arch = (arch or "").strip().lower()
-    if arch not in ARCHES:
-        raise UsageError(f"unknown arch {arch!r} (choose from {', '.join(ARCHES)})")
-    vals = preset_values(preset, arch)
-    known = {f for f in SynthSpec.__dataclass_fields__}
+    """A validated SynthSpec: preset values for the arch, then the overrides (None values ignored).
+    Overrides are generic SynthSpec fields or the arch's own parameters (archs.get(arch).Params)."""
+    A = archs.get(arch)
+    vals = preset_values(preset, A.name)
+    own = set(A.param_names())
+    known = set(_GENERIC_FIELDS) | own
     for k, v in overrides.items():
         if k not in known:
+            others = [o.name for o in archs.all_archs() if k in o.param_names()]
+            if others:
+                raise UsageError(f"synth option {k!r} applies to {', '.join(others)}, not {A.name}")
             raise UsageError(f"unknown synth option {k!r}")
         if v is not None:
             vals[k] = v
-    if arch == "qwen2moe" and overrides.get("head_dim") is None:
-        # qwen2moe has no separate head size (n_embd / n_head): derive it unless given
-        n_head = vals.get("n_head") or 0
-        if isinstance(n_head, int) and n_head > 0 and isinstance(vals.get("n_embd"), int):
-            vals["head_dim"] = vals["n_embd"] // n_head
-    if overrides.get("expert_scales") and arch != "qwen3moe":
-        # llama.cpp's qwen2moe graph ignores the scales and qwen35moe's fused gate_up has none
-        raise UsageError("--expert-scales applies to qwen3moe (the synthesized arch whose llama.cpp graph applies them)")
-    if arch == "qwen3moe":
-        if overrides.get("n_ff_shexp"):
-            raise UsageError("--shared-ffn applies to qwen2moe and qwen35moe only (qwen3moe has no shared expert)")
+    if overrides.get("expert_scales") and not A.expert_scales:
+        which = " and ".join(o.name for o in archs.all_archs() if o.expert_scales)
+        raise UsageError(f"--expert-scales applies to {which} (the synthesized archs whose llama.cpp graph applies "
+                         f"them), not {A.name}")
+    A.adjust(vals, overrides)
+    if overrides.get("n_ff_shexp") and not A.shared_ffn:
+        which = [o.name for o in archs.all_archs() if o.shared_ffn]
+        raise UsageError(f"--shared-ffn applies to {', '.join(which[:-1])} and {which[-1]} only ({A.name} has no "
+                         f"shared expert sized by it)")
+    if not A.shared_ffn:
         vals["n_ff_shexp"] = 0
-    spec = SynthSpec(arch=arch, preset=preset, **vals)
+    params = A.Params(**{k: vals.pop(k) for k in list(vals) if k in own})
+    spec = SynthSpec(arch=A.name, preset=preset, params=params, **vals)
     validate_spec(spec)
     return spec
 
 
 def _need_multiple(value: int, tname: str, what: str) -> None:
-    t = quants.type_id(tname)
-    bs = quants.block_size(t)
-    if value % bs:
-        raise UsageError(f"{what} = {value} must be a multiple of {bs} for {tname} tensors")
+    Checks.multiple(value, tname, what)
 
 
 def validate_spec(s: SynthSpec) -> None:
     """Raise UsageError (one line) for out-of-range values."""
-    if s.arch not in ARCHES:
+    A = archs.get(s.arch)
+    if s.arch != A.name:
         raise UsageError(f"unknown arch {s.arch!r} (choose from {', '.join(ARCHES)})")
     for tname, opt in ((s.dense_type, "--dense-type"), (s.expert_type, "--expert-type")):
         if str(tname).upper() not in quants.TYPES:
             raise UsageError(f"{opt} {tname!r} is not supported (choose from {', '.join(quants.TYPES)})")
     s.dense_type = s.dense_type.upper()
     s.expert_type = s.expert_type.upper()
-
-    def pos(v, opt, lo=1, hi=None):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
-            raise UsageError(f"{opt} must be an integer (got {v!r})")
-        if v < lo or (hi is not None and v > hi):
-            rng = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-            raise UsageError(f"{opt} = {v} is out of range: must be {rng}")
+    c = Checks(s)
+    pos = c.pos
 
     pos(s.n_layer, "--layers", 1, 512)
     pos(s.n_expert, "--experts", 1, 1024)
@@ -230,24 +223,9 @@ def validate_spec(s: SynthSpec) -> None:
     _need_multiple(s.n_embd, s.dense_type, "--embd")
     _need_multiple(s.n_ff_exp, s.expert_type, "--expert-ffn")
     _need_multiple(s.n_head * s.head_dim, s.dense_type, "--heads x --head-dim")
-    if s.arch == "qwen2moe" and s.n_head * s.head_dim != s.n_embd:
-        raise UsageError(
-            f"qwen2moe needs --heads x --head-dim = --embd (got {s.n_head} x {s.head_dim} != {s.n_embd})"
-        )
-    if s.has_shared_expert:
-        pos(s.n_ff_shexp, "--shared-ffn", 1)
-        _need_multiple(s.n_ff_shexp, s.dense_type, "--shared-ffn")
-    if s.arch == "qwen35moe":
-        pos(s.full_attention_interval, "full_attention_interval", 1)
-        pos(s.ssm_d_conv, "ssm_d_conv", 2)
-        pos(s.ssm_d_state, "ssm_d_state", 1)
-        pos(s.ssm_n_group, "ssm_n_group", 1)
-        pos(s.ssm_dt_rank, "ssm_dt_rank", 1)
-        if s.ssm_dt_rank % s.ssm_n_group:
-            raise UsageError(f"ssm_dt_rank {s.ssm_dt_rank} must be a multiple of ssm_n_group {s.ssm_n_group}")
-        _need_multiple(s.ssm_d_inner, s.dense_type, "ssm inner size (state_size x time_step_rank)")
-        if s.head_dim % 8:
-            raise UsageError(f"--head-dim = {s.head_dim} must be a multiple of 8 for qwen35moe (a quarter of it is rotated)")
+    A.check(s, c)
+    if not A.moe_layers(s):
+        raise UsageError(f"{s.arch} with these options has no MoE layer (--layers = {s.n_layer})")
     n_tensors = len(plan_tensors(s))
     if s.shards > n_tensors:
         raise UsageError(f"--shards = {s.shards} is more than the {n_tensors} tensors of the model")
@@ -256,110 +234,13 @@ def validate_spec(s: SynthSpec) -> None:
 # ------------------------------------------------------------------------------------ tensor plan
 
 
-@dataclass
-class TensorPlan:
-    name: str
-    ne: Tuple[int, ...]  # ggml order
-    ggml_type: int
-    init: str  # "matrix" | "embed" | "norm" | "bias" | "ssm_a" | "conv"
-    std: float = 0.0
-    layer: Optional[int] = None
-    is_expert: bool = False
-
-    @property
-    def nbytes(self) -> int:
-        return quants.tensor_nbytes(self.ggml_type, self.ne)
-
-
 def plan_tensors(s: SynthSpec) -> List[TensorPlan]:
     """Every tensor of the model, in file order (per ``s.layout``)."""
-    F32 = quants.F32
-    dense = quants.type_id(s.dense_type)
-    expert = quants.type_id(s.expert_type)
-    E, D, FF, V = s.n_expert, s.n_embd, s.n_ff_exp, s.n_vocab
-    hd = s.head_dim
-    q_dim, kv_dim = hd * s.n_head, hd * s.n_head_kv
-
-    def mat(name, ne, t=dense, layer=None, gain=1.0):
-        return TensorPlan(name, tuple(ne), t, "matrix", gain / float(np.sqrt(ne[0])), layer)
-
-    def vec(name, n, init="norm", layer=None, std=0.0):
-        return TensorPlan(name, (n,), F32, init, std, layer)
-
-    def exps(name, ne, layer):
-        p = TensorPlan(name, tuple(ne), expert, "matrix", 1.0 / float(np.sqrt(ne[0])), layer, True)
-        return p
-
-    head = [TensorPlan("token_embd.weight", (D, V), dense, "embed", 1.0)]
-    tail = [vec("output_norm.weight", D), mat("output.weight", (D, V))]
-    layers: List[List[TensorPlan]] = []
-    for il in range(s.n_layer):
-        b = f"blk.{il}."
-        L: List[TensorPlan] = []
-        if s.arch == "qwen35moe":
-            L.append(vec(b + "attn_norm.weight", D, layer=il))
-            if s.is_recurrent(il):
-                key_dim = s.ssm_d_state * s.ssm_n_group
-                value_dim = s.ssm_d_state * s.ssm_dt_rank
-                conv_dim = 2 * key_dim + value_dim
-                L += [
-                    mat(b + "attn_qkv.weight", (D, conv_dim), layer=il),
-                    mat(b + "attn_gate.weight", (D, value_dim), layer=il),
-                    TensorPlan(b + "ssm_conv1d.weight", (s.ssm_d_conv, conv_dim), F32, "conv",
-                               1.0 / float(np.sqrt(s.ssm_d_conv)), il),
-                    vec(b + "ssm_dt.bias", s.ssm_dt_rank, "bias", il, 0.5),
-                    vec(b + "ssm_a", s.ssm_dt_rank, "ssm_a", il),
-                    mat(b + "ssm_beta.weight", (D, s.ssm_dt_rank), layer=il),
-                    mat(b + "ssm_alpha.weight", (D, s.ssm_dt_rank), layer=il),
-                    vec(b + "ssm_norm.weight", s.ssm_d_state, layer=il),
-                    mat(b + "ssm_out.weight", (value_dim, D), layer=il),
-                ]
-            else:
-                L += [
-                    mat(b + "attn_q.weight", (D, q_dim * 2), layer=il),
-                    mat(b + "attn_k.weight", (D, kv_dim), layer=il),
-                    mat(b + "attn_v.weight", (D, kv_dim), layer=il),
-                    mat(b + "attn_output.weight", (q_dim, D), layer=il),
-                    vec(b + "attn_q_norm.weight", hd, layer=il),
-                    vec(b + "attn_k_norm.weight", hd, layer=il),
-                ]
-            L.append(vec(b + "post_attention_norm.weight", D, layer=il))
-            L.append(mat(b + "ffn_gate_inp.weight", (D, E), F32, il))
-            L.append(exps(b + "ffn_gate_up_exps.weight", (D, 2 * FF, E), il))
-            L.append(exps(b + "ffn_down_exps.weight", (FF, D, E), il))
-        else:
-            L.append(vec(b + "attn_norm.weight", D, layer=il))
-            L += [
-                mat(b + "attn_q.weight", (D, q_dim), layer=il),
-                mat(b + "attn_k.weight", (D, kv_dim), layer=il),
-                mat(b + "attn_v.weight", (D, kv_dim), layer=il),
-            ]
-            if s.arch == "qwen2moe":
-                L += [
-                    vec(b + "attn_q.bias", q_dim, "bias", il, 0.02),
-                    vec(b + "attn_k.bias", kv_dim, "bias", il, 0.02),
-                    vec(b + "attn_v.bias", kv_dim, "bias", il, 0.02),
-                ]
-            L.append(mat(b + "attn_output.weight", (q_dim, D), layer=il))
-            if s.arch == "qwen3moe":
-                L += [vec(b + "attn_q_norm.weight", hd, layer=il), vec(b + "attn_k_norm.weight", hd, layer=il)]
-            L.append(vec(b + "ffn_norm.weight", D, layer=il))
-            L.append(mat(b + "ffn_gate_inp.weight", (D, E), F32, il))
-            L.append(exps(b + "ffn_gate_exps.weight", (D, FF, E), il))
-            L.append(exps(b + "ffn_up_exps.weight", (D, FF, E), il))
-            L.append(exps(b + "ffn_down_exps.weight", (FF, D, E), il))
-            if s.expert_scales:
-                L += [vec(b + f"ffn_{k}_exps.scale", E, "scale", il) for k in ("gate", "up", "down")]
-        if s.has_shared_expert:
-            SH = s.n_ff_shexp
-            L += [
-                TensorPlan(b + "ffn_gate_inp_shexp.weight", (D,), F32, "matrix", 1.0 / float(np.sqrt(D)), il),
-                mat(b + "ffn_gate_shexp.weight", (D, SH), layer=il),
-                mat(b + "ffn_up_shexp.weight", (D, SH), layer=il),
-                mat(b + "ffn_down_shexp.weight", (SH, D), layer=il),
-            ]
-        layers.append(L)
-
+    A = archs.get(s.arch)
+    b = Builder(s)
+    head = A.head(s, b)
+    tail = A.tail(s, b)
+    layers = [A.layer(s, b, il) for il in range(s.n_layer)]
     if s.layout == "grouped":
         out = head + tail
         for L in layers:
@@ -587,7 +468,7 @@ def _pad(n: int, align: int) -> int:
 
 
 def _file_type(expert_type: str) -> int:
-    return {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_K": 15}[expert_type]
+    return {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_K": 15, "MXFP4": 38}[expert_type]  # 38: LLAMA_FTYPE_MOSTLY_MXFP4_MOE
 
 
 def model_kv(s: SynthSpec) -> KV:
@@ -600,32 +481,7 @@ def model_kv(s: SynthSpec) -> KV:
     kv.u32("general.file_type", _file_type(s.expert_type))
     kv.u32("general.quantization_version", 2)
     kv.u32("general.alignment", s.alignment)
-    kv.u32(f"{a}.block_count", s.n_layer)
-    kv.u32(f"{a}.context_length", s.n_ctx)
-    kv.u32(f"{a}.embedding_length", s.n_embd)
-    if s.has_shared_expert:
-        kv.u32(f"{a}.feed_forward_length", s.n_ff_shexp)
-    kv.u32(f"{a}.attention.head_count", s.n_head)
-    kv.u32(f"{a}.attention.head_count_kv", s.n_head_kv)
-    if a != "qwen2moe":
-        kv.u32(f"{a}.attention.key_length", s.head_dim)
-        kv.u32(f"{a}.attention.value_length", s.head_dim)
-    kv.f32(f"{a}.attention.layer_norm_rms_epsilon", s.rms_eps)
-    kv.f32(f"{a}.rope.freq_base", s.rope_freq_base)
-    kv.u32(f"{a}.expert_count", s.n_expert)
-    kv.u32(f"{a}.expert_used_count", s.n_expert_used)
-    kv.u32(f"{a}.expert_feed_forward_length", s.n_ff_exp)
-    if s.has_shared_expert:
-        kv.u32(f"{a}.expert_shared_feed_forward_length", s.n_ff_shexp)
-    if a == "qwen35moe":
-        kv.u32(f"{a}.rope.dimension_count", s.rope_dim)
-        kv.add(f"{a}.rope.dimension_sections", "ARRAY", s.rope_sections, "INT32")
-        kv.u32(f"{a}.full_attention_interval", s.full_attention_interval)
-        kv.u32(f"{a}.ssm.conv_kernel", s.ssm_d_conv)
-        kv.u32(f"{a}.ssm.state_size", s.ssm_d_state)
-        kv.u32(f"{a}.ssm.group_count", s.ssm_n_group)
-        kv.u32(f"{a}.ssm.time_step_rank", s.ssm_dt_rank)
-        kv.u32(f"{a}.ssm.inner_size", s.ssm_d_inner)
+    archs.get(a).kv(s, kv)  # the {arch}.* keys
     # tokenizer
     tokens, scores, types = build_vocab(s.n_vocab)
     kv.s("tokenizer.ggml.model", "llama")

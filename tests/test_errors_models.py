@@ -98,7 +98,7 @@ def test_shard_of_another_model(tmp_path):
 # ------------------------------------------------------------------------------- synth: bad options
 
 @pytest.mark.parametrize("args,needles", [
-    (["--arch", "llama"], ["unknown arch 'llama'", "qwen3moe"]),
+    (["--arch", "falcon"], ["unknown arch 'falcon'", "qwen3moe"]),
     (["--preset", "huge"], ["unknown preset 'huge'"]),
     (["--experts", "4", "--experts-used", "5"], ["--experts-used = 5 is more than --experts = 4"]),
     (["--layers", "0"], ["--layers = 0 is out of range"]),
@@ -122,8 +122,8 @@ def test_synth_bad_options(tmp_path, args, needles):
 
 
 def test_synth_bad_option_through_subprocess(run_cli, tmp_path):
-    r = run_cli("synth", "-o", tmp_path / "x.gguf", "--arch", "mixtral")
-    _check_one_line_error(r.code, r.stderr, 2, "unknown arch 'mixtral'")
+    r = run_cli("synth", "-o", tmp_path / "x.gguf", "--arch", "falcon")
+    _check_one_line_error(r.code, r.stderr, 2, "unknown arch 'falcon'")
     r = run_cli("synth", "-o", tmp_path / "x.gguf", "--experts", "8", "--experts-used", "9")
     _check_one_line_error(r.code, r.stderr, 2, "--experts-used = 9 is more than --experts = 8")
 

@@ -116,6 +116,36 @@ def test_reader_offsets_hold_the_written_bytes(tiny_models):
             assert t.nbytes == plan[name].nbytes and t.shape == plan[name].ne
 
 
+# the sha256 of `flashmoe synth --arch A --preset tiny --seed 0` before the arch registry (gguf_tools/archs/):
+# moving an architecture's knowledge into its module must not change a byte of its files
+V1_TINY_SHA256 = {
+    "qwen3moe": "fa11899310dace347877a51147a9eba3950769ee567c7b53f9627925fbbb1198",
+    "qwen2moe": "51bd1acbc3f4c0c4efc291b6f2f5d81646c8e10207e4d835b5e0f0de3ae12dff",
+    "qwen35moe": "43763bc942734984eb182d27f2dc9c1c765e2828321cbab415243f22e31030d8",
+}
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHES)
+def test_existing_archs_files_are_unchanged(tiny_models, arch):
+    assert _sha(tiny_models[arch]) == V1_TINY_SHA256[arch], (
+        f"the tiny {arch} file changed: an intended change of the synthesized format updates V1_TINY_SHA256")
+
+
+def test_spec_params_read_and_write_through_the_spec():
+    s = make_spec("qwen35moe", "tiny", ssm_d_state=16)
+    assert s.ssm_d_state == 16 and s.params.ssm_d_state == 16
+    s.ssm_dt_rank = 8
+    assert s.params.ssm_dt_rank == 8
+    d = s.to_dict()
+    assert d["ssm_d_state"] == 16 and "params" not in d
+    # the v1 spec JSON of qwen3moe carried the (unused) qwen35moe keys: kept for byte-identical files
+    assert make_spec("qwen3moe", "tiny").to_dict()["ssm_d_state"] == 32
+    from flashmoe.errors import UsageError
+
+    with pytest.raises(UsageError, match="applies to qwen35moe, not qwen3moe"):
+        make_spec("qwen3moe", "tiny", ssm_d_state=16)
+
+
 # -------------------------------------------------------------------------------------- presets
 
 def test_bench_preset_is_b1():
@@ -156,7 +186,7 @@ def test_tiny_presets_are_small_and_moe(tiny_models):
 
 # -------------------------------------------------------------------------------- quant blocks
 
-@pytest.mark.parametrize("tname", ["Q4_K", "Q8_0", "F16", "F32"])
+@pytest.mark.parametrize("tname", ["Q4_K", "Q8_0", "MXFP4", "F16", "F32"])
 def test_random_blocks_are_finite_zero_mean_with_requested_std(tname):
     t = quants.type_id(tname)
     ne = (512, 64)
@@ -167,6 +197,8 @@ def test_random_blocks_are_finite_zero_mean_with_requested_std(tname):
         v = quants.dequantize_q4_k(raw)
     elif t == quants.Q8_0:
         v = quants.dequantize_q8_0(raw)
+    elif t == quants.MXFP4:
+        v = quants.dequantize_mxfp4(raw)
     elif t == quants.F16:
         v = raw.view(np.float16).astype(np.float32)
     else:

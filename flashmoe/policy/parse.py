@@ -14,6 +14,8 @@ from typing import Any, List, Optional, Sequence, Set, Tuple
 
 import gguf
 
+from gguf_tools import archs as _archs
+
 from flashmoe.policy.patterns import Pattern, looks_like_regex
 from flashmoe.policy.schema import (
     CACHE_KEYS,
@@ -37,7 +39,7 @@ from flashmoe.settings import PLACEMENTS
 from flashmoe.sizes import SizeError, parse_size
 from gguf_tools.reader import EXPERT_NAME_RE
 
-SUPPORTED_ARCHES = ("qwen3moe", "qwen2moe", "qwen35moe")
+SUPPORTED_ARCHES = tuple(_archs.names())  # the families flashmoe synthesizes and tests (gguf_tools/archs)
 
 # Names that every MoE model of the supported architectures has: a policy that leaves one of them
 # unmatched cannot resolve for those models.

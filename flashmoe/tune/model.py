@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 from flashmoe.errors import FlashMoEError
 from flashmoe.policy import Policy, PolicyError
 from flashmoe.sizes import format_size
-from flashmoe.tune.simulate import last_layer_of
+from flashmoe.trace import model_last_layer, model_moe_layers
 from gguf_tools.reader import GGUFModel, open_model, require_moe
 
 
@@ -26,7 +26,10 @@ class ModelFacts:
     def of(cls, model: GGUFModel) -> "ModelFacts":
         eb: Dict[int, int] = {}
         nt: Dict[int, int] = {}
+        routed = set(model_moe_layers(model))  # not layers llama.cpp loads but never runs (glm4moe's nextn)
         for t in model.expert_tensors():
+            if t.layer not in routed:
+                continue
             eb[t.layer] = eb.get(t.layer, 0) + t.expert_stride
             nt[t.layer] = nt.get(t.layer, 0) + 1
         return cls(model, dict(sorted(eb.items())), dict(sorted(nt.items())))
@@ -73,7 +76,9 @@ class ModelFacts:
 
     @property
     def last_layer(self) -> Optional[int]:
-        return last_layer_of(self.arch, self.n_layer)
+        # the arch registry's rule (it knows layers that llama.cpp loads but never runs, e.g. glm4moe's
+        # next-token-prediction layer, which a name-only rule would take for the last one)
+        return model_last_layer(self.model)
 
     @property
     def bytes_per_slot(self) -> int:
