@@ -19,6 +19,7 @@ around at the end). ``Engine.generate`` rewinds the cursors, so every run replay
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -60,30 +61,80 @@ def write_trace(path: str, tr: Trace) -> None:
         f.write(ids.tobytes())
 
 
+# a trace larger than this is refused before it is read (2**31 ids: 8 GiB)
+MAX_TRACE_IDS = 1 << 31
+MAX_EXPERTS = 1 << 16  # experts per layer (llama.cpp: 1024)
+MAX_LAYERS = 4096  # MoE layers (llama.cpp: 512)
+
+
 def read_trace(path: str) -> Trace:
+    """Read and check a trace file. FlashMoEError (one line) for anything that is not a complete,
+    consistent FMRT v1 trace: the sizes in the header are checked against the file's size before
+    anything is read."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FlashMoEError(f"no such routing trace: {path}") from None
+    except OSError as e:
+        raise FlashMoEError(f"cannot open routing trace {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise FlashMoEError(f"routing trace {path} is not a regular file")
+    size = st.st_size
     try:
         with open(path, "rb") as f:
             head = f.read(_HDR.size)
             if len(head) < _HDR.size:
-                raise FlashMoEError(f"{path} is not a flashmoe routing trace (too short)")
+                raise FlashMoEError(f"{path} is not a flashmoe routing trace (too short: {size} bytes)")
             magic, ver, n_lay, n_used, n_expert, _, n_tok = _HDR.unpack(head)
-            if magic != MAGIC or ver != VERSION:
-                raise FlashMoEError(f"{path} is not a flashmoe routing trace (FMRT v1)")
-            layers = np.frombuffer(f.read(4 * n_lay), dtype="<i4")
+            if magic != MAGIC:
+                raise FlashMoEError(f"{path} is not a flashmoe routing trace (bad magic)")
+            if ver != VERSION:
+                raise FlashMoEError(f"{path}: unsupported routing trace version {ver} (expected {VERSION})")
+            if n_lay == 0 or n_used == 0 or n_expert == 0 or n_tok == 0:
+                raise FlashMoEError(f"routing trace {path} is empty or corrupt: {n_tok} tokens x {n_lay} layers x "
+                                    f"{n_used} of {n_expert} experts")
+            if n_expert > MAX_EXPERTS or n_lay > MAX_LAYERS:
+                raise FlashMoEError(f"routing trace {path} is corrupt: {n_lay} layers of {n_expert} experts "
+                                    f"(at most {MAX_LAYERS} layers of {MAX_EXPERTS})")
+            if n_used > n_expert:
+                raise FlashMoEError(f"routing trace {path} is corrupt: {n_used} experts per token of {n_expert}")
             want = n_tok * n_lay * n_used
+            expect = _HDR.size + 4 * n_lay + 4 * want
+            if expect != size:
+                what = "truncated" if expect > size else "corrupt (it has extra bytes)"
+                raise FlashMoEError(f"routing trace {path} is {what}: its header says {n_tok} tokens x {n_lay} "
+                                    f"layers x {n_used} experts ({expect} bytes), the file has {size} bytes")
+            if want > MAX_TRACE_IDS:
+                raise FlashMoEError(f"routing trace {path} is too large ({want} expert ids)")
+            layers = np.frombuffer(f.read(4 * n_lay), dtype="<i4")
             ids = np.frombuffer(f.read(4 * want), dtype="<i4")
-    except FileNotFoundError:
-        raise FlashMoEError(f"no such routing trace: {path}")
-    if len(layers) != n_lay or ids.size != want or want == 0:
-        raise FlashMoEError(f"routing trace {path} is truncated")
+    except OSError as e:
+        raise FlashMoEError(f"cannot read routing trace {path}: {e.strerror or e}") from None
+    if len(layers) != n_lay or ids.size != want:
+        raise FlashMoEError(f"routing trace {path} is truncated")  # the file shrank while it was read
+    if layers.min() < 0 or len(set(layers.tolist())) != n_lay:
+        raise FlashMoEError(f"routing trace {path} is corrupt: its layer indexes must be distinct and non-negative")
     ids = ids.reshape(n_tok, n_lay, n_used).astype(np.int32)
     if ids.min() < 0 or ids.max() >= n_expert:
-        raise FlashMoEError(f"routing trace {path} has expert ids out of range")
+        raise FlashMoEError(f"routing trace {path} has expert ids out of range (0..{n_expert - 1})")
     return Trace([int(x) for x in layers], int(n_expert), ids)
 
 
 def model_moe_layers(model) -> List[int]:
-    return sorted({t.layer for t in model.tensors if t.is_expert})
+    """The layers whose routing a trace holds (and the hook streams): per the arch registry
+    (gguf_tools.archs), the layers with routed experts that llama.cpp's graph runs, e.g. not glm4moe's
+    next-token-prediction layers."""
+    from gguf_tools import archs
+
+    return archs.routed_layers(model)
+
+
+def model_last_layer(model) -> Optional[int]:
+    """The last-layer rule (arch registry): the layer that computes only a ubatch's output rows
+    (a trace's rows for it follow the outputs), or None when every layer computes every row."""
+    from gguf_tools import archs
+
+    return archs.last_layer(model)
 
 
 def check_trace_fits(tr: Trace, model, n_used: Optional[int] = None) -> None:
@@ -258,3 +309,20 @@ def ensure_parent(path: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(d):
         raise FlashMoEError(f"output folder does not exist: {d}")
+
+
+def ensure_writable_target(path: str, what: str = "output") -> None:
+    """Before any work: a FlashMoEError unless ``path`` can be written (its folder exists and takes a
+    file; ``path`` itself is not a folder). Creates and removes a probe file in the folder."""
+    import tempfile
+
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise FlashMoEError(f"the folder of {what} {path} does not exist: {d}")
+    if os.path.isdir(path):
+        raise FlashMoEError(f"{what} {path} is a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".flashmoe-probe-"):
+            pass
+    except OSError as e:
+        raise FlashMoEError(f"cannot write to the folder of {what} {path}: {e.strerror or e}") from None
