@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from flashmoe.errors import FlashMoEError, UsageError
+from flashmoe.errors import UsageError
 
 
 def stream_options(f):
@@ -37,7 +37,7 @@ def engine_from_options(model, policy, stream_mode, cache_slots, cache_size, evi
                         routing_trace, experts_per_token, no_weight_repack, threads, n_ctx, record_trace=False,
                         seed=0, **extra):
     from flashmoe.engine import Engine
-    from flashmoe.settings import EngineSettings, StreamSettings
+    from flashmoe.settings import EngineSettings
     from flashmoe.sizes import parse_size
 
     settings = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import click
 
@@ -24,7 +24,7 @@ def run_demo(model: Optional[str] = None, prompt: str = DEMO_PROMPT, n_tokens: i
              threads: Optional[int] = None) -> bool:
     """Prints both runs and the comparison; True when the tokens are identical."""
     path = str(model or DEMO_MODEL)
-    common = dict(use_extra_bufts=False, n_ctx=512, n_threads=threads)  # matched kernels: see docs/patch.md
+    common: Dict[str, Any] = dict(use_extra_bufts=False, n_ctx=512, n_threads=threads)  # matched kernels: docs/patch.md
     with Engine(path, policy="stock", **common) as e:
         ram = e.generate(prompt, n_tokens, stop_at_eos=False)
     with Engine(path, stream=StreamSettings(mode="cache", cache_slots=cache_slots, readers=2, direct_io=True),

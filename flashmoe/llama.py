@@ -14,7 +14,7 @@ import contextlib
 import ctypes
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Generator, List, Optional, Sequence
 
 import numpy as np
 
@@ -187,7 +187,7 @@ class Step:
 
 
 def tokens(llama, prompt: List[int], sampling: Sampling, *, grammar: Any = None, logits_processor: Any = None,
-           with_logits: bool = False, keep_prefix: bool = False) -> Iterator[Step]:
+           with_logits: bool = False, keep_prefix: bool = False) -> Generator[Step, None, None]:
     """The one generation loop: evaluates ``prompt`` (with ``keep_prefix`` the KV cache's common prefix
     with the previous call is reused, else the context starts empty), then yields each picked token,
     forever: the caller stops it (and closes it). Each token is evaluated only when the next one is asked

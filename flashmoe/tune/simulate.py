@@ -393,7 +393,9 @@ def combine(results_by_slots: Mapping[int, SimResult], alloc: Mapping[int, int])
         r = results_by_slots[alloc[lc.layer]]
         layers.append(r.layers[j])
         cols.append(j)
-    stack = lambda name: np.stack([getattr(results_by_slots[alloc[l.layer]], name)[:, j]
-                                   for j, l in enumerate(any_r.layers)], axis=1)
+    def stack(name):
+        return np.stack([getattr(results_by_slots[alloc[l.layer]], name)[:, j]
+                         for j, l in enumerate(any_r.layers)], axis=1)
+
     return SimResult("cache", any_r.eviction, dict(alloc), layers, any_r.ubatches, stack("misses"),
                      stack("distinct"), stack("waves"), stack("rows"))
