@@ -29,6 +29,8 @@ from gguf_tools import archs
 from gguf_tools.reader import open_model
 from gguf_tools.synth import make_spec, plan_tensors, synth_model
 
+pytestmark = pytest.mark.slow  # ten architectures, each streamed and replayed
+
 NEW_ARCHES = ["deepseek2", "glm4moe", "gpt-oss", "llama", "llama4", "olmoe", "granitemoe"]
 # what the registry must say about the tiny presets: (block_count, MoE layers, last layer computing only outputs)
 EXPECT = {

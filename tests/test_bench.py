@@ -13,6 +13,8 @@ import pytest
 
 from flashmoe import bench as B
 
+pytestmark = pytest.mark.slow  # real worker processes under memory cgroups
+
 SMALL_STREAM = """\
 version: 1
 name: small-stream

@@ -19,6 +19,8 @@ import pytest
 from flashmoe import build
 from flashmoe import crosscheck as X
 
+pytestmark = pytest.mark.slow  # cross-compiles the patched llama.cpp for two macOS targets
+
 LINUX_TARGET = "x86_64-linux-gnu"
 MH_MAGIC_64 = 0xFEEDFACF
 CPU_TYPE = {"aarch64-macos": 0x0100000C, "x86_64-macos": 0x01000007}  # CPU_TYPE_ARM64, CPU_TYPE_X86_64

@@ -19,6 +19,8 @@ from flashmoe.trace import read_trace
 from flashmoe.tune.simulate import engine_ubatches, last_layer_of, simulate
 from gguf_tools.reader import open_model
 
+pytestmark = pytest.mark.slow  # 64-token runs of the real model under every policy
+
 MODEL = str(DEMO_MODEL)
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
         "want of a wife. However little known the feelings or views of such a man may be on his first entering "

@@ -13,6 +13,8 @@ import pytest
 
 from conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # measures, simulates and validates with real runs
+
 N_CTX = 512
 
 
