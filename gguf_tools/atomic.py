@@ -4,7 +4,7 @@ Usage::
 
     from gguf_tools.atomic import atomic_write, ByteProgress, check_free_space
 
-    check_free_space(out_path, n_bytes)           # FlashMoEError when the disk is too small
+    check_free_space(out_path, n_bytes)           # GGUFError when the disk is too small
     with ByteProgress(total=n_bytes, label="writing") as bar, atomic_write(out_path) as f:
         f.write(chunk); bar.update(len(chunk))
 
@@ -23,7 +23,7 @@ import tempfile
 import time
 from typing import BinaryIO, Iterator
 
-from flashmoe.errors import FlashMoEError
+from gguf_tools.errors import GGUFError
 
 
 def _fsync_dir(folder: str) -> None:
@@ -43,20 +43,20 @@ def _fsync_dir(folder: str) -> None:
 def atomic_write(path: str | os.PathLike, mode: str = "wb", overwrite: bool = True) -> Iterator[BinaryIO]:
     """Open a temporary file next to ``path``; on success fsync it and rename it to ``path``.
 
-    overwrite=False raises FlashMoEError if ``path`` already exists (checked before and at rename).
+    overwrite=False raises GGUFError if ``path`` already exists (checked before and at rename).
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise FlashMoEError(f"{path} is a folder: give a file name")
+        raise GGUFError(f"{path} is a folder: give a file name")
     if not os.path.isdir(folder):
-        raise FlashMoEError(f"output folder does not exist: {folder}")
+        raise GGUFError(f"output folder does not exist: {folder}")
     if not overwrite and os.path.exists(path):
-        raise FlashMoEError(f"{path} already exists (use --force to overwrite)")
+        raise GGUFError(f"{path} already exists (use --force to overwrite)")
     try:
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     except OSError as e:
-        raise FlashMoEError(f"cannot write in {folder}: {e.strerror or e}") from None
+        raise GGUFError(f"cannot write in {folder}: {e.strerror or e}") from None
     try:
         # mkstemp makes the file 0600: give it the mode a plain open() would (or keep the target's)
         if os.path.exists(path):
@@ -74,19 +74,19 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", overwrite: bool = Tr
             yield f
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                raise FlashMoEError(f"disk full while writing {path}") from None
+                raise GGUFError(f"disk full while writing {path}") from None
             raise
         try:
             f.flush()
             os.fsync(f.fileno())
             f.close()
             if not overwrite and os.path.exists(path):
-                raise FlashMoEError(f"{path} already exists (use --force to overwrite)")
+                raise GGUFError(f"{path} already exists (use --force to overwrite)")
             os.replace(tmp, path)
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                raise FlashMoEError(f"disk full while writing {path}") from None
-            raise FlashMoEError(f"cannot write {path}: {e.strerror or e}") from None
+                raise GGUFError(f"disk full while writing {path}") from None
+            raise GGUFError(f"cannot write {path}: {e.strerror or e}") from None
         ok = True
         _fsync_dir(folder)
     finally:
@@ -102,14 +102,14 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", overwrite: bool = Tr
 
 
 def check_free_space(path: str | os.PathLike, n_bytes: int, margin: int = 64 << 20) -> None:
-    """Raise FlashMoEError if the filesystem holding ``path`` has less than n_bytes + margin free."""
+    """Raise GGUFError if the filesystem holding ``path`` has less than n_bytes + margin free."""
     folder = os.path.dirname(os.path.abspath(os.fspath(path)))
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         return
     if free < n_bytes + margin:
-        raise FlashMoEError(
+        raise GGUFError(
             f"not enough disk space in {folder}: need {human_bytes(n_bytes)}, {human_bytes(free)} free"
         )
 

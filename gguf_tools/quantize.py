@@ -48,7 +48,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from flashmoe.errors import FlashMoEError, UsageError
+from gguf_tools.errors import GGUFError, UsageError
 from gguf_tools.reader import GGUFModel
 
 KEEP = "KEEP"
@@ -161,7 +161,7 @@ def row_bytes(tid: int, n: int) -> int:
 
     bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType(int(tid))]
     if n % bs:
-        raise FlashMoEError(f"internal error: a row of {n} is not a multiple of the {type_name(tid)} block size {bs}")
+        raise GGUFError(f"internal error: a row of {n} is not a multiple of the {type_name(tid)} block size {bs}")
     return n // bs * ts
 
 
@@ -170,7 +170,7 @@ def requires_imatrix(name: str) -> bool:
         return True
     try:
         return bool(ggml().ggml_quantize_requires_imatrix(_T[name]))
-    except FlashMoEError:
+    except GGUFError:
         return False
 
 
@@ -244,7 +244,7 @@ def lib_dir() -> str:
 
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.submodule_search_locations:
-        raise FlashMoEError("llama-cpp-python is not installed: run `flashmoe build` (quantize uses its ggml library)")
+        raise GGUFError("llama-cpp-python is not installed: run `flashmoe build` (quantize uses its ggml library)")
     return os.path.join(list(spec.submodule_search_locations)[0], "lib")
 
 
@@ -275,7 +275,7 @@ def ggml():
             errors.append(f"{n}: {e}")
     if lib is None:
         why = f" ({'; '.join(errors)})" if errors else ""
-        raise FlashMoEError(f"llama.cpp's ggml library (libggml-base) was not found in {folder}{why}: "
+        raise GGUFError(f"llama.cpp's ggml library (libggml-base) was not found in {folder}{why}: "
                             "run `flashmoe build`")
     i64, sz, vp = ctypes.c_int64, ctypes.c_size_t, ctypes.c_void_p
     lib.ggml_quantize_chunk.restype = sz
@@ -333,10 +333,10 @@ def quantize_rows(tid: int, src: np.ndarray, nrows: int, n_per_row: int,
         im = imatrix.ctypes.data
     n = lib.ggml_quantize_chunk(tid, src.ctypes.data, dst.ctypes.data, 0, nrows, n_per_row, im)
     if n != size:
-        raise FlashMoEError(f"ggml_quantize_chunk wrote {n} bytes for {nrows} rows of {type_name(tid)}, "
+        raise GGUFError(f"ggml_quantize_chunk wrote {n} bytes for {nrows} rows of {type_name(tid)}, "
                             f"expected {size}")
     if not lib.ggml_validate_row_data(tid, dst.ctypes.data, size):
-        raise FlashMoEError(f"quantized {type_name(tid)} data failed llama.cpp's validation (NaN or inf in the input?)")
+        raise GGUFError(f"quantized {type_name(tid)} data failed llama.cpp's validation (NaN or inf in the input?)")
     return dst
 
 
@@ -347,15 +347,15 @@ def read_imatrix(path: str) -> Dict[str, np.ndarray]:
     """{tensor name: importance values (float32, n_per_row * n_matrices)}, normalized like llama-quantize:
     GGUF format: in_sum2 / counts per matrix (1.0 where a matrix has no count); legacy .dat: sums / ncall."""
     if not os.path.exists(path):
-        raise FlashMoEError(f"no such file: {path}")
+        raise GGUFError(f"no such file: {path}")
     with open(path, "rb") as f:
         magic = f.read(4)
     data = _read_imatrix_gguf(path) if magic == b"GGUF" else _read_imatrix_dat(path)
     if not data:
-        raise FlashMoEError(f"{path}: the importance matrix holds no entries")
+        raise GGUFError(f"{path}: the importance matrix holds no entries")
     for k, v in data.items():
         if not np.all(np.isfinite(v)):
-            raise FlashMoEError(f"{path}: the importance matrix has non-finite values for {k}")
+            raise GGUFError(f"{path}: the importance matrix has non-finite values for {k}")
     return data
 
 
@@ -365,17 +365,17 @@ def _read_imatrix_gguf(path: str) -> Dict[str, np.ndarray]:
     try:
         r = GGUFReader(path, "r")
     except Exception as e:
-        raise FlashMoEError(f"{path} is not a readable imatrix GGUF: {e}") from None
+        raise GGUFError(f"{path} is not a readable imatrix GGUF: {e}") from None
     try:
         keys = set(r.fields)
         if not {"imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"} <= keys:
-            raise FlashMoEError(f"{path}: missing imatrix metadata (imatrix.datasets, imatrix.chunk_count, "
+            raise GGUFError(f"{path}: missing imatrix metadata (imatrix.datasets, imatrix.chunk_count, "
                                 "imatrix.chunk_size): not a file llama-imatrix wrote")
         sums: Dict[str, np.ndarray] = {}
         counts: Dict[str, np.ndarray] = {}
         for t in r.tensors:
             if int(t.tensor_type) != 0:
-                raise FlashMoEError(f"{path}: imatrix tensor {t.name} is not F32")
+                raise GGUFError(f"{path}: imatrix tensor {t.name} is not F32")
             arr = np.array(t.data, dtype=np.float32).reshape(-1)
             if t.name.endswith(".in_sum2"):
                 sums[t.name[: -len(".in_sum2")]] = arr
@@ -384,11 +384,11 @@ def _read_imatrix_gguf(path: str) -> Dict[str, np.ndarray]:
         out = {}
         for name in sorted(set(sums) | set(counts)):
             if name not in sums or name not in counts:
-                raise FlashMoEError(f"{path}: mismatched sums and counts for {name}")
+                raise GGUFError(f"{path}: mismatched sums and counts for {name}")
             s, c = sums[name], np.rint(counts[name])
             nc = len(c)
             if nc == 0 or len(s) % nc:
-                raise FlashMoEError(f"{path}: {name}: {len(s)} sums do not split into {nc} matrices")
+                raise GGUFError(f"{path}: {name}: {len(s)} sums do not split into {nc} matrices")
             s = s.reshape(nc, -1)
             e = np.ones_like(s)
             ok = c > 0
@@ -402,7 +402,7 @@ def _read_imatrix_gguf(path: str) -> Dict[str, np.ndarray]:
 
 
 def _read_imatrix_dat(path: str) -> Dict[str, np.ndarray]:
-    bad = FlashMoEError(f"{path} is not an importance matrix: expected llama-imatrix's GGUF output or its "
+    bad = GGUFError(f"{path} is not an importance matrix: expected llama-imatrix's GGUF output or its "
                         "legacy .dat format")
     with open(path, "rb") as f:
         buf = f.read()
@@ -537,7 +537,7 @@ class _Planner:
                 imat = _imatrix_for(self.imatrix, t.name, t.expert_kind) if self.imatrix is not None else None
                 n_mat = int(np.prod(shape[2:])) if len(shape) > 2 else 1
                 if imat is not None and imat.size != ne0 * n_mat:
-                    raise FlashMoEError(f"importance matrix {os.path.basename(self.imatrix_path)}: {t.name} has "
+                    raise GGUFError(f"importance matrix {os.path.basename(self.imatrix_path)}: {t.name} has "
                                         f"{imat.size} values, the tensor needs {ne0 * n_mat} ({ne0} x {n_mat}): "
                                         "is it the imatrix of another model?")
                 if imat is None and requires_imatrix(dst):
@@ -560,13 +560,13 @@ class _Planner:
             self.changes.append(TensorChange(t.name, src, dst, want, reason, imatrix=imat is not None, fallback=why))
         if need_imatrix:
             types = sorted({d for _, d in need_imatrix})
-            raise FlashMoEError(
+            raise GGUFError(
                 f"{', '.join(types)} needs an importance matrix ({len(need_imatrix)} tensors, e.g. "
                 f"{need_imatrix[0][0]}): "
                 "give one with --imatrix FILE (llama-imatrix's .gguf or .dat output), or choose a type that "
                 "does not need one (Q2_K, Q3_K, IQ3_S, IQ4_XS, Q4_K, ...)")
         if no_data:
-            raise FlashMoEError(
+            raise GGUFError(
                 f"the importance matrix {os.path.basename(self.imatrix_path)} has no data for {no_data[0]}"
                 + (f" (and {len(no_data) - 1} more tensors)" if len(no_data) > 1 else "")
                 + ", whose type needs it: is it the imatrix of this model?")
@@ -609,7 +609,7 @@ class _Planner:
             segs.append((cur, it.file_index, it.data_offset + p.src_start, p.length))
             cur += p.length
         if cur != src_rb * nrows:
-            raise FlashMoEError(f"internal error: {t.name}: {cur} input bytes, expected {src_rb * nrows}")
+            raise GGUFError(f"internal error: {t.name}: {cur} input bytes, expected {src_rb * nrows}")
         files = list(model.files)
         threads = self.threads
         rows_per_block = max(1, min(rows_per_mat, BLOCK_ELEMS // max(ne0, 1)))
@@ -636,7 +636,7 @@ class _Planner:
                     while want > 0:
                         b = os.pread(fds[fi], want, pos)
                         if not b:
-                            raise FlashMoEError(f"the input ended early while reading {t.name}")
+                            raise GGUFError(f"the input ended early while reading {t.name}")
                         out += b
                         pos += len(b)
                         want -= len(b)
@@ -651,8 +651,8 @@ class _Planner:
                     im = imat[m * ne0: (m + 1) * ne0]
                 try:
                     return quantize_rows(dst_tid, f, nr, ne0, im)
-                except FlashMoEError as e:
-                    raise FlashMoEError(f"{t.name}: {e}") from None
+                except GGUFError as e:
+                    raise GGUFError(f"{t.name}: {e}") from None
 
             try:
                 if threads <= 1 or len(blocks) == 1:

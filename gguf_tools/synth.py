@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from flashmoe.errors import FlashMoEError, UsageError
+from gguf_tools.errors import GGUFError, UsageError
 from gguf_tools import archs, quants
 from gguf_tools.archs.base import Builder, Checks, TensorPlan
 from gguf_tools.atomic import ByteProgress, atomic_write, check_free_space
@@ -596,11 +596,11 @@ def synth_model(out: str | os.PathLike, spec: SynthSpec, progress: bool = True, 
     paths = shard_paths(out, spec.shards)
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
-        raise FlashMoEError(f"output folder does not exist: {folder}")
+        raise GGUFError(f"output folder does not exist: {folder}")
     if not overwrite:
         for p in paths:
             if os.path.exists(p):
-                raise FlashMoEError(f"{p} already exists (use --force to overwrite)")
+                raise GGUFError(f"{p} already exists (use --force to overwrite)")
 
     files = []
     base_kv = model_kv(spec)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import Dict, List, Optional
 
-from flashmoe.errors import UsageError
+from gguf_tools.errors import UsageError
 from gguf_tools.archs.base import Arch
 
 # module name -> llama.cpp architecture (import order = the order names() lists)

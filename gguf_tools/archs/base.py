@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from flashmoe.errors import UsageError
+from gguf_tools.errors import UsageError
 from gguf_tools import quants
 
 # tensor roles

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List
 
-from flashmoe.errors import UsageError
+from gguf_tools.errors import UsageError
 from gguf_tools.archs.base import (GATING_SIGMOID, ROUTER, Arch, Builder, Checks, TensorPlan, dense_ffn, kv_experts,
                                    routed_experts, shared_expert)
 

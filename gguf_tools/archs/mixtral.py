@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import List
 
-from flashmoe.errors import UsageError
+from gguf_tools.errors import UsageError
 from gguf_tools.archs.base import Arch, Builder, Checks, TensorPlan, attn_qkvo, kv_common, kv_experts, routed_experts
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import List
 
-from flashmoe.errors import UsageError
+from gguf_tools.errors import UsageError
 from gguf_tools.archs.base import Arch, Builder, Checks, TensorPlan, attn_qkvo, kv_common, kv_experts, routed_experts
 from gguf_tools.archs.mixtral import check_head_dim, derive_head_dim
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import List
 
-from flashmoe.errors import UsageError
+from gguf_tools.errors import UsageError
 from gguf_tools.archs.base import (Arch, Builder, Checks, TensorPlan, attn_qkvo, check_shared_ffn, kv_common,
                                    kv_experts, routed_experts, shared_expert)
 from gguf_tools.archs.qwen35moe import V1_SSM_DEFAULTS

@@ -9,7 +9,7 @@ from typing import List
 
 import numpy as np
 
-from flashmoe.errors import UsageError
+from gguf_tools.errors import UsageError
 from gguf_tools import quants
 from gguf_tools.archs.base import (Arch, Builder, Checks, TensorPlan, check_shared_ffn, kv_common, kv_experts,
                                    routed_experts, shared_expert)

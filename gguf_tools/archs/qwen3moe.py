@@ -24,7 +24,7 @@ class Qwen3MoE(Arch):
     }
 
     def adjust(self, vals, overrides):
-        from flashmoe.errors import UsageError
+        from gguf_tools.errors import UsageError
 
         if overrides.get("n_ff_shexp"):
             raise UsageError("--shared-ffn applies to qwen2moe and qwen35moe only (and granitemoe): qwen3moe has no "
