@@ -78,11 +78,13 @@ def test_streamed_equals_in_ram_with_natural_routing(reference, policy):
         assert tot["evictions"] > 0 and tot["n_waves"] > N * len(st["layers"])  # prefill waves too
 
 
-def test_recorded_routing_has_locality(tmp_path, llama_cpp):
+def test_recorded_routing_has_locality(tmp_path, llama_cpp, run_cli):
     rec = str(tmp_path / "real.trace")
     with Engine(MODEL, use_extra_bufts=False, n_ctx=512, record_trace=True) as e:
         e.generate(TEXT, N, stop_at_eos=False)
         e.save_trace(rec)
+    r = run_cli("trace", "stats", rec)
+    assert r.code == 0 and "next-token reuse" in r.stdout and "6" in r.stdout, r.stderr
     tr = read_trace(rec)
     ids = tr.ids[:, :-1]  # the last layer computes only output rows; its other rows are stand-ins
     n_tok, n_lay, k = ids.shape
