@@ -25,7 +25,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from flashmoe.errors import FlashMoEError
 
@@ -34,6 +34,7 @@ CLOSE_EXTRA_TOKENS = 256
 # Hermes / Qwen tool-call markup.
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+MAX_TOOLS = 128  # tools per request
 
 FALLBACK_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + (message['content'] or '')"
@@ -85,6 +86,8 @@ def normalize_tools(tools: Any) -> List[dict]:
         tools = [tools]
     if not isinstance(tools, list):
         raise RequestError("tools must be a list of function tools", param="tools")
+    if len(tools) > MAX_TOOLS:
+        raise RequestError(f"too many tools ({len(tools)}, at most {MAX_TOOLS})", param="tools")
     out = []
     seen = set()
     for i, t in enumerate(tools):
@@ -109,9 +112,22 @@ def normalize_tools(tools: Any) -> List[dict]:
         f2 = {"name": fn["name"]}
         if fn.get("description"):
             f2["description"] = str(fn["description"])
+        # every schema is checked (metaschema, size, impossible constraints) even when no grammar is built
+        check_tool_schema(params, f"tools[{i}] ({fn['name']}) parameters", grammar=False)
         f2["parameters"] = params
         out.append({"type": "function", "function": f2})
     return out
+
+
+def check_tool_schema(params: Any, where: str, grammar: bool) -> None:
+    """RequestError (param "tools") unless ``params`` is a usable JSON schema (``flashmoe.schemas``);
+    ``grammar``: the call will be generated under a grammar, so the schema must convert."""
+    from flashmoe.schemas import SchemaProblem, check_schema
+
+    try:
+        check_schema(params, where, grammar=grammar)
+    except SchemaProblem as e:
+        raise RequestError(str(e), param="tools") from None
 
 
 def load_tools_file(path: str) -> List[dict]:
@@ -435,6 +451,7 @@ class ChatModel:
         self.template = ChatTemplate.from_llama(self.llama)
         self.n_evaluated = 0  # tokens run through the model since load (prompt + generated)
         self._bias_ids = None
+        self._vocab_facts = None
         self._install_eval_counter()
 
     # --- plumbing
@@ -459,7 +476,70 @@ class ChatModel:
         return self.llama.n_ctx()
 
     def tokenize(self, text: str) -> List[int]:
-        return self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return self.llama.tokenize(text.encode("utf-8", "replace"), add_bos=False, special=True)
+
+    def _vocab_bounds(self):
+        """(the longest token text in bytes, the special tokens llama.cpp's tokenizer splits on first:
+        [(text, lstrip, rstrip)] longest first), read from the vocabulary once."""
+        if self._vocab_facts is None:
+            import llama_cpp.llama_cpp as lc
+
+            vocab = self.llama._model.vocab
+            special = lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_USER_DEFINED | lc.LLAMA_TOKEN_ATTR_UNKNOWN
+            longest, specials = 1, []
+            for i in range(lc.llama_vocab_n_tokens(vocab)):
+                text = lc.llama_vocab_get_text(vocab, i) or b""
+                longest = max(longest, len(text))
+                attr = int(lc.llama_vocab_get_attr(vocab, i))
+                if attr & special and text:
+                    specials.append((bytes(text), bool(attr & lc.LLAMA_TOKEN_ATTR_LSTRIP),
+                                     bool(attr & lc.LLAMA_TOKEN_ATTR_RSTRIP)))
+            specials.sort(key=lambda x: -len(x[0]))
+            self._vocab_facts = (longest, specials)
+        return self._vocab_facts
+
+    def min_tokens(self, text: str, limit: int) -> int:
+        """A lower bound of ``len(self.tokenize(text))``, in time linear in the text (llama.cpp's own
+        special-token split is quadratic in their number): the special tokens it would split off
+        (the same longest-first partition), plus the other bytes over 4x the longest token. Stops
+        counting once past ``limit``. Used to refuse a prompt that cannot fit before tokenizing it."""
+        longest, specials = self._vocab_bounds()
+        b = text.encode("utf-8", "replace")
+        per = 4 * longest  # a token never covers more bytes than its text has, x4 for normalization
+        if len(b) // per > limit:
+            return len(b) // per
+        ws = b" \t\n\v\f\r"
+        segs = [(0, len(b))]
+        matched = 0
+        for t, lstrip, rstrip in specials:
+            if t not in b:
+                continue
+            out = []
+            tl = len(t)
+            for a, e in segs:
+                pos = a
+                while True:
+                    m = b.find(t, pos, e)
+                    if m < 0:
+                        break
+                    left = m
+                    if lstrip:
+                        while left > pos and b[left - 1] in ws:
+                            left -= 1
+                    if left > pos:
+                        out.append((pos, left))
+                    matched += 1
+                    if matched > limit:
+                        return matched
+                    pos = m + tl
+                    if rstrip:
+                        while pos < e and b[pos] in ws:
+                            pos += 1
+                if pos < e:
+                    out.append((pos, e))
+            segs = out
+        raw = sum(e - a for a, e in segs)
+        return matched + (raw + per - 1) // per
 
     def is_eog(self, tok: int) -> bool:
         import llama_cpp.llama_cpp as lc
@@ -503,16 +583,17 @@ class ChatModel:
 
         Strings exclude raw control characters, so that the output is strict JSON.
         """
-        from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
+        from llama_cpp.llama_grammar import LlamaGrammar
 
-        if schema is None:
-            schema = {"type": "object"}
+        from flashmoe.schemas import SchemaProblem, schema_to_grammar
+
+        # the schema is checked (metaschema, impossible or unsupported constructs) and the grammar is
+        # parsed by a pure-Python mirror of llama.cpp's parser first: a grammar llama.cpp cannot parse
+        # would crash the process (llama-cpp-python adds the NULL sampler it gets)
         try:
-            gbnf = json_schema_to_gbnf(json.dumps(schema))
-        except Exception as e:
-            raise RequestError(f"cannot build a grammar from the JSON schema of {what}: {type(e).__name__}: {e}",
-                               param="tools" if "tool" in what else "response_format")
-        gbnf = gbnf.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |', 1)
+            gbnf = schema_to_grammar(schema, what)
+        except SchemaProblem as e:
+            raise RequestError(str(e), param="tools" if "tool" in what else "response_format") from None
         return LlamaGrammar.from_string(gbnf, verbose=False)
 
     # --- the one generation loop
@@ -541,7 +622,7 @@ class ChatModel:
         room = n_ctx - n_prompt
         if room < 1:
             raise ContextOverflow(f"the prompt is {n_prompt} tokens; this model's context is {n_ctx} tokens "
-                                  f"(serve/chat with a larger --n-ctx, or shorten the conversation)")
+                                  f"(serve/chat with a larger --ctx, or shorten the conversation)")
         max_tokens = max(1, min(int(max_tokens), room))
         cap = min(room, max_tokens + CLOSE_EXTRA_TOKENS) if (grammar is not None and must_complete) else max_tokens
         n_out = [0]
@@ -716,11 +797,19 @@ def plan_chat(
     if choice == "required" or isinstance(choice, dict):
         mode = "call"
         only = choice["name"] if isinstance(choice, dict) else None
+        for t in tools:  # name the tool whose schema cannot become a grammar
+            if only is None or t["function"]["name"] == only:
+                check_tool_schema(t["function"]["parameters"], f"tool {t['function']['name']} parameters",
+                                  grammar=True)
         text += model.template.call_prefix
         grammar = model.grammar_for_schema(call_schema(tools, only), what=f"tool {only}" if only else "the tools")
     elif constrained_json:
         mode = "json"
         grammar = model.grammar_for_schema(schema)
+    lower = model.min_tokens(text, model.n_ctx())
+    if lower >= model.n_ctx():  # refused before tokenizing: that could take long for a huge prompt
+        raise ContextOverflow(f"the prompt is at least {lower} tokens; this model's context is {model.n_ctx()} tokens "
+                              f"(use a larger --n-ctx or a shorter conversation)")
     if prefix and prefix[0] and text.startswith(prefix[0]):
         tokens = list(prefix[1]) + (model.tokenize(text[len(prefix[0]):]) if len(text) > len(prefix[0]) else [])
     else:

@@ -67,7 +67,7 @@ def _request_models():
         max_tokens: Optional[int] = Field(None, ge=1)
         temperature: float = Field(0.8, ge=0.0, le=2.0)
         top_p: float = Field(0.95, gt=0.0, le=1.0)
-        top_k: int = Field(40, ge=0)
+        top_k: int = Field(40, ge=0, le=(1 << 31) - 1)
         min_p: float = Field(0.05, ge=0.0, le=1.0)
         repeat_penalty: float = Field(1.0, gt=0.0)
         presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -111,11 +111,52 @@ def _request_models():
 
 
 def _validation_message(err) -> str:
+    errors = err.errors()
     parts = []
-    for e in err.errors():
+    for e in errors[:3]:
         loc = ".".join(str(x) for x in e.get("loc", ())) or "body"
-        parts.append(f"{loc}: {e.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
+        msg = str(e.get("msg", "invalid"))
+        parts.append(f"{loc[:80]}: {msg[:160]}")
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return ("; ".join(parts) or "invalid request") + more
+
+
+# Limits on what one request may ask for, checked before any work (create_app can change them).
+MAX_BODY_BYTES = 8 << 20  # the request body
+MAX_MESSAGES = 4096  # chat messages per request
+MAX_JSON_DEPTH = 64  # nesting of the body's JSON
+MAX_STOP = 16  # stop strings
+MAX_STOP_CHARS = 1024  # characters of one stop string
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_json(obj: Any) -> None:
+    """APIError 400 when the body nests too deeply or holds strings that are not valid Unicode (lone
+    surrogates from \\ud800 escapes: they cannot be encoded for the tokenizer). Iterative: no recursion."""
+    stack = [(obj, 1)]
+    while stack:
+        x, d = stack.pop()
+        if d > MAX_JSON_DEPTH:
+            raise APIError(400, f"the request body nests more than {MAX_JSON_DEPTH} levels deep", code="invalid_json")
+        if isinstance(x, dict):
+            for k, v in x.items():
+                _check_text(k)
+                stack.append((v, d + 1))
+        elif isinstance(x, list):
+            stack.extend((v, d + 1) for v in x)
+        elif isinstance(x, str):
+            _check_text(x)
+
+
+def _check_text(s: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the request body holds a string that is not valid Unicode (a lone surrogate escape "
+                            "such as \\ud800)", code="invalid_json") from None
 
 
 # ------------------------------------------------------------------------------------------ the worker
@@ -127,6 +168,9 @@ class ModelWorker:
     def __init__(self, model: ChatModel):
         self.model = model
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashmoe-model")
+        # request preparation (schema checks, template, tokenization) runs beside the model thread: a
+        # large or hostile request is refused without making the others wait behind it
+        self.prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashmoe-prep")
         self.closing = threading.Event()
         self.waiting = 0  # requests queued or running
         self.served = 0
@@ -143,13 +187,21 @@ class ModelWorker:
     def close(self):
         self.closing.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.prep_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def prep(self, fn: Callable, *args):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.prep_pool, fn, *args)
 
 
 # ------------------------------------------------------------------------------------------ the app
 
 
-def create_app(engine_or_llama, *, api_key: Optional[str] = None, model_name: Optional[str] = None):
-    """The FastAPI application serving ``engine_or_llama`` (a flashmoe Engine or a llama_cpp.Llama)."""
+def create_app(engine_or_llama, *, api_key: Optional[str] = None, model_name: Optional[str] = None,
+               max_body_bytes: int = MAX_BODY_BYTES, max_messages: int = MAX_MESSAGES):
+    """The FastAPI application serving ``engine_or_llama`` (a flashmoe Engine or a llama_cpp.Llama).
+
+    ``max_body_bytes``: larger request bodies get 413; ``max_messages``: more chat messages get 400."""
     _require_server_deps()
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -172,7 +224,9 @@ def create_app(engine_or_llama, *, api_key: Optional[str] = None, model_name: Op
         yield
         worker.close()
 
-    app = FastAPI(title="flashmoe", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    # no public /docs, /redoc or /openapi.json: the API description is served below, behind the key
+    app = FastAPI(title="flashmoe", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.worker = worker
     app.state.model = model
 
@@ -185,6 +239,12 @@ def create_app(engine_or_llama, *, api_key: Optional[str] = None, model_name: Op
     async def _not_found(request, _exc):
         return JSONResponse(APIError(404, f"no route {request.method} {request.url.path}",
                                      code="not_found").body(), status_code=404)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request, exc: Exception):  # never a plain-text 500 with a traceback
+        worker.failed += 1
+        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", type="server_error").body(),
+                            status_code=500)
 
     @app.exception_handler(405)
     async def _not_allowed(request, _exc):
@@ -201,23 +261,56 @@ def create_app(engine_or_llama, *, api_key: Optional[str] = None, model_name: Op
         if not hmac.compare_digest(given.encode(), api_key.encode()):
             raise APIError(401, "incorrect API key", code="invalid_api_key")
 
+    async def read_body(request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        too_large = APIError(413, f"the request body is larger than {max_body_bytes} bytes",
+                             code="request_too_large")
+        if length is not None:
+            try:
+                if int(length) > max_body_bytes:
+                    raise too_large
+            except ValueError:
+                raise APIError(400, "bad Content-Length header", code="invalid_request") from None
+        chunks, n = [], 0
+        async for chunk in request.stream():  # stop reading as soon as the limit is passed
+            n += len(chunk)
+            if n > max_body_bytes:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def parse(request: Request, cls):
-        raw = await request.body()
+        raw = await read_body(request)
         if not raw.strip():
             raise APIError(400, "the request body is empty (a JSON object is expected)", code="invalid_json")
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw, parse_constant=_reject_constant)
+        except RecursionError:
+            raise APIError(400, "the request body is not valid JSON: it nests too deeply", code="invalid_json")
         except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json")
+            raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json")
         if not isinstance(obj, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        _check_json(obj)
         try:
             req = cls.model_validate(obj)
         except ValidationError as e:
             raise APIError(422, _validation_message(e), code="invalid_request")
+        except RecursionError:
+            raise APIError(400, "the request body nests too deeply", code="invalid_json")
         if req.n != 1:
             raise APIError(400, "n > 1 is not supported (one choice per request)", param="n")
+        if isinstance(req.stop, list) and len(req.stop) > MAX_STOP:
+            raise APIError(400, f"at most {MAX_STOP} stop strings", param="stop")
+        stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        if any(len(x) > MAX_STOP_CHARS for x in stops):
+            raise APIError(400, f"a stop string may have at most {MAX_STOP_CHARS} characters", param="stop")
         return req
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request):
+        check_key(request)
+        return JSONResponse(app.openapi())
 
     # ---------------------------------------------------------------- info
     @app.get("/health")
@@ -255,24 +348,24 @@ def create_app(engine_or_llama, *, api_key: Optional[str] = None, model_name: Op
         req = await parse(request, ChatRequest)
         if req.logprobs:
             raise APIError(400, "logprobs are not supported", param="logprobs")
+        if len(req.messages) > max_messages:
+            raise APIError(400, f"too many messages ({len(req.messages)}, at most {max_messages})",
+                           code="too_many_messages", param="messages")
         tools_in, choice = req.tools, req.tool_choice
         if tools_in is None and req.functions is not None:
             tools_in = [{"type": "function", "function": f} for f in req.functions]
             if req.function_call is not None:
                 fc = req.function_call
                 choice = fc if isinstance(fc, str) else {"type": "function", "function": {"name": fc.get("name")}}
-        try:
-            messages = normalize_messages(req.messages)
-            tools = normalize_tools(tools_in)
-        except RequestError as e:
-            raise _from_request_error(e)
         max_tokens = req.max_completion_tokens or req.max_tokens
 
         def plan():
+            messages = normalize_messages(req.messages)
+            tools = normalize_tools(tools_in)  # every tool schema is checked (flashmoe.schemas)
             return plan_chat(model, messages, tools=tools, tool_choice=choice, response_format=req.response_format,
                              max_tokens=max_tokens, stop=req.stop)
 
-        p = await _guarded(worker, plan)
+        p = await _guarded(worker, plan, prep=True)
         sampling = req.sampling()
         cid = "chatcmpl-" + secrets.token_hex(12)
         now = int(time.time())
@@ -336,6 +429,10 @@ def create_app(engine_or_llama, *, api_key: Optional[str] = None, model_name: Op
             if isinstance(prompt, str):
                 if not prompt:
                     raise RequestError("the prompt is empty", param="prompt")
+                lower = model.min_tokens(prompt, model.n_ctx())
+                if lower >= model.n_ctx():  # refused before tokenizing (that could take long)
+                    raise ContextOverflow(f"the prompt is at least {lower} tokens; this model's context is "
+                                          f"{model.n_ctx()} tokens")
                 toks = model.llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
             else:
                 n_vocab = model.llama.n_vocab()
@@ -348,7 +445,7 @@ def create_app(engine_or_llama, *, api_key: Optional[str] = None, model_name: Op
                                       f"{model.n_ctx()} tokens")
             return toks
 
-        toks = await _guarded(worker, prep)
+        toks = await _guarded(worker, prep, prep=True)
         echo = (prompt if isinstance(prompt, str) else model.llama.detokenize(toks).decode("utf-8", "replace")) \
             if req.echo else ""
         cid = "cmpl-" + secrets.token_hex(12)
@@ -412,10 +509,11 @@ def _version() -> str:
         return "0"
 
 
-async def _guarded(worker: ModelWorker, fn: Callable):
-    """Run ``fn`` on the model thread; request errors become 400s, anything else a 500."""
+async def _guarded(worker: ModelWorker, fn: Callable, prep: bool = False):
+    """Run ``fn`` on the model thread (``prep``: on the preparation thread); request errors become 400s,
+    anything else a 500."""
     try:
-        return await worker.run(fn)
+        return await (worker.prep(fn) if prep else worker.run(fn))
     except RequestError as e:
         raise _from_request_error(e)
     except APIError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 from typing import Optional, Union
 
 import click
@@ -23,6 +24,8 @@ KiB = 1024
 MiB = 1024**2
 GiB = 1024**3
 TiB = 1024**4
+
+from gguf_tools.units import format_size  # noqa: E402,F401  (re-exported)
 
 _UNITS = {
     "": 1,
@@ -38,6 +41,11 @@ _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]+))?
 
 SIZE_HELP = "a size such as 8GiB, 512MiB, 1.5G, 8 GB or a number of bytes"
 
+# The largest size accepted (1 EiB): anything above is a typo or an attack, and would overflow the
+# 64-bit sizes of the C side.
+MAX_SIZE = 1 << 60
+_MAX_TEXT = 64  # characters of a size string
+
 
 class SizeError(UsageError, ValueError):
     """A size string that does not parse (a user error: the CLI prints one line)."""
@@ -49,18 +57,25 @@ def parse_size(value: Union[str, int, float], what: Optional[str] = None) -> int
     Raises SizeError (a UsageError and a ValueError) with a message naming ``what`` when given.
     """
     prefix = f"{what}: " if what else ""
+    too_large = f"{prefix}size {value!r} is too large (at most 1 EiB)"
     if isinstance(value, bool):
         raise SizeError(f"{prefix}expected {SIZE_HELP}, got {value!r}")
     if isinstance(value, int):
         if value < 0:
             raise SizeError(f"{prefix}size must not be negative, got {value}")
+        if value > MAX_SIZE:
+            raise SizeError(too_large if len(str(value)) <= 30 else f"{prefix}size is too large (at most 1 EiB)")
         return value
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value) or value < 0:
             raise SizeError(f"{prefix}expected {SIZE_HELP}, got {value!r}")
+        if value > MAX_SIZE:
+            raise SizeError(too_large)
         return int(value)
     if not isinstance(value, str):
-        raise SizeError(f"{prefix}expected {SIZE_HELP}, got {type(value).__name__} {value!r}")
+        raise SizeError(f"{prefix}expected {SIZE_HELP}, got {type(value).__name__} {_short(value)}")
+    if len(value) > _MAX_TEXT:
+        raise SizeError(f"{prefix}cannot parse size {_short(value)} (expected {SIZE_HELP})")
     m = _SIZE_RE.match(value)
     if not m:
         raise SizeError(f"{prefix}cannot parse size {value!r} (expected {SIZE_HELP})")
@@ -71,36 +86,28 @@ def parse_size(value: Union[str, int, float], what: Optional[str] = None) -> int
             f"{prefix}cannot parse size {value!r}: unknown unit {unit!r} "
             f"(use B, KiB, MiB, GiB, TiB, K, M, G, T, kB, MB, GB or TB)"
         )
-    if exponent is None and "." not in number:
-        return int(number) * mult  # exact for integers of any size
-    x = float(number) * (10 ** int(exponent or 0)) * mult
-    if math.isinf(x):
-        raise SizeError(f"{prefix}size {value!r} is too large")
-    return int(x)
+    # exact arithmetic (no float overflow for 1e400, no rounding for 1.5G); the exponent is bounded
+    # first so that 1e999999999 costs nothing
+    exp = int(exponent or 0)
+    x = Fraction(number)
+    if x == 0:
+        return 0
+    if exp > 40:
+        raise SizeError(too_large)
+    if exp < -40:
+        return 0  # rounds down to 0 bytes
+    x = x * Fraction(10) ** exp * mult
+    if x > MAX_SIZE:
+        raise SizeError(too_large)
+    return int(x)  # rounded down to whole bytes
 
 
-def format_size(n: Optional[Union[int, float]], precision: int = 1) -> str:
-    """Format bytes with binary units: 0 B, 812 B, 4.0 KiB, 512 MiB, 1.5 GiB, 2.00 TiB.
+def _short(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 40 else s[:37] + "..."
 
-    Whole numbers of a unit print without decimals (``512 MiB``); otherwise ``precision`` decimals.
-    ``None`` prints as ``-``. Negative values keep their sign.
-    """
-    if n is None:
-        return "-"
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    if n < 1024:
-        return f"{sign}{int(n)} B"
-    for unit, mult in (("KiB", KiB), ("MiB", MiB), ("GiB", GiB), ("TiB", TiB)):
-        if n < mult * 1024 or unit == "TiB":
-            v = n / mult
-            if n % mult == 0:
-                return f"{sign}{int(v)} {unit}"
-            s = f"{v:.{precision}f}"
-            if float(s) >= 1024 and unit != "TiB":
-                continue  # 1023.96 MiB rounds to 1024.0: use the next unit
-            return f"{sign}{s} {unit}"
-    raise AssertionError("unreachable")
+
+# format_size lives with the GGUF tools (they print sizes too); flashmoe uses it from here
 
 
 class SizeParamType(click.ParamType):

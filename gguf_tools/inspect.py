@@ -21,6 +21,7 @@ from gguf_tools.atomic import human_bytes
 from gguf_tools.reader import GGUFModel
 
 FACTS_VERSION = 1
+MAX_LAYER_ROWS = 4096  # llama.cpp loads at most 512 layers
 
 _SECTIONS: List[Tuple[str, Callable[[GGUFModel, Dict[str, Any]], Any], Optional[Callable[[Any], List[Tuple[str, str]]]]]] = []
 
@@ -77,14 +78,21 @@ def model_facts(model: GGUFModel) -> Dict[str, Any]:
     slice's file offset), metadata_keys (count), and the registered extra sections.
     """
     tensors = model.tensors
-    n_layer = model.n_layer or (1 + max((t.layer for t in tensors if t.layer is not None), default=-1))
+    by_layer: Dict[int, list] = {}
+    for t in tensors:
+        if t.layer is not None:
+            by_layer.setdefault(t.layer, []).append(t)
+    n_layer = model.n_layer or (1 + max(by_layer, default=-1))
     tensor_bytes = sum(t.nbytes for t in tensors)
     expert_bytes = sum(t.nbytes for t in tensors if t.is_expert)
     dense_bytes = tensor_bytes - expert_bytes
 
     layers = []
-    for il in range(n_layer):
-        lt = [t for t in tensors if t.layer == il]
+    # a row per layer; when block_count is absurd (a broken or hostile file: validate reports it),
+    # only the layers that have tensors
+    rows = range(n_layer) if 0 <= n_layer <= MAX_LAYER_ROWS else sorted(by_layer)
+    for il in rows:
+        lt = by_layer.get(il, [])
         ex = [t for t in lt if t.is_expert]
         layers.append({
             "layer": il,
@@ -143,12 +151,20 @@ def model_facts(model: GGUFModel) -> Dict[str, Any]:
         "experts_grouped_by_layer": experts_grouped_by_layer(model),
         "expert_slice_alignment": slice_align if model.is_moe else None,
         "metadata_keys": len(model.metadata),
+        # what would make llama.cpp abort or refuse the load (gguf_tools.validate); [] for a sound model
+        "problems": _problems(model),
     }
     for name, compute, _render in _SECTIONS:
         value = compute(model, facts)
         if value is not None:
             facts[name] = value
     return facts
+
+
+def _problems(model: GGUFModel) -> List[str]:
+    from gguf_tools.validate import problems
+
+    return problems(model)
 
 
 # ---------------------------------------------------------------------------------------- rendering
@@ -260,6 +276,12 @@ def format_facts(f: Dict[str, Any]) -> str:
         if pairs:
             w = max(len(k) for k, _ in pairs)
             lines += [f"{k.ljust(w)}  {v}" for k, v in pairs]
+
+    if f.get("problems"):
+        lines.append("")
+        n = len(f["problems"])
+        lines.append(f"PROBLEMS: llama.cpp cannot load this model ({n} problem{'s' if n > 1 else ''}):")
+        lines += [f"  - {p}" for p in f["problems"]]
     return "\n".join(lines)
 
 

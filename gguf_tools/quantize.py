@@ -360,23 +360,20 @@ def read_imatrix(path: str) -> Dict[str, np.ndarray]:
 
 
 def _read_imatrix_gguf(path: str) -> Dict[str, np.ndarray]:
-    from gguf import GGUFReader
+    from gguf_tools.reader import read_header
 
-    try:
-        r = GGUFReader(path, "r")
-    except Exception as e:
-        raise GGUFError(f"{path} is not a readable imatrix GGUF: {e}") from None
-    try:
-        keys = set(r.fields)
+    h = read_header(path)  # bounded by the file's size; GGUFError (one line) for a broken file
+    with open(path, "rb") as f:
+        keys = set(h.fields)
         if not {"imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"} <= keys:
             raise GGUFError(f"{path}: missing imatrix metadata (imatrix.datasets, imatrix.chunk_count, "
                                 "imatrix.chunk_size): not a file llama-imatrix wrote")
         sums: Dict[str, np.ndarray] = {}
         counts: Dict[str, np.ndarray] = {}
-        for t in r.tensors:
-            if int(t.tensor_type) != 0:
+        for t in h.tensors:
+            if t.ggml_type != 0:
                 raise GGUFError(f"{path}: imatrix tensor {t.name} is not F32")
-            arr = np.array(t.data, dtype=np.float32).reshape(-1)
+            arr = np.frombuffer(os.pread(f.fileno(), t.nbytes, t.data_offset), dtype="<f4").astype(np.float32)
             if t.name.endswith(".in_sum2"):
                 sums[t.name[: -len(".in_sum2")]] = arr
             elif t.name.endswith(".counts"):
@@ -395,10 +392,6 @@ def _read_imatrix_gguf(path: str) -> Dict[str, np.ndarray]:
             e[ok] = s[ok] / c[ok, None]
             out[name] = e.reshape(-1).astype(np.float32)
         return out
-    finally:
-        from gguf_tools.repack import _close_reader
-
-        _close_reader(r)
 
 
 def _read_imatrix_dat(path: str) -> Dict[str, np.ndarray]:

@@ -41,10 +41,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from flashmoe.errors import FlashMoEError, UsageError
-from flashmoe.sizes import format_size
+from gguf_tools.errors import GGUFError, UsageError
+from gguf_tools.units import format_size
 from gguf_tools.atomic import ByteProgress, _fsync_dir, check_free_space
 from gguf_tools.reader import GGUFModel, TensorInfo, open_model, require_moe
+from gguf_tools.validate import require_loadable
 
 DEFAULT_ALIGN = 16384
 MIN_ALIGN = 32
@@ -201,18 +202,18 @@ def _fuse(gate: TensorInfo, up: TensorInfo) -> OutTensor:
     first, then the up rows (llama.cpp's build_moe_ffn takes gate = rows [0, n_ff), up = rows [n_ff, 2 n_ff))."""
     layer = gate.layer
     if len(gate.shape) != 3 or tuple(gate.shape) != tuple(up.shape):
-        raise FlashMoEError(
+        raise GGUFError(
             f"--fuse-gate-up: layer {layer}: gate {list(gate.shape)} and up {list(up.shape)} experts differ in shape"
         )
     if gate.ggml_type != up.ggml_type:
-        raise FlashMoEError(
+        raise GGUFError(
             f"--fuse-gate-up: layer {layer}: gate experts are {gate.type_name}, up experts {up.type_name}; "
             "one tensor has one type, so they cannot be fused without requantizing"
         )
     ne0, ne1, n_e = gate.shape
     s = gate.nbytes // n_e
     if s * n_e != gate.nbytes:
-        raise FlashMoEError(f"--fuse-gate-up: {gate.name}: {gate.nbytes} bytes do not split into {n_e} experts")
+        raise GGUFError(f"--fuse-gate-up: {gate.name}: {gate.nbytes} bytes do not split into {n_e} experts")
     pieces: List[Piece] = []
     for e in range(n_e):
         pieces.append(Piece(gate.name, e * s, s))
@@ -227,7 +228,7 @@ def _fuse(gate: TensorInfo, up: TensorInfo) -> OutTensor:
 def _unfuse(gu: TensorInfo) -> List[OutTensor]:
     """The inverse of _fuse (not a CLI option: used by tests to make separate-gate/up models of fused archs)."""
     if len(gu.shape) != 3 or gu.shape[1] % 2:
-        raise FlashMoEError(f"{gu.name}: shape {list(gu.shape)} is not [n_embd, 2*n_ff, n_expert]")
+        raise GGUFError(f"{gu.name}: shape {list(gu.shape)} is not [n_embd, 2*n_ff, n_expert]")
     ne0, ne1, n_e = gu.shape
     s = gu.nbytes // n_e
     h = s // 2
@@ -266,19 +267,19 @@ def _plan_tensors(model: GGUFModel, gate_up: str, notes: List[str]) -> List[OutT
         outs: List[OutTensor] = []
         if gate_up == "fuse" and "gate" in kinds and "up" in kinds:
             if "gate_up" in kinds:
-                raise FlashMoEError(f"--fuse-gate-up: layer {layer} has gate_up experts and separate gate and up")
+                raise GGUFError(f"--fuse-gate-up: layer {layer} has gate_up experts and separate gate and up")
             for bias in (f"blk.{layer}.ffn_gate_exps.bias", f"blk.{layer}.ffn_up_exps.bias"):
                 if bias in names:
-                    raise FlashMoEError(f"--fuse-gate-up: {bias} exists (expert biases are not fused); not fusing")
+                    raise GGUFError(f"--fuse-gate-up: {bias} exists (expert biases are not fused); not fusing")
             outs.append(_fuse(kinds.pop("gate"), kinds.pop("up")))
             n_fused += 1
         elif gate_up == "fuse" and ("gate" in kinds) != ("up" in kinds):
-            raise FlashMoEError(f"--fuse-gate-up: layer {layer} has {'gate' if 'gate' in kinds else 'up'} experts "
+            raise GGUFError(f"--fuse-gate-up: layer {layer} has {'gate' if 'gate' in kinds else 'up'} experts "
                                 "but no matching " + ("up" if "gate" in kinds else "gate") + " experts")
         elif gate_up == "unfuse" and "gate_up" in kinds:
             for k in ("gate", "up"):
                 if k in kinds:
-                    raise FlashMoEError(f"layer {layer} has gate_up experts and separate {k} experts")
+                    raise GGUFError(f"layer {layer} has gate_up experts and separate {k} experts")
             outs += _unfuse(kinds.pop("gate_up"))
         outs += [_copy_tensor(t) for t in kinds.values()]
         outs.sort(key=lambda o: _KIND_ORDER.get(o.expert_kind or "", 9))
@@ -294,7 +295,7 @@ def _plan_tensors(model: GGUFModel, gate_up: str, notes: List[str]) -> List[OutT
     seen = set()
     for o in out:
         if o.name in seen:
-            raise FlashMoEError(f"the output would hold tensor {o.name} twice")
+            raise GGUFError(f"the output would hold tensor {o.name} twice")
         seen.add(o.name)
     return out
 
@@ -325,22 +326,13 @@ def _tensor_info_size(t: OutTensor) -> int:
 
 def raw_kvs(path: str) -> List[Tuple[str, bytes]]:
     """Every metadata key/value of a GGUF file as (key, the exact bytes of the serialized KV)."""
-    from gguf import GGUFReader
+    from gguf_tools.reader import read_header
 
-    try:
-        r = GGUFReader(path, "r")
-    except Exception as e:  # the file was opened by open_model already: this is unexpected
-        raise FlashMoEError(f"cannot read the metadata of {path}: {e}") from None
+    h = read_header(path)  # bounded, and GGUFError (one line) for anything llama.cpp would refuse
     out = []
-    try:
-        with open(path, "rb") as f:
-            for name, fld in r.fields.items():
-                if name.startswith("GGUF."):
-                    continue
-                size = sum(int(p.nbytes) for p in fld.parts)
-                out.append((name, os.pread(f.fileno(), size, int(fld.offset))))
-    finally:
-        _close_reader(r)
+    with open(path, "rb") as f:
+        for name, fld in h.fields.items():
+            out.append((name, os.pread(f.fileno(), fld.nbytes, fld.offset)))
     return out
 
 
@@ -442,7 +434,7 @@ def plan_repack(model: GGUFModel, out_path: str, align: int = DEFAULT_ALIGN, fus
         raise UsageError("fuse and unfuse gate/up at the same time")
     notes: List[str] = []
     if fuse_gate_up and model.arch not in FUSE_GATE_UP_ARCHS:
-        raise FlashMoEError(
+        raise GGUFError(
             f"--fuse-gate-up: llama.cpp's {model.arch} loader does not accept fused ffn_gate_up_exps "
             f"(it reads separate gate and up experts); architectures that do: {', '.join(FUSE_GATE_UP_ARCHS)}"
         )
@@ -461,7 +453,7 @@ def plan_repack(model: GGUFModel, out_path: str, align: int = DEFAULT_ALIGN, fus
         after = dict(kvs)
         lost = [k for k in before if k not in after]
         if lost:
-            raise FlashMoEError(f"internal error: metadata key {lost[0]} would be dropped")
+            raise GGUFError(f"internal error: metadata key {lost[0]} would be dropped")
         changed = [k for k, raw in kvs if before.get(k) != raw]
     probe_kv, _, _ = _first_kv_block(kvs, align, 2, len(tensors), 0)
     other_kv, _ = _other_kv_block(model.arch, align, 0, 2, len(tensors))
@@ -517,7 +509,7 @@ class _Copier:
             if k == 0:
                 buf = os.pread(src_fd, chunk, src_off)
                 if not buf:
-                    raise FlashMoEError("the input ended early while copying (was it changed during the repack?)")
+                    raise GGUFError("the input ended early while copying (was it changed during the repack?)")
                 k = 0
                 mv = memoryview(buf)
                 while k < len(buf):
@@ -542,7 +534,7 @@ def _write_produced(t: OutTensor, fd: int, pos: int, on_bytes: Callable[[int], N
         n += len(mv)
         on_bytes(len(mv))
     if n != t.nbytes:
-        raise FlashMoEError(f"internal error: {t.name}: produced {n} bytes, planned {t.nbytes}")
+        raise GGUFError(f"internal error: {t.name}: produced {n} bytes, planned {t.nbytes}")
     t.sha256 = h.hexdigest()
     return pos
 
@@ -660,7 +652,7 @@ def _hash_ranges(fd_of: Callable[[int], int], ranges: Iterable[Tuple[int, int, i
         while n > 0:
             b = os.pread(fd, min(n, HASH_CHUNK), off)
             if not b:
-                raise FlashMoEError("unexpected end of file while verifying")
+                raise GGUFError("unexpected end of file while verifying")
             h.update(b)
             off += len(b)
             n -= len(b)
@@ -677,31 +669,25 @@ class _ParsedOut:
 
 
 def _parse_outputs(paths: Sequence[str]) -> _ParsedOut:
-    from gguf import GGUFReader
+    from gguf_tools.reader import read_header
 
     out = _ParsedOut(files=list(paths), alignment=[], fields=[], tensors={}, order=[])
     for fi, p in enumerate(paths):
         try:
-            r = GGUFReader(p, "r")
-        except Exception as e:
-            raise FlashMoEError(f"verification failed: the written file {os.path.basename(p)} does not parse: {e}")
-        try:
-            out.alignment.append(int(r.alignment))
-            flds = {}
-            with open(p, "rb") as f:
-                for name, fld in r.fields.items():
-                    if name.startswith("GGUF."):
-                        continue
-                    flds[name] = os.pread(f.fileno(), sum(int(x.nbytes) for x in fld.parts), int(fld.offset))
-            out.fields.append(flds)
-            names = []
-            for rt in r.tensors:
-                out.tensors[rt.name] = (fi, int(rt.data_offset), int(rt.tensor_type),
-                                        tuple(int(x) for x in rt.shape.tolist()), int(rt.n_bytes))
-                names.append(rt.name)
-            out.order.append(names)
-        finally:
-            _close_reader(r)
+            h = read_header(p)  # the same checks as every reader of the output: llama.cpp's layout rules
+        except GGUFError as e:
+            raise GGUFError(f"verification failed: the written file {os.path.basename(p)} does not parse: {e}")
+        out.alignment.append(h.alignment)
+        flds = {}
+        with open(p, "rb") as f:
+            for name, fld in h.fields.items():
+                flds[name] = os.pread(f.fileno(), fld.nbytes, fld.offset)
+        out.fields.append(flds)
+        names = []
+        for rt in h.tensors:
+            out.tensors[rt.name] = (fi, rt.data_offset, rt.ggml_type, tuple(rt.shape), rt.nbytes)
+            names.append(rt.name)
+        out.order.append(names)
     return out
 
 
@@ -710,7 +696,7 @@ def verify_output(model: GGUFModel, plan: RepackPlan, paths: Optional[Sequence[s
     """Check the written files against the input: tensor table (names, order, types, shapes, alignment),
     metadata (every kept key byte-identical, alignment and split keys), and a sha256 of every input
     tensor's bytes in the input and in the output (fused tensors: the gate and up parts separately).
-    Raises FlashMoEError on the first mismatch; returns counts."""
+    Raises GGUFError on the first mismatch; returns counts."""
     paths = list(paths or plan.paths)
     po = _parse_outputs(paths)
     n_shards = len(paths)
@@ -719,39 +705,39 @@ def verify_output(model: GGUFModel, plan: RepackPlan, paths: Optional[Sequence[s
     # --- metadata
     for fi, flds in enumerate(po.fields):
         if po.alignment[fi] != plan.alignment:
-            raise FlashMoEError(f"verification failed: {os.path.basename(paths[fi])} has alignment "
+            raise GGUFError(f"verification failed: {os.path.basename(paths[fi])} has alignment "
                                 f"{po.alignment[fi]}, expected {plan.alignment}")
         if n_shards > 1:
             want = b"".join(_split_kvs(fi, n_shards, len(plan.tensors)))
             got = b"".join(flds.get(k, b"") for k in SPLIT_KEYS)
             if got != want:
-                raise FlashMoEError(f"verification failed: split keys of {os.path.basename(paths[fi])} are wrong")
+                raise GGUFError(f"verification failed: split keys of {os.path.basename(paths[fi])} are wrong")
         elif any(k in flds for k in SPLIT_KEYS):
-            raise FlashMoEError("verification failed: a single-file output carries split keys")
+            raise GGUFError("verification failed: a single-file output carries split keys")
     first = po.fields[0]
     for k in plan.kept_keys:
         if first.get(k) != kvs.get(k):
-            raise FlashMoEError(f"verification failed: metadata key {k} differs from the input")
+            raise GGUFError(f"verification failed: metadata key {k} differs from the input")
     missing = [k for k in kvs if k not in SPLIT_KEYS and k not in first]
     missing += [k for k in plan.changed_keys if k not in first]
     if missing:
-        raise FlashMoEError(f"verification failed: metadata key {missing[0]} is missing from the output")
+        raise GGUFError(f"verification failed: metadata key {missing[0]} is missing from the output")
 
     # --- tensor table
     for fi, sh in enumerate(plan.shards):
         want = [t.name for t in sh.tensors]
         if po.order[fi] != want:
-            raise FlashMoEError(f"verification failed: the tensor table of {os.path.basename(paths[fi])} "
+            raise GGUFError(f"verification failed: the tensor table of {os.path.basename(paths[fi])} "
                                 "is not the planned one")
     if len(po.tensors) != len(plan.tensors):
-        raise FlashMoEError("verification failed: tensor count differs")
+        raise GGUFError("verification failed: tensor count differs")
     for t in plan.tensors:
         fi, off, typ, shape, nbytes = po.tensors[t.name]
         if (typ, shape, nbytes) != (t.ggml_type, tuple(t.shape), t.nbytes):
-            raise FlashMoEError(f"verification failed: tensor {t.name} has type/shape {typ}/{list(shape)}, "
+            raise GGUFError(f"verification failed: tensor {t.name} has type/shape {typ}/{list(shape)}, "
                                 f"expected {t.ggml_type}/{list(t.shape)}")
         if off % plan.alignment:
-            raise FlashMoEError(f"verification failed: tensor {t.name} starts at {off}, "
+            raise GGUFError(f"verification failed: tensor {t.name} starts at {off}, "
                                 f"not a multiple of {plan.alignment}")
     in_by_name = model.tensors_by_name()
     # every input tensor must be fully covered by the output pieces
@@ -767,19 +753,19 @@ def verify_output(model: GGUFModel, plan: RepackPlan, paths: Optional[Sequence[s
             cover.setdefault(p.src, []).append((p.src_start, fi, cur, p.length))
             cur += p.length
         if cur - off != t.nbytes:
-            raise FlashMoEError(f"verification failed: the pieces of {t.name} do not add up to its size")
+            raise GGUFError(f"verification failed: the pieces of {t.name} do not add up to its size")
     if set(cover) != {t.name for t in model.tensors if t.nbytes and t.name not in replaced}:
         lost = sorted({t.name for t in model.tensors if t.nbytes and t.name not in replaced} - set(cover))
-        raise FlashMoEError(f"verification failed: input tensor {lost[0] if lost else '?'} is not in the output")
+        raise GGUFError(f"verification failed: input tensor {lost[0] if lost else '?'} is not in the output")
     for src, lst in cover.items():
         lst.sort()
         pos = 0
         for s, _, _, n in lst:
             if s != pos:
-                raise FlashMoEError(f"verification failed: the bytes of {src} are not all in the output")
+                raise GGUFError(f"verification failed: the bytes of {src} are not all in the output")
             pos += n
         if pos != in_by_name[src].nbytes:
-            raise FlashMoEError(f"verification failed: the bytes of {src} are not all in the output")
+            raise GGUFError(f"verification failed: the bytes of {src} are not all in the output")
 
     # --- data hashes
     total = 2 * sum(in_by_name[s].nbytes for s in cover) + sum(t.nbytes for t in produced)
@@ -792,7 +778,7 @@ def verify_output(model: GGUFModel, plan: RepackPlan, paths: Optional[Sequence[s
         h_in = _hash_ranges(lambda i: in_fds[i], [(t.file_index, t.data_offset, t.nbytes)])
         h_out = _hash_ranges(lambda i: out_fds[i], [(fi, off, n) for _, fi, off, n in cover[src]])
         if h_in != h_out:
-            raise FlashMoEError(f"verification failed: the bytes of tensor {src} differ (sha256 {h_in[:12]} in the "
+            raise GGUFError(f"verification failed: the bytes of tensor {src} differ (sha256 {h_in[:12]} in the "
                                 f"input, {h_out[:12]} in the output)")
         return 2 * t.nbytes
 
@@ -800,7 +786,7 @@ def verify_output(model: GGUFModel, plan: RepackPlan, paths: Optional[Sequence[s
         fi, off, _, _, _ = po.tensors[t.name]
         h_out = _hash_ranges(lambda i: out_fds[i], [(fi, off, t.nbytes)])
         if t.sha256 is None or h_out != t.sha256:
-            raise FlashMoEError(f"verification failed: the bytes of tensor {t.name} in the output are not the ones "
+            raise GGUFError(f"verification failed: the bytes of tensor {t.name} in the output are not the ones "
                                 f"written (sha256 {h_out[:12]}, wrote {(t.sha256 or '?')[:12]})")
         return t.nbytes
 
@@ -858,21 +844,22 @@ def repack(
         raise UsageError(f"the output name must end in .gguf (got {out_path})")
     folder = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(folder):
-        raise FlashMoEError(f"output folder does not exist: {folder}")
+        raise GGUFError(f"output folder does not exist: {folder}")
 
-    with open_model(in_path) as model:
+    with open_model(in_path) as model:  # refuses a file whose layout llama.cpp would refuse
         require_moe(model)
+        require_loadable(model)  # and hyper-parameters llama.cpp would abort on: nothing to "repair"
         layout_before = expert_layout(model)
         plan = plan_repack(model, out_path, align=align, fuse_gate_up=fuse_gate_up, split_max_size=split_max_size,
                            unfuse_gate_up=unfuse_gate_up, transform=transform, kv_edit=kv_edit)
         for p in plan.paths:
             for src in model.files:
                 if os.path.exists(p) and _same_file(p, src) or os.path.realpath(p) == os.path.realpath(src):
-                    raise FlashMoEError(f"refusing to overwrite the input: {p} is {src}")
+                    raise GGUFError(f"refusing to overwrite the input: {p} is {src}")
             if os.path.exists(p) and not force:
-                raise FlashMoEError(f"{p} already exists (use --force to overwrite)")
+                raise GGUFError(f"{p} already exists (use --force to overwrite)")
             if os.path.isdir(p):
-                raise FlashMoEError(f"{p} is a folder")
+                raise GGUFError(f"{p} is a folder")
         removed = _remove_stale_temps(plan.paths)
         for r in removed:
             say(f"removed {r} (left by an interrupted repack)")
@@ -926,7 +913,7 @@ def repack(
                             if delay:
                                 time.sleep(delay)
                         if pos != sh.size:  # pragma: no cover - a planning bug
-                            raise FlashMoEError(f"internal error: wrote {pos} bytes of {sh.path}, planned {sh.size}")
+                            raise GGUFError(f"internal error: wrote {pos} bytes of {sh.path}, planned {sh.size}")
                         os.ftruncate(fd, sh.size)
                         os.fsync(fd)
                 write_s = time.monotonic() - t_write
@@ -959,11 +946,11 @@ def repack(
                     _unblock_signals(old)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise FlashMoEError(
+                raise GGUFError(
                     f"disk full while writing {os.path.basename(out_path)} in {folder} "
                     f"({format_size(plan.total_bytes)} needed): nothing was written under the target name"
                 ) from None
-            raise FlashMoEError(f"writing {out_path} failed: {e.strerror or e}") from None
+            raise GGUFError(f"writing {out_path} failed: {e.strerror or e}") from None
         finally:
             for fd in fds + in_fds:
                 try:

@@ -1,0 +1,33 @@
+"""Byte sizes as people read them (shared by the GGUF tools and flashmoe's reports)."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+KiB = 1024
+MiB = 1024**2
+GiB = 1024**3
+TiB = 1024**4
+
+
+def format_size(n: Optional[Union[int, float]], precision: int = 1) -> str:
+    """Format bytes with binary units: 0 B, 812 B, 4.0 KiB, 512 MiB, 1.5 GiB, 2.00 TiB.
+
+    Whole numbers of a unit print without decimals (``512 MiB``); otherwise ``precision`` decimals.
+    ``None`` prints as ``-``. Negative values keep their sign.
+    """
+    if n is None:
+        return "-"
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    if n < 1024:
+        return f"{sign}{int(n)} B"
+    for unit, mult in (("KiB", KiB), ("MiB", MiB), ("GiB", GiB), ("TiB", TiB)):
+        if n < mult * 1024 or unit == "TiB":
+            v = n / mult
+            if n % mult == 0:
+                return f"{sign}{int(v)} {unit}"
+            s = f"{v:.{precision}f}"
+            if float(s) >= 1024 and unit != "TiB":
+                continue  # 1023.96 MiB rounds to 1024.0: use the next unit
+            return f"{sign}{s} {unit}"
+    raise AssertionError("unreachable")
