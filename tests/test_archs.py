@@ -451,3 +451,26 @@ def test_mixtral_expert_scales_stream_exactly(llama_cpp, arch_models, tmp_path):
     assert st["total"]["evictions"] > 0
     plain, _ = _run(arch_models["llama"])
     assert _max_diff(plain, ref) > 0
+
+
+@pytest.mark.parametrize("arch", NEW_ARCHES)
+def test_repack_inspect_policy_and_trace_commands(run_cli, arch_models, tmp_path, arch):
+    """The other commands on each family: repack (every tensor's bytes unchanged, experts grouped by
+    layer), inspect, policy show with the shipped stream policy, trace gen for the routed layers."""
+    src = arch_models[arch]
+    out = str(tmp_path / f"{arch}-repacked.gguf")
+    r = run_cli("repack", src, "-o", out)
+    assert r.code == 0, r.stderr
+    with open_model(src) as a, open_model(out) as b:
+        assert [t.name for t in a.tensors] and {t.name for t in a.tensors} == {t.name for t in b.tensors}
+        for t in a.tensors:
+            assert a.read_bytes(t) == b.read_bytes(b.tensor(t.name)), t.name
+    r = run_cli("inspect", out)
+    assert r.code == 0 and "expert" in r.stdout.lower(), r.stderr
+    r = run_cli("policy", "show", "stream", "-m", out)
+    assert r.code == 0 and "stream" in r.stdout, r.stderr
+    tr = str(tmp_path / f"{arch}.trace")
+    r = run_cli("trace", "gen", "-m", out, "--kind", "realistic", "--tokens", "64", "-o", tr)
+    assert r.code == 0, r.stderr
+    with open_model(out) as m:
+        assert read_trace(tr).layers == model_moe_layers(m)
