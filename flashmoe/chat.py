@@ -223,19 +223,16 @@ def parse_tool_calls(text: str, tools: Optional[List[dict]] = None) -> Tuple[Opt
 def _call_from_json(body: str, names: Optional[set]) -> Optional[ToolCall]:
     try:
         obj = json.loads(body.strip(), strict=False)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return None
-    if names is not None and obj["name"] not in names:
-        return None
-    args = obj.get("arguments", obj.get("parameters", {}))
-    if isinstance(args, str):
-        try:
-            args = json.loads(args, strict=False)
-        except ValueError:
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             return None
-    return ToolCall(name=obj["name"], arguments=json.dumps(args, ensure_ascii=False))
+        if names is not None and obj["name"] not in names:
+            return None
+        args = obj.get("arguments", obj.get("parameters", {}))
+        if isinstance(args, str):
+            args = json.loads(args, strict=False)
+        return ToolCall(name=obj["name"], arguments=json.dumps(args, ensure_ascii=False))
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's stack: not a call
+        return None
 
 
 def strict_json(text: str) -> Optional[str]:
@@ -243,11 +240,11 @@ def strict_json(text: str) -> Optional[str]:
     try:
         json.loads(text)
         return text
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     try:
         return json.dumps(json.loads(text, strict=False), ensure_ascii=False)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -289,6 +286,8 @@ def normalize_messages(messages: Any) -> List[dict]:
             raise RequestError(f"{where}: unknown role {role!r} (system, user, assistant, tool)", param="messages")
         msg: Dict[str, Any] = {"role": role, "content": _text_of(m.get("content"), where)}
         if role == "assistant" and m.get("tool_calls"):
+            if not isinstance(m["tool_calls"], list):
+                raise RequestError(f"{where}.tool_calls must be a list of tool calls", param="messages")
             calls = []
             for j, c in enumerate(m["tool_calls"]):
                 fn = c.get("function") if isinstance(c, dict) else None
@@ -298,9 +297,9 @@ def normalize_messages(messages: Any) -> List[dict]:
                 if isinstance(args, str):
                     try:
                         args = json.loads(args) if args.strip() else {}
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         pass  # left as text: the template shows it as is
-                cid = c.get("id") or f"call_{i}_{j}"
+                cid = str(c.get("id") or f"call_{i}_{j}")
                 call_names[cid] = fn["name"]
                 calls.append({"id": cid, "type": "function", "function": {"name": fn["name"], "arguments": args}})
             msg["tool_calls"] = calls
@@ -309,6 +308,7 @@ def normalize_messages(messages: Any) -> List[dict]:
             if cid is not None:
                 msg["tool_call_id"] = str(cid)
             name = m.get("name") or call_names.get(str(cid))
+            name = str(name) if name else name
             if name:
                 msg["name"] = name
             if msg["content"] is None:
@@ -452,6 +452,7 @@ class ChatModel:
         self.n_evaluated = 0  # tokens run through the model since load (prompt + generated)
         self._bias_ids = None
         self._vocab_facts = None
+        self._utf8 = None
         self._install_eval_counter()
 
     # --- plumbing
@@ -578,6 +579,96 @@ class ChatModel:
             self._bias_ids = (np.array(ids, dtype=np.int64), np.array(bias, dtype=np.float32))
         return self._bias_ids
 
+    # UTF-8 validity, byte by byte: the state says what the next byte may be (RFC 3629's table)
+    _U8_NEXT = {1: (0x80, 0xBF, 0), 2: (0x80, 0xBF, 1), 3: (0xA0, 0xBF, 1), 4: (0x80, 0x9F, 1),
+                5: (0x80, 0xBF, 2), 6: (0x90, 0xBF, 2), 7: (0x80, 0x8F, 2)}
+
+    @classmethod
+    def _u8_step(cls, state: int, b: int) -> int:
+        """The next UTF-8 state after byte ``b`` (0: between characters), or -1 for an invalid byte."""
+        if state:
+            lo, hi, nxt = cls._U8_NEXT[state]
+            return nxt if lo <= b <= hi else -1
+        if b < 0x80:
+            return 0
+        if 0xC2 <= b <= 0xDF:
+            return 1
+        if b == 0xE0:
+            return 3
+        if b == 0xED:
+            return 4
+        if 0xE1 <= b <= 0xEF:
+            return 2
+        if b == 0xF0:
+            return 6
+        if 0xF1 <= b <= 0xF3:
+            return 5
+        if b == 0xF4:
+            return 7
+        return -1
+
+    def _utf8_tables(self):
+        """(tokens invalid between characters, {state: tokens valid in that state}, {token: [next state
+        per state]} for the tokens that are not whole UTF-8 text), computed once per model."""
+        if self._utf8 is None:
+            import numpy as np
+
+            L = self.llama
+            n_states = 8
+            bad0, allowed, trans = [], {s: [] for s in range(1, n_states)}, {}
+            for i in range(L.n_vocab()):
+                b = L.detokenize([i])
+                try:
+                    b.decode("utf-8")
+                    whole = True
+                except UnicodeDecodeError:
+                    whole = False
+                if whole and b:
+                    continue  # from between characters to between characters; never inside one
+                row = []
+                for st in range(n_states):
+                    cur = st
+                    for byte in b:
+                        cur = self._u8_step(cur, byte)
+                        if cur < 0:
+                            break
+                    row.append(cur)
+                trans[i] = row
+                if row[0] < 0:
+                    bad0.append(i)
+                for st in range(1, n_states):
+                    if row[st] >= 0:
+                        allowed[st].append(i)
+            self._utf8 = (np.array(bad0, dtype=np.int64),
+                          {k: np.array(v, dtype=np.int64) for k, v in allowed.items()}, trans)
+        return self._utf8
+
+    def _utf8_guard(self, out: List[int]):
+        """A logits processor that only lets through tokens keeping the answer's bytes valid UTF-8."""
+        import numpy as np
+
+        bad0, allowed, trans = self._utf8_tables()
+        st = [0, 0]  # UTF-8 state, tokens of ``out`` accounted for
+
+        def guard(_input_ids, scores):
+            for tok in out[st[1]:]:
+                row = trans.get(tok)
+                st[0] = (0 if st[0] == 0 else -1) if row is None else row[st[0]]
+                if st[0] < 0:
+                    st[0] = 0  # cannot happen under the mask; start over rather than block everything
+            st[1] = len(out)
+            if st[0] == 0:
+                if len(bad0):
+                    scores[bad0] = -np.inf
+            else:
+                ok = allowed[st[0]]
+                keep = scores[ok].copy()
+                scores[:] = -np.inf
+                scores[ok] = keep
+            return scores
+
+        return guard
+
     def grammar_for_schema(self, schema: Optional[dict], what: str = "response_format"):
         """A llama.cpp grammar for JSON matching ``schema`` (None: any JSON object).
 
@@ -637,11 +728,17 @@ class ChatModel:
                 return scores
 
             processors = LogitsProcessorList([close_json])
+        out: List[int] = []
+        if grammar is not None:
+            # a constrained answer is strict JSON: its bytes must be valid UTF-8 too (llama.cpp's grammar
+            # accepts surrogates and overlong forms that byte-level tokens can spell, which decode to
+            # U+FFFD and break length limits)
+            utf8 = self._utf8_guard(out)
+            processors = LogitsProcessorList(list(processors or []) + [utf8])
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(31)
         L.set_seed(int(seed) & 0x7FFFFFFF)
         dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
         filt = _StopFilter(() if grammar is not None else stop)  # a grammar answer ends with its grammar
-        out: List[int] = []
         finish = "length"
         by_string = False
         ev0 = self.n_evaluated

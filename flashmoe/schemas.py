@@ -253,6 +253,10 @@ def _check_satisfiable(s: Dict[str, Any], where: str, bad) -> None:
             raise bad("enum is empty: no value can match", where)
         if tlist and not any(_matches_type(v, t) for v in s["enum"] for t in tlist):
             raise bad(f"no enum value is of type {'/'.join(tlist)}", where)
+    if "const" in s and isinstance(s.get("enum"), list):
+        key = json.dumps(s["const"], sort_keys=True)
+        if not any(json.dumps(v, sort_keys=True) == key for v in s["enum"]):
+            raise bad(f"const {_short(s['const'])} is not one of the enum values: no value can match", where)
     if "const" in s and tlist and not any(_matches_type(s["const"], t) for t in tlist):
         raise bad(f"const {_short(s['const'])} is not of type {'/'.join(tlist)}", where)
     for lo_k, hi_k in (("minLength", "maxLength"), ("minItems", "maxItems"), ("minProperties", "maxProperties"),
@@ -306,15 +310,21 @@ def _normalize(schema: dict) -> dict:
                     alt.update({k: copy.deepcopy(s[k]) for k in _FOR_TYPE.get(ty, ()) if k in s})
                     if "enum" in alt:
                         alt["enum"] = [v for v in alt["enum"] if _matches_type(v, ty)]
-                        if not alt["enum"]:
-                            continue
                     if "const" in alt and not _matches_type(alt["const"], ty):
-                        continue
+                        alt["enum"] = []
+                        del alt["const"]
+                    _filter_enum(alt)
+                    if "enum" in alt and not alt["enum"]:
+                        continue  # no value of this type is allowed
                     alts.append(alt)
                 keep = {k: v for k, v in s.items() if k in ("$defs", "definitions", "title", "description")}
                 s.clear()
                 s.update(keep)
-                s["anyOf"] = alts
+                if alts:
+                    s["anyOf"] = alts
+                else:
+                    s["enum"] = []  # refused: no value of any of the types satisfies the rest
+                continue
         _filter_enum(s)
     return root
 
@@ -323,6 +333,10 @@ def _filter_enum(s: Dict[str, Any]) -> None:
     """Keep only the enum values (and check the const) that the node's other constraints accept."""
     if "enum" not in s and "const" not in s:
         return
+    if "enum" in s and "const" in s:  # the converter writes the const and ignores the enum
+        same = [v for v in s["enum"] if json.dumps(v, sort_keys=True) == json.dumps(s["const"], sort_keys=True)]
+        del s["const"]
+        s["enum"] = same[:1]
     rest = {k: v for k, v in s.items() if k not in ("enum", "const", "$defs", "definitions")}
     if not rest or any(k in rest for k in ("$ref", "anyOf", "oneOf", "allOf")):
         return  # nothing to filter by (a reference or combination is refused alongside enum anyway)

@@ -38,6 +38,7 @@ HEAD_ROT_ASSERT_ARCHS = frozenset((
     "nemotron olmo olmo2 olmoe orion paddleocr pangu-embedded plamo pockettts qwen2 qwen2moe qwen2vl qwen3 qwen3moe "
     "qwen3vl qwen3vlmoe rnd1 seed_oss smallthinker smollm3 starcoder2 talkie xverse").split())
 TENSOR_ALIGNMENT = 32  # ggml-backend.cpp
+MAX_CONTEXT_LENGTH = 1 << 24
 VECTOR_TYPES = ("F32",)  # binary-ops.cpp: an F32 activation with an F32 operand only
 NON_WEIGHT_TYPES = ("I8", "I16", "I32", "I64", "F64", "Q8_1", "Q8_K")
 LLAMA_MAX_EXPERTS = 1024
@@ -104,7 +105,8 @@ def problems(model: GGUFModel) -> List[str]:
 
     # -- the sizes every llama.cpp model needs
     n_layer = c.uint("block_count", required=True, lo=1, hi=LLAMA_MAX_LAYERS)
-    c.uint("context_length", required=True, lo=1)
+    # llama-cpp-python sizes its tokenizer buffer by the training context: keep it sane (Llama 4: 10M)
+    c.uint("context_length", required=True, lo=1, hi=MAX_CONTEXT_LENGTH)
     c.uint("embedding_length", required=True, lo=1)
     if n_layer:
         nl = n_layer[0]

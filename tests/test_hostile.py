@@ -544,3 +544,131 @@ def llama_grammar_verdicts(model, grammars, tmp_path, timeout=120):
     p = subprocess.run([sys.executable, str(src), model, str(gfile)], capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stderr[-500:]
     return [x == "1" for x in p.stdout.split()]
+
+
+# ----------------------------------------------------------------------- found by the fuzz campaign (test_fuzz.py)
+
+
+def _set(key, vtype, value):
+    return lambda d: d.set(key, vtype, value)
+
+
+def _retype(name, ggml_type):
+    def edit(d):
+        t = d.tensor(name)
+        from gguf_tools.reader import tensor_nbytes
+
+        t.ggml_type = ggml_type
+        t.data = bytes(tensor_nbytes(ggml_type, t.shape))
+    return edit
+
+
+FUZZ_FOUND = [  # each aborted or crashed llama.cpp (exit 134 / SIGSEGV) before validate knew about it
+    ("rope_dims", _set("qwen3moe.rope.dimension_count", T_UINT32, 1000), "rope.dimension_count"),
+    ("rope_dims_vs_head", _set("qwen3moe.rope.dimension_count", T_UINT32, 32), "key_length = attention.value_length"),
+    ("eps_nan", _set("qwen3moe.attention.layer_norm_rms_epsilon", T_FLOAT32, float("nan")), "finite"),
+    ("alignment_1", _set("general.alignment", T_UINT32, 1), "32-byte aligned"),
+    ("norm_f16", _retype("output_norm.weight", 1), "element-wise"),
+    ("weight_i32", _retype("blk.1.attn_q.weight", 26), "cannot multiply"),
+    ("gating_func", _set("qwen3moe.expert_gating_func", T_UINT32, 13), "expert_gating_func"),
+    ("value_length", _set("qwen3moe.attention.value_length", T_UINT32, 2), "value_length"),
+    ("context_huge", _set("qwen3moe.context_length", T_UINT32, 2**32 - 1), "context_length"),
+    ("block_count_huge", _set("qwen3moe.block_count", T_UINT32, 2**31), "block_count"),
+]
+
+
+@pytest.mark.parametrize("name,edit,needle", FUZZ_FOUND, ids=[c[0] for c in FUZZ_FOUND])
+def test_fuzz_found_hparams_are_problems(tiny_model, tmp_path, name, edit, needle):
+    from gguf_tools.validate import problems
+
+    def apply(d):
+        if name == "alignment_1":
+            d.alignment = 1
+            d.set("flashmoe.test.pad", T_STRING, "x")  # moves the data section off a 32-byte boundary
+        edit(d)
+
+    bad = mutant(tiny_model, tmp_path, name, apply)
+    t0 = time.time()
+    with open_model(bad) as m:
+        found = problems(m)
+        from gguf_tools.inspect import model_facts
+
+        model_facts(m)  # block_count 2**31 once made inspect loop for ever
+    assert time.time() - t0 < 5
+    assert any(needle in p for p in found), found
+
+
+def test_missing_tensor_in_one_layer_is_a_problem(tiny_models, tmp_path):
+    """qwen35moe: dropping one recurrent layer's attn_qkv made llama.cpp dereference NULL (SIGSEGV)."""
+    from gguf_tools.validate import problems
+
+    doc = GGUFDoc.load(tiny_models["qwen35moe"])
+    doc.tensors = [t for t in doc.tensors if t.name != "blk.1.attn_qkv.weight"]
+    p = doc.write(str(tmp_path / "drop.gguf"))
+    with open_model(p) as m:
+        assert any("blk.1.attn_qkv.weight" in x for x in problems(m)), problems(m)
+
+
+def test_tool_calls_that_are_not_a_list_are_a_400(app_client):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": True}]
+    openai_error(post(app_client, {"messages": msgs}), 400, "tool_calls", "messages")
+
+
+@pytest.mark.parametrize("schema,needle", [
+    ({"const": "é", "enum": ["a", "b"]}, "not one of the enum values"),
+    ({"type": ["string", "integer"], "const": "0", "minLength": 2}, "satisfies"),
+    ({"type": "string", "pattern": '^"+$'}, "must escape"),
+    ({"type": "string", "pattern": "^[ -~]+$"}, "can produce"),
+    ({"anyOf": [{"type": "string"}], "maxLength": 3}, "cannot be combined"),
+    ({"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 2}]}, "may overlap"),
+])
+def test_schemas_the_grammar_would_not_honour_are_refused(schema, needle):
+    from flashmoe.schemas import SchemaProblem, schema_to_grammar
+
+    with pytest.raises(SchemaProblem, match=needle):
+        schema_to_grammar(schema)
+
+
+@pytest.mark.parametrize("pattern,ok,piece", [
+    ("^a|b$", ["a", "b"], '("a" | "b")'),
+    ("^[^x]{1,3}$", ["yz"], '[^x"\\\\\\x00-\\x1f\\x7f]'),
+    ("^\\d+\\.\\d$", ["12.5"], "[0-9]+ [.] [0-9]"),
+])
+def test_patterns_become_json_safe_grammars(pattern, ok, piece):
+    """The converter copied pattern characters unescaped into the JSON string (`^a|b$` even lost its
+    quotes). What the grammar accepts is now valid JSON that matches the pattern."""
+    from flashmoe.schemas import schema_to_grammar
+
+    g = schema_to_grammar({"type": "string", "pattern": pattern})
+    assert "root ::=" in g and '"\\""' in g
+    import re as _re
+
+    for s in ok:
+        assert _re.search(pattern, s)
+    # the grammar's root keeps its quotes around the whole pattern; classes never produce what JSON escapes
+    root = [ln for ln in g.splitlines() if ln.startswith("root ::=")][0]
+    assert root.startswith('root ::= "\\"" (') and root.endswith('"\\"" space'), root
+    assert piece in g, g
+
+
+def test_policy_files_with_control_characters_or_deep_nesting(tmp_path):
+    for name, text in (("ctl", "version: 1\nname: x\x00\nrules: []\n"),
+                       ("deep", "version: 1\nname: x\nextra: " + "[" * 5000 + "]" * 5000 + "\n"),
+                       ("glob", "version: 1\nname: x\nrules:\n  - match: \"{\\n{\"\n    place: pin\n")):
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(text)
+        t0 = time.time()
+        code, err, _ = cli("policy", "validate", p)
+        one_line_error(code, err)
+        assert time.time() - t0 < 2
+
+
+def test_trace_with_absurd_expert_count_is_refused(trace_file, tmp_path):
+    from flashmoe.trace import read_trace
+
+    d = bytearray(open(trace_file, "rb").read())
+    struct.pack_into("<I", d, 16, 2**31 - 1)
+    p = tmp_path / "experts.fmrt"
+    p.write_bytes(bytes(d))
+    with pytest.raises(FlashMoEError, match="at most"):
+        read_trace(str(p))
