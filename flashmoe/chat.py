@@ -19,6 +19,7 @@ One generation runs at a time on a model: callers serialize (the server has a si
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import json
 import random
 import re
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from flashmoe import llama as llama_api
 from flashmoe.errors import FlashMoEError
 
 # How many tokens past max_tokens a constrained (grammar) answer may take to close its JSON.
@@ -342,8 +344,8 @@ class ChatTemplate:
     def from_llama(cls, llama) -> "ChatTemplate":
         meta = getattr(llama, "metadata", {}) or {}
         eos_id, bos_id = llama.token_eos(), llama.token_bos()
-        eos = llama._model.token_get_text(eos_id) if eos_id != -1 else ""
-        bos = llama._model.token_get_text(bos_id) if bos_id != -1 else ""
+        eos = llama_api.token_text(llama, eos_id)
+        bos = llama_api.token_text(llama, bos_id)
         tpl = meta.get("tokenizer.chat_template")
         if tpl:
             return cls(tpl, bos, eos)
@@ -363,15 +365,10 @@ class ChatTemplate:
 
 
 @dataclass
-class Sampling:
+class Sampling(llama_api.Sampling):
+    """The token loop's sampling settings, with chat's default temperature."""
+
     temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: Optional[int] = None
 
 
 @dataclass
@@ -483,9 +480,9 @@ class ChatModel:
         """(the longest token text in bytes, the special tokens llama.cpp's tokenizer splits on first:
         [(text, lstrip, rstrip)] longest first), read from the vocabulary once."""
         if self._vocab_facts is None:
-            import llama_cpp.llama_cpp as lc
+            lc = llama_api.lowlevel()
 
-            vocab = self.llama._model.vocab
+            vocab = llama_api.vocab_ptr(self.llama)
             special = lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_USER_DEFINED | lc.LLAMA_TOKEN_ATTR_UNKNOWN
             longest, specials = 1, []
             for i in range(lc.llama_vocab_n_tokens(vocab)):
@@ -543,9 +540,7 @@ class ChatModel:
         return matched + (raw + per - 1) // per
 
     def is_eog(self, tok: int) -> bool:
-        import llama_cpp.llama_cpp as lc
-
-        return bool(lc.llama_vocab_is_eog(self.llama._model.vocab, tok))
+        return llama_api.is_eog(self.llama, tok)
 
     def _closing_bias(self):
         """(ids, biases) favouring tokens that close JSON (and the end of turn), computed once."""
@@ -735,8 +730,8 @@ class ChatModel:
             # U+FFFD and break length limits)
             utf8 = self._utf8_guard(out)
             processors = LogitsProcessorList(list(processors or []) + [utf8])
-        seed = sampling.seed if sampling.seed is not None else random.getrandbits(31)
-        L.set_seed(int(seed) & 0x7FFFFFFF)
+        if sampling.seed is None:
+            sampling = dataclasses.replace(sampling, seed=random.getrandbits(31))
         dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
         filt = _StopFilter(() if grammar is not None else stop)  # a grammar answer ends with its grammar
         finish = "length"
@@ -744,20 +739,12 @@ class ChatModel:
         ev0 = self.n_evaluated
         prompt_eval = None
         t0 = time.perf_counter()
-        gen = L.generate(
-            prompt_tokens,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            min_p=sampling.min_p,
-            temp=max(0.0, float(sampling.temperature)),
-            repeat_penalty=sampling.repeat_penalty,
-            presence_penalty=sampling.presence_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-            logits_processor=processors,
-            grammar=grammar,
-        )
+        # the one token loop (flashmoe/llama.py); the KV cache's common prefix with the last call is reused
+        gen = llama_api.tokens(L, prompt_tokens, sampling, grammar=grammar, logits_processor=processors,
+                               keep_prefix=True)
         try:
-            for tok in gen:
+            for step in gen:
+                tok = step.token
                 if prompt_eval is None:
                     prompt_eval = self.n_evaluated - ev0
                 if self.is_eog(tok):
