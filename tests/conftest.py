@@ -17,13 +17,20 @@ Fixtures (stable; other test modules rely on them):
 
 Helpers importable by tests (``from conftest import ...``): ``REPO_ROOT``, ``TINY_ARCHES``,
 ``generate_greedy(llama_cpp, path, n, prompt=...) -> (prompt_tokens, tokens, llm)``,
-``last_logits(llama_cpp, llm) -> numpy array``.
+``last_logits(llama_cpp, llm) -> numpy array``,
+``serve_cli(*args, env=None) -> (process, url, stderr lines so far)``: a real ``flashmoe serve`` on a free
+loopback port (a context manager that stops it).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import re
 import subprocess
 import sys
+import threading
+import time
 from collections import namedtuple
 
 import pytest
@@ -99,3 +106,36 @@ def run_cli():
         return CliResult(p.returncode, p.stdout, p.stderr)
 
     return run
+
+
+@contextlib.contextmanager
+def serve_cli(*args, env=None, start_timeout=120):
+    """Starts ``python -m flashmoe serve ARGS --port 0`` (with PYTHONPATH at this checkout), waits for its
+    "listening on" line, yields (process, url, the stderr lines seen), and stops it (SIGTERM, then SIGKILL)."""
+    e = dict(os.environ if env is None else env)
+    e["PYTHONPATH"] = REPO_ROOT + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    p = subprocess.Popen([sys.executable, "-m", "flashmoe", "serve", *map(str, args), "--port", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=REPO_ROOT)
+    lines: "queue.Queue[str]" = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in p.stderr], daemon=True).start()
+    try:
+        url, seen, t0 = None, [], time.time()
+        while url is None and time.time() - t0 < start_timeout:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                assert p.poll() is None, "".join(seen)
+                continue
+            seen.append(line)
+            m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+            url = m.group(1) if m else None
+        assert url, "".join(seen)
+        yield p, url, seen
+    finally:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()

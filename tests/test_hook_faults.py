@@ -9,7 +9,6 @@ configuration being consumed by one load.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import struct
@@ -310,40 +309,18 @@ def _stream_placements(path):
 def test_serve_survives_an_injected_read_error(tiny_model, tmp_path):
     """`flashmoe serve` streaming experts: the request whose read fails gets a 5xx naming the failure,
     the next request succeeds, the process is alive."""
-    import queue
-    import re
-    import subprocess
-    import sys
-    import threading
-    import time
+    from conftest import serve_cli
 
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     pol = tmp_path / "tiny-stream.yaml"
     pol.write_text("version: 1\nname: tiny-stream\nrules:\n"
                    "  - match: \"blk.*.ffn_{gate,up,down,gate_up}_exps.weight\"\n    place: stream\n"
                    "  - match: \"*\"\n    place: ram\n"
                    "expert_cache:\n  mode: cache\n  cache_slots: 2\n")
     env = dict(os.environ, FLASHMOE_FAULT_INJECT="eio:5")
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    p = subprocess.Popen([sys.executable, "-m", "flashmoe", "serve", "-m", tiny_model, "--policy", str(pol),
-                          "--port", "0", "--ctx", "512", "--log-level", "warning"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=repo)
-    lines: "queue.Queue[str]" = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(l) for l in p.stderr], daemon=True).start()
-    try:
-        url, seen, t0 = None, [], time.time()
-        while url is None and time.time() - t0 < 120:
-            try:
-                line = lines.get(timeout=1)
-            except queue.Empty:
-                assert p.poll() is None, "".join(seen)
-                continue
-            seen.append(line)
-            m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-            url = m.group(1) if m else None
-        assert url, "".join(seen)
+    with serve_cli("-m", tiny_model, "--policy", pol, "--ctx", "512", "--log-level", "warning",
+                   env=env) as (p, url, _seen):
         body = {"model": "x", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
         r1 = httpx.post(url + "/v1/completions", json=body, timeout=120)
         assert 500 <= r1.status_code < 600, r1.text
@@ -354,10 +331,3 @@ def test_serve_survives_an_injected_read_error(tiny_model, tmp_path):
         assert r2.json()["choices"][0]["text"] is not None
         assert p.poll() is None  # alive
         assert httpx.get(url + "/health", timeout=30).status_code == 200
-    finally:
-        p.terminate()
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import re
 import struct
 import subprocess
 import sys
-import threading
 import time
 import tracemalloc
 
 import pytest
+
+from conftest import serve_cli
 from click.testing import CliRunner
 
 from hostile_inputs import GGUFDoc, T_ARRAY, T_FLOAT32, T_STRING, T_UINT32
@@ -455,25 +454,7 @@ def test_one_request_no_longer_kills_flashmoe_serve(llama_cpp, tiny_model):
     """The probe's request (an empty enum) killed the server process with SIGSEGV: a real server now
     answers 400 and goes on serving."""
     httpx = pytest.importorskip("httpx")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    p = subprocess.Popen([sys.executable, "-m", "flashmoe", "serve", "-m", tiny_model, "--port", "0",
-                          "--n-ctx", "512", "--log-level", "warning"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
-    lines: "queue.Queue[str]" = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(ln) for ln in p.stderr], daemon=True).start()
-    try:
-        url, seen, t0 = None, [], time.time()
-        while url is None and time.time() - t0 < 120:
-            try:
-                line = lines.get(timeout=1)
-            except queue.Empty:
-                assert p.poll() is None, "".join(seen)
-                continue
-            seen.append(line)
-            m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-            url = m.group(1) if m else None
-        assert url, "".join(seen)
+    with serve_cli("-m", tiny_model, "--ctx", "512", "--log-level", "warning") as (p, url, _seen):
         body = {"messages": ASK, "response_format": {"type": "json_schema", "json_schema": {"schema": {"enum": []}}}}
         r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
@@ -483,13 +464,7 @@ def test_one_request_no_longer_kills_flashmoe_serve(llama_cpp, tiny_model):
         assert p.poll() is None
         r = httpx.post(url + "/v1/chat/completions", json={"messages": ASK, "max_tokens": 3}, timeout=60)
         assert r.status_code == 200
-    finally:
-        p.terminate()
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+
 
 
 # ----------------------------------------------------------------------- the grammar check mirrors llama.cpp

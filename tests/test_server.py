@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import re
 import subprocess
 import sys
 import threading
@@ -18,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from conftest import serve_cli
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -411,25 +411,8 @@ def test_serve_cli(llama_cpp, tiny_model, tmp_path):
                    "  - match: \"blk.*.ffn_{gate,up,down,gate_up}_exps.weight\"\n    place: stream\n"
                    "  - match: \"*\"\n    place: ram\n"
                    "expert_cache:\n  mode: cache\n  cache_slots: 2\n")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    p = subprocess.Popen([sys.executable, "-m", "flashmoe", "serve", "-m", tiny_model, "--policy", str(pol),
-                          "--port", "0", "--api-key", KEY, "--n-ctx", "1024", "--log-level", "warning"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
-    lines: "queue.Queue[str]" = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(l) for l in p.stderr], daemon=True).start()
-    try:
-        url, seen, t0 = None, [], time.time()
-        while url is None and time.time() - t0 < 120:
-            try:
-                line = lines.get(timeout=1)
-            except queue.Empty:
-                assert p.poll() is None, "".join(seen)
-                continue
-            seen.append(line)
-            m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-            url = m.group(1) if m else None
-        assert url, "".join(seen)
+    with serve_cli("-m", tiny_model, "--policy", pol, "--api-key", KEY, "--ctx", "1024",
+                   "--log-level", "warning") as (p, url, seen):
         assert any("2 slots/layer" in l for l in seen)
         c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
         r = c.chat.completions.create(model="x", messages=ASK, tools=[WEATHER], max_tokens=24,
@@ -439,10 +422,6 @@ def test_serve_cli(llama_cpp, tiny_model, tmp_path):
         assert st["stats"]["total"]["misses"] > 0 and st["stats"]["total"]["evictions"] > 0
         p.terminate()  # uvicorn shuts down gracefully, then re-raises SIGTERM (the conventional exit status)
         assert p.wait(timeout=60) in (0, -15)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
 
 
 def test_serve_cli_errors(tmp_path):
