@@ -139,3 +139,17 @@ def serve_cli(*args, env=None, start_timeout=120):
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def write_uniform_traces(models, folder, tokens=512, seed=7):
+    """{name: trace path}: a uniform routing trace (seeded) for each model of ``{name: path}``, in folder."""
+    from flashmoe.trace import gen_uniform, model_moe_layers, write_trace
+    from gguf_tools.reader import open_model
+
+    out = {}
+    for name, path in models.items():
+        with open_model(path) as m:
+            tr = gen_uniform(model_moe_layers(m), m.n_expert, m.n_expert_used, tokens, seed=seed)
+        out[name] = str(folder / f"{name}.trace")
+        write_trace(out[name], tr)
+    return out

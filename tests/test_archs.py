@@ -23,8 +23,8 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import generate_greedy, last_logits
-from flashmoe.trace import gen_uniform, model_last_layer, model_moe_layers, read_trace, write_trace
+from conftest import generate_greedy, last_logits, write_uniform_traces
+from flashmoe.trace import model_last_layer, model_moe_layers, read_trace
 from gguf_tools import archs
 from gguf_tools.reader import open_model
 from gguf_tools.synth import make_spec, plan_tensors, synth_model
@@ -60,15 +60,7 @@ def arch_models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uniform_traces(arch_models, tmp_path_factory):
-    d = tmp_path_factory.mktemp("arch_traces")
-    out = {}
-    for arch, path in arch_models.items():
-        with open_model(path) as m:
-            tr = gen_uniform(model_moe_layers(m), m.n_expert, m.n_expert_used, 512, seed=7)
-        p = str(d / f"{arch}.trace")
-        write_trace(p, tr)
-        out[arch] = p
-    return out
+    return write_uniform_traces(arch_models, tmp_path_factory.mktemp("arch_traces"))
 
 
 def _run(path, n=N_GEN, prompt=LONG_PROMPT, **kw):

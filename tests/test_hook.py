@@ -11,6 +11,8 @@ import os
 import numpy as np
 import pytest
 
+from conftest import write_uniform_traces
+
 from flashmoe import hook
 from flashmoe.engine import Engine
 from flashmoe.errors import FlashMoEError
@@ -37,15 +39,7 @@ def _max_diff(a, b):
 
 @pytest.fixture(scope="module")
 def uniform_traces(tiny_models, tmp_path_factory):
-    d = tmp_path_factory.mktemp("traces")
-    out = {}
-    for arch, path in tiny_models.items():
-        with open_model(path) as m:
-            tr = gen_uniform(model_moe_layers(m), m.n_expert, m.n_expert_used, 512, seed=7)
-        p = str(d / f"{arch}.trace")
-        write_trace(p, tr)
-        out[arch] = p
-    return out
+    return write_uniform_traces(tiny_models, tmp_path_factory.mktemp("traces"))
 
 
 def test_patch_is_in_the_imported_library():
