@@ -454,14 +454,9 @@ class _Utf8Stream:
 
 def _expert_bytes_per_layer(model) -> Dict[int, int]:
     """bytes of ONE expert (all its matrices) per routed layer (not layers llama.cpp never runs)."""
-    from flashmoe.trace import model_moe_layers
+    from gguf_tools import archs
 
-    routed = set(model_moe_layers(model))
-    per: Dict[int, int] = {}
-    for t in model.tensors:
-        if t.is_expert and t.layer in routed:
-            per[t.layer] = per.get(t.layer, 0) + t.expert_stride
-    return per
+    return archs.expert_bytes(model)
 
 
 def _slots_from_bytes(model, cache_bytes: int) -> int:

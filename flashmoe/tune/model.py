@@ -9,7 +9,8 @@ from typing import Dict, List, Optional
 from flashmoe.errors import FlashMoEError
 from flashmoe.policy import Policy, PolicyError
 from flashmoe.sizes import format_size
-from flashmoe.trace import model_last_layer, model_moe_layers
+from flashmoe.trace import model_last_layer
+from gguf_tools import archs
 from gguf_tools.reader import GGUFModel, open_model, require_moe
 
 
@@ -24,15 +25,12 @@ class ModelFacts:
 
     @classmethod
     def of(cls, model: GGUFModel) -> "ModelFacts":
-        eb: Dict[int, int] = {}
+        eb = archs.expert_bytes(model)  # routed layers only: not layers llama.cpp loads but never runs
         nt: Dict[int, int] = {}
-        routed = set(model_moe_layers(model))  # not layers llama.cpp loads but never runs (glm4moe's nextn)
         for t in model.expert_tensors():
-            if t.layer not in routed:
-                continue
-            eb[t.layer] = eb.get(t.layer, 0) + t.expert_stride
-            nt[t.layer] = nt.get(t.layer, 0) + 1
-        return cls(model, dict(sorted(eb.items())), dict(sorted(nt.items())))
+            if t.layer in eb:
+                nt[t.layer] = nt.get(t.layer, 0) + 1
+        return cls(model, eb, dict(sorted(nt.items())))
 
     @classmethod
     def open(cls, path: str) -> "ModelFacts":

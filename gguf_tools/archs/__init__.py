@@ -95,6 +95,16 @@ def routed_layers(model) -> List[int]:
     return sorted({t.layer for t in model.tensors if t.is_expert and t.layer not in unrun})
 
 
+def expert_bytes(model) -> Dict[int, int]:
+    """{routed layer: bytes of one expert (all its matrices)}, in layer order: what one cache slot holds."""
+    routed = set(routed_layers(model))
+    per: Dict[int, int] = {}
+    for t in model.tensors:
+        if t.is_expert and t.layer in routed:
+            per[t.layer] = per.get(t.layer, 0) + t.expert_stride
+    return dict(sorted(per.items()))
+
+
 def last_layer(model) -> Optional[int]:
     """The layer of a GGUF model that computes only a ubatch's output rows (llama.cpp drops the other rows
     before it), or None when every layer computes every row."""
