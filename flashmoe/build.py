@@ -21,7 +21,7 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import click
 
@@ -51,9 +51,10 @@ def patch_files() -> List[Path]:
     return sorted(patches_dir().glob("*.patch"))
 
 
-def patch_hash() -> str:
+def patch_hash(patches: Optional[Sequence[Path]] = None) -> str:
+    """The hash of a patch set (default: patches/): names and contents, in order."""
     h = hashlib.sha256()
-    for p in patch_files():
+    for p in (patch_files() if patches is None else [Path(x) for x in patches]):
         h.update(p.name.encode())
         h.update(b"\0")
         h.update(p.read_bytes())

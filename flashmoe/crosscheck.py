@@ -28,7 +28,6 @@ Public API::
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import importlib.util
 import json
 import os
@@ -110,15 +109,7 @@ def _files_to_check(patches: Optional[Sequence[Path]]) -> List[str]:
 
 
 def _patch_set_hash(patches: Optional[Sequence[Path]]) -> str:
-    if patches is None:
-        return build.patch_hash()
-    h = hashlib.sha256()  # the same recipe as build.patch_hash, over the given files
-    for p in patches:
-        p = Path(p)
-        h.update(p.name.encode())
-        h.update(b"\0")
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
+    return build.patch_hash(patches)
 
 
 def _write_generated_headers(root: Path) -> None:
