@@ -15,6 +15,8 @@ import os
 import re
 from typing import Dict, List, Optional, Tuple
 
+from flashmoe import llama as llama_api
+
 GGML_BACKEND_DEVICE_TYPE_CPU = 0
 
 
@@ -24,18 +26,11 @@ class TensorBuftOverride(ctypes.Structure):
 
 def offload_supported() -> bool:
     """Whether the installed llama.cpp build has a GPU backend (CUDA, Metal, ...)."""
-    try:
-        import llama_cpp
-
-        return bool(llama_cpp.llama_supports_gpu_offload())
-    except Exception:  # noqa: BLE001 - not installed / not loadable: no GPU
-        return False
+    return llama_api.supports_gpu_offload()
 
 
 def _ggml() -> ctypes.CDLL:
-    import llama_cpp.llama_cpp as lc
-
-    lib_dir = os.path.dirname(lc._lib._name)
+    lib_dir = os.path.dirname(llama_api.library_path())
     g = ctypes.CDLL(os.path.join(lib_dir, "libggml.so" if os.name != "nt" else "ggml.dll"))
     g.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
     g.ggml_backend_dev_by_type.restype = ctypes.c_void_p
