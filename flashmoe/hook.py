@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 from typing import Dict, List, Optional
 
+from flashmoe import llama as llama_api
 from flashmoe.errors import FlashMoEError
 
 PLACE = {"default": 0, "ram": 1, "pin": 2, "stream": 3, "mmap": 4, "gpu": 0}
@@ -73,13 +74,7 @@ def lib():
     global _lib
     if _lib is not None:
         return _lib
-    try:
-        import llama_cpp.llama_cpp as lc
-    except Exception as e:  # pragma: no cover - depends on the install
-        raise FlashMoEError(
-            f"llama-cpp-python is not installed or does not load ({e}); run `flashmoe build`"
-        )
-    L = lc._lib
+    L = llama_api.lowlevel()._lib  # FlashMoEError when llama-cpp-python does not load
     if not hasattr(L, "flashmoe_version"):
         raise FlashMoEError(
             "the installed llama.cpp library does not carry the flashmoe patch; run `flashmoe build`"
