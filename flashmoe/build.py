@@ -340,6 +340,7 @@ def _run_build(src: Path, wheel_dir: Path, build_dir: Path, args: List[str], log
     t0 = time.time()
     with open(log_path, "w") as log:
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+        assert p.stdout is not None  # stdout=PIPE
         last = ""
         for line in p.stdout:
             log.write(line)

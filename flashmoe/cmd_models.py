@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any, Dict
 
 import click
 
@@ -47,8 +48,8 @@ def synth(output, arch, preset, layers, experts, experts_used, embd, expert_ffn,
           params, force, quiet, as_json):
     """Write a synthetic random-weight MoE model that llama.cpp loads and runs."""
     from gguf_tools import archs
-    from gguf_tools.atomic import human_bytes
     from gguf_tools.synth import make_spec, synth_model
+    from gguf_tools.units import human_bytes
 
     if any(p.strip() == "help" for p in params):
         click.echo(_params_help(archs.get(arch)))
@@ -95,7 +96,7 @@ def _parse_params(a, params) -> dict:
     import dataclasses
 
     fields = {f.name: f for f in dataclasses.fields(a.Params)}
-    out = {}
+    out: Dict[str, Any] = {}
     for item in params:
         name, sep, raw = item.partition("=")
         name, raw = name.strip(), raw.strip()
@@ -105,6 +106,7 @@ def _parse_params(a, params) -> dict:
             have = ", ".join(fields) or "none"
             raise UsageError(f"--param {name}: {a.name} has no such parameter (its parameters: {have})")
         default = fields[name].default
+        value: Any
         try:
             if isinstance(default, bool):
                 low = raw.lower()

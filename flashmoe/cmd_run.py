@@ -135,8 +135,10 @@ def trace():
 @click.option("--reuse", type=click.FloatRange(0, 1), default=None, help="realistic: next-token reuse probability.")
 @click.option("--zipf", type=click.FloatRange(min=0), default=None, help="realistic: popularity skew exponent.")
 @click.option("--drift", type=click.FloatRange(min=0), default=None, help="realistic: popularity drift per token.")
+@click.option("--predict-accuracy", type=click.FloatRange(0, 1), default=None,
+              help="Add predicted sets (trace v2) for prefetch: each used expert predicted with this probability.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
-def trace_gen(model, kind, tokens, seed, experts_per_token, reuse, zipf, drift, output):
+def trace_gen(model, kind, tokens, seed, experts_per_token, reuse, zipf, drift, predict_accuracy, output):
     """Write a synthetic routing trace for MODEL."""
     from flashmoe import trace as T
 
@@ -148,8 +150,11 @@ def trace_gen(model, kind, tokens, seed, experts_per_token, reuse, zipf, drift, 
             setattr(params, k, v)
     T.ensure_parent(output)
     tr = T.trace_for_model(model, kind, tokens, seed, experts_per_token, params)
+    if predict_accuracy is not None:
+        tr = T.draw_predictions(tr, predict_accuracy, seed)
     T.write_trace(output, tr)
-    click.echo(f"wrote {output}: {kind}, {tr.n_tokens} tokens x {len(tr.layers)} layers x {tr.n_used} of {tr.n_expert} experts")
+    pred = "" if predict_accuracy is None else f", predicted sets at accuracy {predict_accuracy:g}"
+    click.echo(f"wrote {output}: {kind}, {tr.n_tokens} tokens x {len(tr.layers)} layers x {tr.n_used} of {tr.n_expert} experts{pred}")
 
 
 @trace.command("stats")
@@ -169,6 +174,8 @@ def trace_stats_cmd(trace_file, as_json):
         ("next-token reuse", f"{100 * s['next_token_reuse']:.1f}% of selections"),
         ("top 10% experts' share", f"{100 * s['top10pct_share']:.1f}% of selections"),
     ] + [(f"LRU hit rate at {k}", f"{100 * v:.1f}%") for k, v in s["lru_hit_rate"].items()]
+    if s["prediction_accuracy"] is not None:
+        rows.append(("prediction accuracy", f"{100 * s['prediction_accuracy']:.1f}% of predicted experts used"))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{w}}  {v}")

@@ -29,12 +29,19 @@ def _is_loopback(host: str) -> bool:
               help="Require 'Authorization: Bearer KEY' (also read from $FLASHMOE_API_KEY).")
 @click.option("--ctx", "--n-ctx", "n_ctx", type=click.IntRange(min=64), default=None,
               help="Context size in tokens (default: the policy's). --n-ctx is the older spelling.")
+@click.option("--experts-per-token", type=click.IntRange(min=1), default=None,
+              help="Override the model's experts per token (CHANGES THE OUTPUT; shown in the mode line).")
+@click.option("--no-weight-repack", is_flag=True,
+              help="Turn off llama.cpp's CPU weight repacking (the same kernels in RAM and streamed: identical logits).")
+@click.option("--threads", "-t", type=click.IntRange(min=1), default=None, help="Threads (default: all cores).")
 @click.option("--alias", "model_name", default=None, help="Model id in /v1/models and responses (default: file name).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn log level (info: one line per request).")
 @click.option("--verbose", is_flag=True, help="llama.cpp's own logging.")
-def serve(model_path, policy, host, port, api_key, n_ctx, model_name, log_level, verbose):
-    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
+def serve(model_path, policy, host, port, api_key, n_ctx, experts_per_token, no_weight_repack, threads, model_name,
+          log_level, verbose):
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
+    and /tokenize for lm-evaluation-harness).
 
     Tool calls with tool_choice "required" or a named function, and response_format JSON schemas,
     are generated under a grammar: the output always parses. One request runs at a time; others
@@ -52,7 +59,8 @@ def serve(model_path, policy, host, port, api_key, n_ctx, model_name, log_level,
     from flashmoe.engine import Engine
 
     try:
-        engine = Engine(model_path, policy=policy, n_ctx=n_ctx, verbose=verbose)
+        engine = Engine(model_path, policy=policy, n_ctx=n_ctx, verbose=verbose, n_expert_used=experts_per_token,
+                        use_extra_bufts=False if no_weight_repack else None, n_threads=threads)
     except BaseException:
         sock.close()
         raise

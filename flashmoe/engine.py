@@ -172,6 +172,7 @@ class Engine:
                 eviction=s.stream.eviction,
                 readers=s.stream.readers,
                 direct_io=s.stream.direct_io,
+                prefetch=s.stream.prefetch if s.stream.mode == "cache" else "off",
                 record_trace=self.record_trace,
                 placements=placements,
                 routing_trace=self.routing_trace,
@@ -279,14 +280,16 @@ class Engine:
         layers = hook.layer_stats(self._model_ptr)
         if not layers:
             return {}
-        tot = {k: 0 for k in ("hits", "misses", "evictions", "bytes_read", "n_waves")}
-        tot["read_s"] = 0.0
-        tot["stall_s"] = 0.0
+        tot = {k: 0 for k in ("hits", "misses", "evictions", "bytes_read", "n_waves", "n_predicted", "n_predicted_right",
+                              "n_prefetched", "n_prefetch_used", "prefetch_wasted_bytes")}
+        tot.update(read_s=0.0, stall_s=0.0, prefetch_wait_s=0.0)
         for l in layers:
             for k in tot:
                 tot[k] += l[k]
         acc = tot["hits"] + tot["misses"]
         tot["hit_rate"] = (tot["hits"] / acc) if acc else 0.0
+        # of the experts the next layer's router (or the trace) predicted, the share the layer used
+        tot["prediction_accuracy"] = tot["n_predicted_right"] / tot["n_predicted"] if tot["n_predicted"] else None
         info = hook.model_info(self._model_ptr) or {}
         return {"total": tot, "layers": layers, "info": info}
 

@@ -188,112 +188,142 @@ class _Parser:
     # --- the grammar (llama_grammar_parser::parse_alternates / parse_sequence, made iterative)
     def alternates(self, pos: int, rule_name: bytes, rule_id: int) -> int:
         stack = [_Frame(rule_name, rule_id, False)]
-        c = self.c
         while True:
             f = stack[-1]
-            name, rule, nested = f.name, f.rule, f.nested
-            ch = c(pos)
-            if ch == 34:  # '"' literal
-                pos += 1
-                f.last_sym_start = len(rule)
-                f.n_prev_rules = 1
-                while c(pos) != 34:
-                    if not c(pos):
-                        raise self.err("unexpected end of input")
-                    v, pos = self.char(pos)
-                    rule.append((CHAR, v))
-                pos = self.space(pos + 1, nested)
-            elif ch == 91:  # '[' character class
-                pos += 1
-                start_type = CHAR
-                if c(pos) == 94:
-                    pos += 1
-                    start_type = CHAR_NOT
-                f.last_sym_start = len(rule)
-                f.n_prev_rules = 1
-                while c(pos) != 93:
-                    if not c(pos):
-                        raise self.err("unexpected end of input")
-                    v, pos = self.char(pos)
-                    rule.append((CHAR_ALT if f.last_sym_start < len(rule) else start_type, v))
-                    if c(pos) == 45 and c(pos + 1) != 93:
-                        if not c(pos + 1):
-                            raise self.err("unexpected end of input")
-                        v2, pos = self.char(pos + 1)
-                        rule.append((CHAR_RNG_UPPER, v2))
-                pos = self.space(pos + 1, nested)
-            elif ch in (60, 33):  # '<' or '!': token references
-                raise self.err("token references (<...>) are not supported here", pos)
-            elif _is_word(ch):
-                end = self.name(pos)
-                ref = self.symbol_id(self.s[pos:end])
-                pos = self.space(end, nested)
-                f.last_sym_start = len(rule)
-                f.n_prev_rules = 1
-                rule.append((RULE_REF, ref))
-            elif ch == 40:  # '(' group: a nested alternates frame
+            if self.c(pos) == 40:  # '(' group: a nested alternates frame
                 pos = self.space(pos + 1, True)
                 n_before = len(self.symbol_ids)
-                sub = self.generate_symbol_id(name)
+                sub = self.generate_symbol_id(f.name)
                 f.n_rules_before = n_before
-                stack.append(_Frame(name, sub, True))
+                stack.append(_Frame(f.name, sub, True))
                 continue
-            elif ch == 46:  # '.'
-                f.last_sym_start = len(rule)
-                f.n_prev_rules = 1
-                rule.append((CHAR_ANY, 0))
-                pos = self.space(pos + 1, nested)
-            elif ch in (42, 43, 63):  # * + ?
-                pos = self.space(pos + 1, nested)
-                self.repetitions(f, pos, *{42: (0, None), 43: (1, None), 63: (0, 1)}[ch])
-            elif ch == 123:  # '{'
-                pos = self.space(pos + 1, nested)
-                if not _is_digit(c(pos)):
-                    raise self.err("expecting an int", pos)
-                lo, pos = self.integer(pos)
-                pos = self.space(pos, nested)
-                hi: Optional[int]
-                if c(pos) == 125:
-                    hi = lo
-                    pos = self.space(pos + 1, nested)
-                elif c(pos) == 44:
-                    pos = self.space(pos + 1, nested)
-                    hi = None
-                    if _is_digit(c(pos)):
-                        hi, pos = self.integer(pos)
-                        pos = self.space(pos, nested)
-                    if c(pos) != 125:
-                        raise self.err("expecting '}'", pos)
-                    pos = self.space(pos + 1, nested)
-                else:
-                    raise self.err("expecting ','", pos)
-                if lo > MAX_REPETITION_THRESHOLD:
-                    raise GrammarError("number of repetitions exceeds sane defaults")
-                if hi is not None and hi > MAX_REPETITION_THRESHOLD:
-                    hi = None
-                if hi is not None and lo > hi:
-                    raise GrammarError(f"repetition {{{lo},{hi}}}: the minimum exceeds the maximum")
-                self.repetitions(f, pos, lo, hi)
-            elif ch == 124:  # '|': the next alternate of this frame
-                rule.append((ALT, 0))
-                pos = self.space(pos + 1, True)
-                f.last_sym_start = len(rule)
-                f.n_prev_rules = 1
-            else:  # the end of this frame's alternates
-                rule.append((END, 0))
-                self.add_rule(f.rule_id, rule)
-                stack.pop()
+            nxt = self.element(f, pos)
+            if nxt is None:  # the end of this frame's alternates
+                pos = self.end_frame(stack, pos)
                 if not stack:
                     return pos
-                p = stack[-1]
-                p.n_prev_rules = max(1, len(self.symbol_ids) - p.n_rules_before)
-                p.last_sym_start = len(p.rule)
-                p.rule.append((RULE_REF, f.rule_id))
-                if c(pos) != 41:
-                    raise self.err("expecting ')'", pos)
-                pos = self.space(pos + 1, p.nested)
-            if len(rule) > MAX_ELEMENTS:
+            else:
+                pos = nxt
+            if len(f.rule) > MAX_ELEMENTS:
                 raise GrammarError("the grammar is too large")
+
+    @staticmethod
+    def _new_symbol(f: _Frame) -> None:
+        f.last_sym_start = len(f.rule)
+        f.n_prev_rules = 1
+
+    def element(self, f: _Frame, pos: int) -> Optional[int]:
+        """Parses one element of frame ``f``'s sequence at ``pos`` (a literal, a class, a rule reference,
+        ``.``, a repetition operator, ``|``); the position after it, or None at the end of the frame."""
+        ch = self.c(pos)
+        if ch == 34:  # '"' literal
+            return self.literal(f, pos + 1)
+        if ch == 91:  # '[' character class
+            return self.char_class(f, pos + 1)
+        if ch in (60, 33):  # '<' or '!': token references
+            raise self.err("token references (<...>) are not supported here", pos)
+        if _is_word(ch):
+            end = self.name(pos)
+            ref = self.symbol_id(self.s[pos:end])
+            pos = self.space(end, f.nested)
+            self._new_symbol(f)
+            f.rule.append((RULE_REF, ref))
+            return pos
+        if ch == 46:  # '.'
+            self._new_symbol(f)
+            f.rule.append((CHAR_ANY, 0))
+            return self.space(pos + 1, f.nested)
+        if ch in (42, 43, 63):  # * + ?
+            pos = self.space(pos + 1, f.nested)
+            self.repetitions(f, pos, *{42: (0, None), 43: (1, None), 63: (0, 1)}[ch])
+            return pos
+        if ch == 123:  # '{'
+            return self.braces(f, self.space(pos + 1, f.nested))
+        if ch == 124:  # '|': the next alternate of this frame
+            f.rule.append((ALT, 0))
+            pos = self.space(pos + 1, True)
+            self._new_symbol(f)
+            return pos
+        return None
+
+    def literal(self, f: _Frame, pos: int) -> int:
+        """A '"..."' literal whose text starts at ``pos``."""
+        c = self.c
+        self._new_symbol(f)
+        while c(pos) != 34:
+            if not c(pos):
+                raise self.err("unexpected end of input")
+            v, pos = self.char(pos)
+            f.rule.append((CHAR, v))
+        return self.space(pos + 1, f.nested)
+
+    def char_class(self, f: _Frame, pos: int) -> int:
+        """A '[...]' character class whose body starts at ``pos``."""
+        c, rule = self.c, f.rule
+        start_type = CHAR
+        if c(pos) == 94:
+            pos += 1
+            start_type = CHAR_NOT
+        self._new_symbol(f)
+        while c(pos) != 93:
+            if not c(pos):
+                raise self.err("unexpected end of input")
+            v, pos = self.char(pos)
+            rule.append((CHAR_ALT if f.last_sym_start < len(rule) else start_type, v))
+            if c(pos) == 45 and c(pos + 1) != 93:
+                if not c(pos + 1):
+                    raise self.err("unexpected end of input")
+                v2, pos = self.char(pos + 1)
+                rule.append((CHAR_RNG_UPPER, v2))
+        return self.space(pos + 1, f.nested)
+
+    def braces(self, f: _Frame, pos: int) -> int:
+        """A '{m}', '{m,}' or '{m,n}' repetition whose body starts at ``pos``."""
+        c, nested = self.c, f.nested
+        if not _is_digit(c(pos)):
+            raise self.err("expecting an int", pos)
+        lo, pos = self.integer(pos)
+        pos = self.space(pos, nested)
+        hi: Optional[int]
+        if c(pos) == 125:
+            hi = lo
+            pos = self.space(pos + 1, nested)
+        elif c(pos) == 44:
+            pos = self.space(pos + 1, nested)
+            hi = None
+            if _is_digit(c(pos)):
+                hi, pos = self.integer(pos)
+                pos = self.space(pos, nested)
+            if c(pos) != 125:
+                raise self.err("expecting '}'", pos)
+            pos = self.space(pos + 1, nested)
+        else:
+            raise self.err("expecting ','", pos)
+        if lo > MAX_REPETITION_THRESHOLD:
+            raise GrammarError("number of repetitions exceeds sane defaults")
+        if hi is not None and hi > MAX_REPETITION_THRESHOLD:
+            hi = None
+        if hi is not None and lo > hi:
+            raise GrammarError(f"repetition {{{lo},{hi}}}: the minimum exceeds the maximum")
+        self.repetitions(f, pos, lo, hi)
+        return pos
+
+    def end_frame(self, stack: List[_Frame], pos: int) -> int:
+        """Closes the innermost frame: its rule is added; a group becomes a reference in its parent,
+        followed by ')'."""
+        f = stack[-1]
+        f.rule.append((END, 0))
+        self.add_rule(f.rule_id, f.rule)
+        stack.pop()
+        if not stack:
+            return pos
+        p = stack[-1]
+        p.n_prev_rules = max(1, len(self.symbol_ids) - p.n_rules_before)
+        p.last_sym_start = len(p.rule)
+        p.rule.append((RULE_REF, f.rule_id))
+        if self.c(pos) != 41:
+            raise self.err("expecting ')'", pos)
+        return self.space(pos + 1, p.nested)
 
     def repetitions(self, f: _Frame, pos: int, lo: int, hi: Optional[int]) -> None:
         name, rule, last = f.name, f.rule, f.last_sym_start

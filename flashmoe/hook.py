@@ -17,6 +17,8 @@ MODES = {"off": 0, "cache": 1, "pagecache": 2}
 MODE_NAMES = {v: k for k, v in MODES.items()}
 EVICTIONS = {"lru": 0, "lfru": 1}
 EVICTION_NAMES = {v: k for k, v in EVICTIONS.items()}
+PREFETCH = {"off": 0, "next-layer": 1}
+PATCH_VERSION = 4  # include/flashmoe.h FLASHMOE_PATCH_VERSION: the structs above match it
 
 
 class Params(ctypes.Structure):
@@ -27,6 +29,7 @@ class Params(ctypes.Structure):
         ("n_readers", ctypes.c_int32),
         ("direct_io", ctypes.c_int32),
         ("record_trace", ctypes.c_int32),
+        ("prefetch", ctypes.c_int32),
     ]
 
 
@@ -42,6 +45,12 @@ class LayerStats(ctypes.Structure):
         ("n_waves", ctypes.c_int64),
         ("read_s", ctypes.c_double),
         ("stall_s", ctypes.c_double),
+        ("n_predicted", ctypes.c_int64),
+        ("n_predicted_right", ctypes.c_int64),
+        ("n_prefetched", ctypes.c_int64),
+        ("n_prefetch_used", ctypes.c_int64),
+        ("prefetch_wasted_bytes", ctypes.c_int64),
+        ("prefetch_wait_s", ctypes.c_double),
     ]
 
 
@@ -104,10 +113,12 @@ def lib():
     L.flashmoe_model_trace_save.restype = ctypes.c_int64
     L.flashmoe_model_tensor_placement.argtypes = [vp, ctypes.c_char_p]
     L.flashmoe_model_tensor_placement.restype = ctypes.c_int32
-    if not hasattr(L, "flashmoe_model_error"):
+    if not hasattr(L, "flashmoe_config_layer_slots"):
         raise FlashMoEError(
             "the installed llama.cpp library carries an older flashmoe patch; run `flashmoe build`"
         )
+    L.flashmoe_config_layer_slots.argtypes = [ctypes.c_int32, ctypes.c_int32]
+    L.flashmoe_config_layer_slots.restype = None
     L.flashmoe_model_error.argtypes = [vp]
     L.flashmoe_model_error.restype = ctypes.c_char_p
     L.flashmoe_model_clear_error.argtypes = [vp]
@@ -146,12 +157,18 @@ def configure(
     record_trace: bool = False,
     placements: Optional[Dict[str, str]] = None,
     routing_trace: Optional[str] = None,
+    prefetch: str = "off",
+    layer_slots: Optional[Dict[int, int]] = None,
 ) -> None:
-    """Sets the configuration that the next model load consumes."""
+    """Sets the configuration that the next model load consumes. layer_slots: per-layer slot counts
+    that override cache_slots for those layers."""
     L = lib()
     L.flashmoe_config_reset()
-    p = Params(MODES[mode], int(cache_slots), EVICTIONS[eviction], int(readers), int(bool(direct_io)), int(bool(record_trace)))
+    p = Params(MODES[mode], int(cache_slots), EVICTIONS[eviction], int(readers), int(bool(direct_io)), int(bool(record_trace)),
+               PREFETCH[prefetch])
     L.flashmoe_config_set(ctypes.byref(p))
+    for il, n in (layer_slots or {}).items():
+        L.flashmoe_config_layer_slots(int(il), int(n))
     for name, place in (placements or {}).items():
         code = PLACE[place]
         if code:
@@ -169,7 +186,7 @@ def model_info(model_ptr) -> Optional[dict]:
     info = ModelInfo()
     if lib().flashmoe_model_get_info(model_ptr, ctypes.byref(info)) != 0:
         return None
-    d = {name: getattr(info, name) for name, _ in ModelInfo._fields_}
+    d = {name: getattr(info, name) for name, *_ in ModelInfo._fields_}
     d["mode"] = MODE_NAMES.get(d["mode"], str(d["mode"]))
     d["eviction"] = EVICTION_NAMES.get(d["eviction"], str(d["eviction"]))
     return d
@@ -180,7 +197,7 @@ def layer_stats(model_ptr) -> List[dict]:
     i = 0
     st = LayerStats()
     while lib().flashmoe_model_layer_stats(model_ptr, i, ctypes.byref(st)) == 0:
-        out.append({name: getattr(st, name) for name, _ in LayerStats._fields_})
+        out.append({name: getattr(st, name) for name, *_ in LayerStats._fields_})
         i += 1
     return out
 

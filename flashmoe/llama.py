@@ -216,3 +216,23 @@ def tokens(llama, prompt: List[int], sampling: Sampling, *, grammar: Any = None,
             yield Step(int(tok), last_logits(llama) if with_logits else None, time.perf_counter())
     finally:
         gen.close()
+
+
+def eval_all_rows(llama, tokens: Sequence[int], on_rows: Callable[[int, np.ndarray], None]) -> None:
+    """Evaluates ``tokens`` from an empty context with logits for every position, ``n_batch`` tokens at a
+    time (``decode_rows``, as flashmoe.quality does), handing each batch's logits to ``on_rows(position of
+    its first row, rows)`` (a view, valid during the call). Afterwards llama-cpp-python's token history
+    holds ``tokens`` with the last position's logits current, so that ``tokens(llama, the same prompt,
+    keep_prefix=True)`` samples the next token from them without evaluating anything again. Raises
+    RuntimeError when a decode fails (the context is then left empty)."""
+    clear_memory(llama)
+    n = len(tokens)
+    n_batch = max(1, int(llama.n_batch))
+    for s in range(0, n, n_batch):
+        rows = decode_rows(llama, tokens[s:s + n_batch], s, lambda _pos: True)
+        if rows is not None:
+            on_rows(s, rows)
+    llama.input_ids[:n] = tokens
+    llama.n_tokens = n
+    if hasattr(llama, "_requires_eval"):  # the logits of the last position are live: no re-evaluation
+        llama._requires_eval = False

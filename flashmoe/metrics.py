@@ -55,6 +55,8 @@ def peak_rss_bytes() -> int:
 def current_rss_bytes(proc: Optional[machine.PathLike] = None) -> int:
     """The resident set now (Linux /proc/self/statm); the peak where there is no /proc (macOS)."""
     text = machine.read_text(machine.proc_root(proc) / "self" / "statm")
+    if text is None:
+        return peak_rss_bytes()
     try:
         return int(text.split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, IndexError, ValueError, OSError):

@@ -36,6 +36,10 @@ def format_run_report(r) -> str:
             ("expert reads", f"{fmt_bytes(c['bytes_read'])} ({fmt_bytes(c['bytes_read'] / gen)}/token), "
                              f"read time {c['read_s']:.3f} s, stall {c['stall_s']:.3f} s ({1000 * c['stall_s'] / gen:.1f} ms/token)"),
         ]
+        if c.get("n_predicted"):
+            rows.append(("prefetch", f"prediction right {100 * c['prediction_accuracy']:.1f}% of {c['n_predicted']}; "
+                                     f"{c['n_prefetched']} read ahead, {c['n_prefetch_used']} used, "
+                                     f"{fmt_bytes(c['prefetch_wasted_bytes'])} wasted, waited {c['prefetch_wait_s']:.3f} s"))
     for n in r.notes:
         rows.append(("note", n))
     w = max(len(k) for k, _ in rows)

@@ -26,6 +26,9 @@ class StreamSettings:
     eviction: "lru" or "lfru" (frequency-aware LRU).
     readers: reader threads.
     direct_io: O_DIRECT on Linux / F_NOCACHE on macOS.
+    prefetch: "next-layer" (while a layer computes, read the experts the next layer's router predicts
+              from this layer's input, or a routing trace's predicted sets) or "off". Only what is
+              cached changes, never the output.
     """
 
     mode: str = "cache"
@@ -34,6 +37,7 @@ class StreamSettings:
     eviction: str = "lru"
     readers: int = 4
     direct_io: bool = False
+    prefetch: str = "next-layer"
 
     def to_dict(self):
         return asdict(self)

@@ -1,17 +1,18 @@
 """Routing traces: expert ids per token per layer (docs/trace-format.md).
 
 A trace is what the hook records (``record_trace``) and what it replays to force the routing
-(``routing_trace``). File format "FMRT" v1, little-endian:
+(``routing_trace``). File format "FMRT" v1/v2, little-endian:
 
     char[4]  magic "FMRT"
-    u32      version (1)
+    u32      version (1, or 2 with flags)
     u32      n_layers          MoE layers in the trace
     u32      n_used            experts per token
     u32      n_expert          experts per layer
-    u32      reserved (0)
+    u32      flags (v2; bit 0: predicted ids follow) / reserved 0 (v1)
     u64      n_tokens
     i32      layers[n_layers]  the model layer index of each column
     i32      ids[n_tokens][n_layers][n_used]
+    i32      pred[n_tokens][n_layers][n_used]   (v2, flag bit 0) the predicted experts, -1: none
 
 Forced routing: each MoE layer keeps a cursor; each evaluated token takes the next row (wrapping
 around at the end). ``Engine.generate`` rewinds the cursors, so every run replays the same rows.
@@ -31,6 +32,7 @@ from flashmoe.errors import FlashMoEError
 
 MAGIC = b"FMRT"
 VERSION = 1
+VERSION_PRED = 2  # with predicted sets (flags bit 0)
 _HDR = struct.Struct("<4s5IQ")
 
 
@@ -40,6 +42,10 @@ class Trace:
     n_expert: int
     ids: np.ndarray  # int32 [n_tokens, n_layers, n_used]
     kind: str = "recorded"
+    # optional: the experts predicted for each token and layer before its routing ran (-1: none), what
+    # the hook reads ahead with prefetch on (docs/trace-format.md)
+    pred: Optional[np.ndarray] = None
+    predict_accuracy: Optional[float] = None  # the accuracy `trace gen --predict-accuracy` drew them with
 
     @property
     def n_tokens(self) -> int:
@@ -56,9 +62,16 @@ def write_trace(path: str, tr: Trace) -> None:
     ids = np.ascontiguousarray(tr.ids, dtype="<i4")
     n_tok, n_lay, n_used = ids.shape
     with atomic_write(path) as f:
-        f.write(_HDR.pack(MAGIC, VERSION, n_lay, n_used, tr.n_expert, 0, n_tok))
+        if tr.pred is None:
+            f.write(_HDR.pack(MAGIC, VERSION, n_lay, n_used, tr.n_expert, 0, n_tok))
+        else:
+            if tr.pred.shape != ids.shape:
+                raise FlashMoEError(f"predicted sets {tr.pred.shape} do not match the routing {ids.shape}")
+            f.write(_HDR.pack(MAGIC, VERSION_PRED, n_lay, n_used, tr.n_expert, 1, n_tok))
         f.write(np.asarray(tr.layers, dtype="<i4").tobytes())
         f.write(ids.tobytes())
+        if tr.pred is not None:
+            f.write(np.ascontiguousarray(tr.pred, dtype="<i4").tobytes())
 
 
 # a trace larger than this is refused before it is read (2**31 ids: 8 GiB)
@@ -85,11 +98,14 @@ def read_trace(path: str) -> Trace:
             head = f.read(_HDR.size)
             if len(head) < _HDR.size:
                 raise FlashMoEError(f"{path} is not a flashmoe routing trace (too short: {size} bytes)")
-            magic, ver, n_lay, n_used, n_expert, _, n_tok = _HDR.unpack(head)
+            magic, ver, n_lay, n_used, n_expert, flags, n_tok = _HDR.unpack(head)
             if magic != MAGIC:
                 raise FlashMoEError(f"{path} is not a flashmoe routing trace (bad magic)")
-            if ver != VERSION:
-                raise FlashMoEError(f"{path}: unsupported routing trace version {ver} (expected {VERSION})")
+            if ver not in (VERSION, VERSION_PRED):
+                raise FlashMoEError(f"{path}: unsupported routing trace version {ver} (expected {VERSION} or {VERSION_PRED})")
+            if flags != 0 and not (ver == VERSION_PRED and flags == 1):
+                raise FlashMoEError(f"routing trace {path} is corrupt: flags {flags:#x} (version {ver})")
+            has_pred = flags == 1
             if n_lay == 0 or n_used == 0 or n_expert == 0 or n_tok == 0:
                 raise FlashMoEError(f"routing trace {path} is empty or corrupt: {n_tok} tokens x {n_lay} layers x "
                                     f"{n_used} of {n_expert} experts")
@@ -99,7 +115,7 @@ def read_trace(path: str) -> Trace:
             if n_used > n_expert:
                 raise FlashMoEError(f"routing trace {path} is corrupt: {n_used} experts per token of {n_expert}")
             want = n_tok * n_lay * n_used
-            expect = _HDR.size + 4 * n_lay + 4 * want
+            expect = _HDR.size + 4 * n_lay + 4 * want * (2 if has_pred else 1)
             if expect != size:
                 what = "truncated" if expect > size else "corrupt (it has extra bytes)"
                 raise FlashMoEError(f"routing trace {path} is {what}: its header says {n_tok} tokens x {n_lay} "
@@ -108,16 +124,63 @@ def read_trace(path: str) -> Trace:
                 raise FlashMoEError(f"routing trace {path} is too large ({want} expert ids)")
             layers = np.frombuffer(f.read(4 * n_lay), dtype="<i4")
             ids = np.frombuffer(f.read(4 * want), dtype="<i4")
+            pred = np.frombuffer(f.read(4 * want), dtype="<i4") if has_pred else None
     except OSError as e:
         raise FlashMoEError(f"cannot read routing trace {path}: {e.strerror or e}") from None
-    if len(layers) != n_lay or ids.size != want:
+    if len(layers) != n_lay or ids.size != want or (pred is not None and pred.size != want):
         raise FlashMoEError(f"routing trace {path} is truncated")  # the file shrank while it was read
     if layers.min() < 0 or len(set(layers.tolist())) != n_lay:
         raise FlashMoEError(f"routing trace {path} is corrupt: its layer indexes must be distinct and non-negative")
     ids = ids.reshape(n_tok, n_lay, n_used).astype(np.int32)
     if ids.min() < 0 or ids.max() >= n_expert:
         raise FlashMoEError(f"routing trace {path} has expert ids out of range (0..{n_expert - 1})")
-    return Trace([int(x) for x in layers], int(n_expert), ids)
+    pr = None
+    if pred is not None:
+        pr = pred.reshape(n_tok, n_lay, n_used).astype(np.int32)
+        if pr.min() < -1 or pr.max() >= n_expert:
+            raise FlashMoEError(f"routing trace {path} has predicted expert ids out of range (-1..{n_expert - 1})")
+    return Trace([int(x) for x in layers], int(n_expert), ids, pred=pr)
+
+
+def draw_predictions(tr: Trace, accuracy: float, seed: int = 0) -> Trace:
+    """Predicted sets for a trace drawn at a given accuracy: each of a token's experts in a layer is
+    predicted with probability ``accuracy``, else replaced by an expert the layer does not use for
+    that token (a wrong prediction, which costs a read). The first layer has no layer before it to
+    predict from: -1 (no prediction)."""
+    if not 0.0 <= accuracy <= 1.0:
+        raise FlashMoEError(f"--predict-accuracy must be between 0 and 1, got {accuracy}", exit_code=2)
+    rng = np.random.default_rng(seed + 7919)
+    n_tok, n_lay, n_used = tr.ids.shape
+    if n_used >= tr.n_expert and accuracy < 1.0:
+        raise FlashMoEError("every expert is used by every token: a prediction cannot be wrong", exit_code=2)
+    pred = tr.ids.copy()
+    wrong = rng.random(pred.shape) >= accuracy
+    for t, li, k in zip(*np.nonzero(wrong)):
+        used = set(int(x) for x in tr.ids[t, li])
+        taken = used | set(int(x) for x in pred[t, li])
+        while True:
+            e = int(rng.integers(tr.n_expert))
+            if e not in taken:
+                break
+        pred[t, li, k] = e
+    order = np.argsort(tr.layers)
+    pred[:, order[0], :] = -1
+    return Trace(tr.layers, tr.n_expert, tr.ids, tr.kind, pred=pred, predict_accuracy=accuracy)
+
+
+def prediction_accuracy(tr: Trace) -> Optional[float]:
+    """The share of the experts the trace's predicted sets name that the layer then used (None
+    without predicted sets)."""
+    if tr.pred is None:
+        return None
+    right = total = 0
+    for t in range(tr.n_tokens):
+        for li in range(len(tr.layers)):
+            p = [int(x) for x in tr.pred[t, li] if x >= 0]
+            if p:
+                total += len(set(p))
+                right += len(set(p) & set(int(x) for x in tr.ids[t, li]))
+    return right / total if total else None
 
 
 def model_moe_layers(model) -> List[int]:
@@ -282,6 +345,7 @@ def trace_stats(tr: Trace) -> Dict:
         "reuse_within_8": hit8 / tot8 if tot8 else 0.0,  # selections used in one of the 8 tokens before
         "top10pct_share": share,
         "lru_hit_rate": {},
+        "prediction_accuracy": prediction_accuracy(tr),
     }
     for frac in (0.1, 0.2, 0.4):
         cap = max(n_used, int(round(frac * tr.n_expert)))

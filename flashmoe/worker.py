@@ -116,6 +116,8 @@ class WorkerResult:
     def to_dict(self) -> Dict[str, Any]:
         if not self.ok:
             return {"ok": False, "error": self.error}
+        if self.report is None:  # pragma: no cover - run() gives every successful result its report
+            raise ValueError("a successful worker result has no report")
         d = {"ok": True, "tokens": self.tokens, "report": self.report.to_dict(), "decode": asdict(self.decode),
              "info": self.info, "mode_line": self.mode_line, "settings": self.settings, "wall_s": self.wall_s}
         if self.trace_tokens is not None:

@@ -21,12 +21,16 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import BinaryIO, Iterator
+from typing import IO, Any, Iterator
 
 from gguf_tools.errors import GGUFError
+from gguf_tools.units import human_bytes
+
+__all__ = ["atomic_write", "check_free_space", "fsync_dir", "ByteProgress", "human_bytes"]  # human_bytes: re-exported
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: str) -> None:
+    """fsync a folder (after a rename in it), where the filesystem supports it."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -40,7 +44,7 @@ def _fsync_dir(folder: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", overwrite: bool = True) -> Iterator[BinaryIO]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", overwrite: bool = True) -> Iterator[IO[Any]]:
     """Open a temporary file next to ``path``; on success fsync it and rename it to ``path``.
 
     overwrite=False raises GGUFError if ``path`` already exists (checked before and at rename).
@@ -88,7 +92,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", overwrite: bool = Tr
                 raise GGUFError(f"disk full while writing {path}") from None
             raise GGUFError(f"cannot write {path}: {e.strerror or e}") from None
         ok = True
-        _fsync_dir(folder)
+        fsync_dir(folder)
     finally:
         if not ok:
             try:
@@ -112,18 +116,6 @@ def check_free_space(path: str | os.PathLike, n_bytes: int, margin: int = 64 << 
         raise GGUFError(
             f"not enough disk space in {folder}: need {human_bytes(n_bytes)}, {human_bytes(free)} free"
         )
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.50 KiB'; exact bytes below 1 KiB."""
-    n = float(n)
-    if abs(n) < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024.0
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.2f} {unit}"
-    return f"{n:.2f} TiB"  # pragma: no cover
 
 
 class ByteProgress:

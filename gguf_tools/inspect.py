@@ -15,19 +15,22 @@ default, a dict's items). Sections run in registration order, after the base fac
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from gguf_tools.atomic import human_bytes
-from gguf_tools.reader import GGUFModel
+from gguf_tools.layout import expert_layout, format_layout
+from gguf_tools.reader import GGUFModel, TensorInfo
+from gguf_tools.units import human_bytes
+from gguf_tools.validate import problems
 
 FACTS_VERSION = 1
 MAX_LAYER_ROWS = 4096  # llama.cpp loads at most 512 layers
 
-_SECTIONS: List[Tuple[str, Callable[[GGUFModel, Dict[str, Any]], Any], Optional[Callable[[Any], List[Tuple[str, str]]]]]] = []
+Compute = Callable[[GGUFModel, Dict[str, Any]], Any]
+Render = Callable[[Any], List[Tuple[str, str]]]
+_SECTIONS: List[Tuple[str, Compute, Optional[Render]]] = []
 
 
-def register_section(name: str, compute: Callable[[GGUFModel, Dict[str, Any]], Any],
-                     render: Optional[Callable[[Any], List[Tuple[str, str]]]] = None) -> None:
+def register_section(name: str, compute: Compute, render: Optional[Render] = None) -> None:
     """Add (or replace) an extra section of facts computed from the model and the base facts."""
     for i, (n, _c, _r) in enumerate(_SECTIONS):
         if n == name:
@@ -49,13 +52,15 @@ def experts_grouped_by_layer(model: GGUFModel) -> bool:
     ordered = sorted(model.tensors, key=lambda t: (t.file_index, t.data_offset))
     seen_expert = False
     done_layers = set()
-    cur_layer = None
+    cur_layer: Optional[int] = None
     for t in ordered:
         if not t.is_expert:
             if seen_expert:
                 return False
             continue
         seen_expert = True
+        if t.layer is None:  # pragma: no cover - the reader gives every routed expert tensor its layer
+            return False
         if t.layer != cur_layer:
             if t.layer in done_layers or (cur_layer is not None and t.layer < cur_layer):
                 return False
@@ -78,7 +83,7 @@ def model_facts(model: GGUFModel) -> Dict[str, Any]:
     slice's file offset), metadata_keys (count), and the registered extra sections.
     """
     tensors = model.tensors
-    by_layer: Dict[int, list] = {}
+    by_layer: Dict[int, List[TensorInfo]] = {}
     for t in tensors:
         if t.layer is not None:
             by_layer.setdefault(t.layer, []).append(t)
@@ -86,49 +91,14 @@ def model_facts(model: GGUFModel) -> Dict[str, Any]:
     tensor_bytes = sum(t.nbytes for t in tensors)
     expert_bytes = sum(t.nbytes for t in tensors if t.is_expert)
     dense_bytes = tensor_bytes - expert_bytes
-
-    layers = []
-    # a row per layer; when block_count is absurd (a broken or hostile file: validate reports it),
-    # only the layers that have tensors
-    rows = range(n_layer) if 0 <= n_layer <= MAX_LAYER_ROWS else sorted(by_layer)
-    for il in rows:
-        lt = by_layer.get(il, [])
-        ex = [t for t in lt if t.is_expert]
-        layers.append({
-            "layer": il,
-            "dense_bytes": sum(t.nbytes for t in lt if not t.is_expert),
-            "expert_bytes": sum(t.nbytes for t in ex),
-            "bytes_per_expert": sum(t.expert_stride for t in ex),
-            "n_expert": max((t.shape[2] for t in ex if len(t.shape) >= 3), default=0),
-            "expert_tensors": {
-                t.expert_kind: {"name": t.name, "type": t.type_name, "stride": t.expert_stride, "bytes": t.nbytes,
-                                "shape": list(t.shape), "file_index": t.file_index, "offset": t.data_offset}
-                for t in ex
-            },
-        })
+    layers = _layer_rows(by_layer, n_layer)
     in_layers = sum(t.nbytes for t in tensors if t.layer is not None and not t.is_expert)
     per_expert = {ly["bytes_per_expert"] for ly in layers if ly["expert_bytes"]}
-
-    types: Dict[str, Dict[str, int]] = {}
-    for t in tensors:
-        d = types.setdefault(t.type_name, {"count": 0, "bytes": 0})
-        d["count"] += 1
-        d["bytes"] += t.nbytes
-
-    slice_align = 1 << 30
-    for t in tensors:
-        if t.is_expert:
-            slice_align = min(slice_align, _pow2_divisor(t.data_offset), _pow2_divisor(t.expert_stride))
-
     aligns = sorted(set(model.alignment))
     facts: Dict[str, Any] = {
         "facts_version": FACTS_VERSION,
         "path": os.path.abspath(model.files[0]),
-        "files": [
-            {"path": os.path.abspath(p), "bytes": sz, "alignment": al,
-             "n_tensors": sum(1 for t in tensors if t.file_index == i)}
-            for i, (p, sz, al) in enumerate(zip(model.files, model.file_sizes, model.alignment))
-        ],
+        "files": _file_rows(model),
         "n_files": len(model.files),
         "arch": model.arch,
         "name": model.metadata.get("general.name"),
@@ -144,15 +114,15 @@ def model_facts(model: GGUFModel) -> Dict[str, Any]:
         "dense_bytes_outside_layers": dense_bytes - in_layers,
         "expert_bytes_per_expert": per_expert.pop() if len(per_expert) == 1 else None,
         "layers": layers,
-        "types": dict(sorted(types.items(), key=lambda kv: -kv[1]["bytes"])),
+        "types": _type_totals(tensors),
         "expert_types": sorted({t.type_name for t in tensors if t.is_expert}),
         "dense_types": sorted({t.type_name for t in tensors if not t.is_expert}),
         "alignment": aligns[0] if len(aligns) == 1 else list(model.alignment),
         "experts_grouped_by_layer": experts_grouped_by_layer(model),
-        "expert_slice_alignment": slice_align if model.is_moe else None,
+        "expert_slice_alignment": _slice_alignment(tensors) if model.is_moe else None,
         "metadata_keys": len(model.metadata),
         # what would make llama.cpp abort or refuse the load (gguf_tools.validate); [] for a sound model
-        "problems": _problems(model),
+        "problems": problems(model),
     }
     for name, compute, _render in _SECTIONS:
         value = compute(model, facts)
@@ -161,10 +131,54 @@ def model_facts(model: GGUFModel) -> Dict[str, Any]:
     return facts
 
 
-def _problems(model: GGUFModel) -> List[str]:
-    from gguf_tools.validate import problems
+def _layer_rows(by_layer: Dict[int, List[TensorInfo]], n_layer: int) -> List[Dict[str, Any]]:
+    """A row per layer; when block_count is absurd (a broken or hostile file: validate reports it),
+    only the layers that have tensors."""
+    rows = range(n_layer) if 0 <= n_layer <= MAX_LAYER_ROWS else sorted(by_layer)
+    layers = []
+    for il in rows:
+        lt = by_layer.get(il, [])
+        ex = [t for t in lt if t.is_expert]
+        layers.append({
+            "layer": il,
+            "dense_bytes": sum(t.nbytes for t in lt if not t.is_expert),
+            "expert_bytes": sum(t.nbytes for t in ex),
+            "bytes_per_expert": sum(t.expert_stride for t in ex),
+            "n_expert": max((t.shape[2] for t in ex if len(t.shape) >= 3), default=0),
+            "expert_tensors": {
+                t.expert_kind: {"name": t.name, "type": t.type_name, "stride": t.expert_stride, "bytes": t.nbytes,
+                                "shape": list(t.shape), "file_index": t.file_index, "offset": t.data_offset}
+                for t in ex
+            },
+        })
+    return layers
 
-    return problems(model)
+
+def _file_rows(model: GGUFModel) -> List[Dict[str, Any]]:
+    return [
+        {"path": os.path.abspath(p), "bytes": sz, "alignment": al,
+         "n_tensors": sum(1 for t in model.tensors if t.file_index == i)}
+        for i, (p, sz, al) in enumerate(zip(model.files, model.file_sizes, model.alignment))
+    ]
+
+
+def _type_totals(tensors: List[TensorInfo]) -> Dict[str, Dict[str, int]]:
+    """{type: {count, bytes}}, the most bytes first."""
+    types: Dict[str, Dict[str, int]] = {}
+    for t in tensors:
+        d = types.setdefault(t.type_name, {"count": 0, "bytes": 0})
+        d["count"] += 1
+        d["bytes"] += t.nbytes
+    return dict(sorted(types.items(), key=lambda kv: -kv[1]["bytes"]))
+
+
+def _slice_alignment(tensors: List[TensorInfo]) -> int:
+    """The largest power of two (at most 1 GiB) dividing every expert slice's file offset."""
+    slice_align = 1 << 30
+    for t in tensors:
+        if t.is_expert:
+            slice_align = min(slice_align, _pow2_divisor(t.data_offset), _pow2_divisor(t.expert_stride))
+    return slice_align
 
 
 # ---------------------------------------------------------------------------------------- rendering
@@ -186,21 +200,44 @@ def _ranges(idx: List[int]) -> str:
     return ",".join(out)
 
 
-def _table(headers: List[str], rows: List[List[str]], right: Optional[set] = None) -> List[str]:
+def _table(headers: List[str], rows: List[List[str]], right: Optional[Set[int]] = None) -> List[str]:
     right = right if right is not None else set(range(1, len(headers)))
     widths = [max(len(str(r[i])) for r in [headers] + rows) for i in range(len(headers))]
 
-    def fmt(r):
-        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    def fmt(r: List[str]) -> str:
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
 
     return [fmt(headers), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
 
 
+def _pairs(kv: List[Tuple[str, str]]) -> List[str]:
+    w = max(len(k) for k, _ in kv)
+    return [f"{k.ljust(w)}  {v}" for k, v in kv]
+
+
 def format_facts(f: Dict[str, Any]) -> str:
     """The readable report of ``flashmoe inspect``."""
-    lines: List[str] = []
+    lines = _pairs(_summary(f))
+    lines += [""] + _bytes_table(f)
+    if f["layers"]:
+        lines += [""] + _layer_table(f["layers"])
+    if f["n_files"] > 1:
+        rows = [[str(i + 1), os.path.basename(x["path"]), _hb(x["bytes"]), str(x["n_tensors"]), str(x["alignment"])]
+                for i, x in enumerate(f["files"])]
+        lines += [""] + _table(["shard", "file", "size", "tensors", "alignment"], rows, right={0, 2, 3, 4})
+    for name, _compute, render in _SECTIONS:
+        if name in f:
+            lines += ["", f"[{name}]"] + _section_lines(name, f[name], render)
+    if f.get("problems"):
+        n = len(f["problems"])
+        lines += ["", f"PROBLEMS: llama.cpp cannot load this model ({n} problem{'s' if n > 1 else ''}):"]
+        lines += [f"  - {p}" for p in f["problems"]]
+    return "\n".join(lines)
+
+
+def _summary(f: Dict[str, Any]) -> List[Tuple[str, str]]:
     kv: List[Tuple[str, str]] = []
-    files = f["files"]
     if f["n_files"] == 1:
         kv.append(("model", f"{f['path']} ({_hb(f['file_bytes'])})"))
     else:
@@ -222,11 +259,10 @@ def format_facts(f: Dict[str, Any]) -> str:
         kv.append(("layout", "experts grouped by layer (dense tensors first)" if f["experts_grouped_by_layer"]
                    else "experts interleaved with dense tensors (not grouped by layer)"))
         kv.append(("expert slices", f"offsets aligned to {f['expert_slice_alignment']} bytes"))
-    w = max(len(k) for k, _ in kv)
-    lines += [f"{k.ljust(w)}  {v}" for k, v in kv]
+    return kv
 
-    # bytes summary
-    lines.append("")
+
+def _bytes_table(f: Dict[str, Any]) -> List[str]:
     tb = f["tensor_bytes"] or 1
     rows = [
         ["dense", _hb(f["dense_bytes"]), f"{f['dense_bytes']:,}", f"{100.0 * f['dense_bytes'] / tb:.1f}%"],
@@ -239,50 +275,31 @@ def format_facts(f: Dict[str, Any]) -> str:
         if pe is not None and f["n_expert_used"]:
             per_tok = pe * f["n_expert_used"] * sum(1 for ly in f["layers"] if ly["expert_bytes"])
             rows.append(["experts of one token", _hb(per_tok), f"{per_tok:,}", ""])
-    lines += _table(["bytes", "size", "exact", "share"], rows)
+    return _table(["bytes", "size", "exact", "share"], rows)
 
-    # per layer (runs of identical layers collapsed)
-    if f["layers"]:
-        lines.append("")
-        groups: List[Tuple[List[int], Tuple]] = []
-        for ly in f["layers"]:
-            kinds = "+".join(f"{k}:{v['type']}" for k, v in sorted(ly["expert_tensors"].items()))
-            key = (ly["dense_bytes"], ly["expert_bytes"], ly["bytes_per_expert"], kinds)
-            if groups and groups[-1][1] == key and groups[-1][0][-1] == ly["layer"] - 1:
-                groups[-1][0].append(ly["layer"])
-            else:
-                groups.append(([ly["layer"]], key))
-        rows = [[_ranges(idx), _hb(k[0]), _hb(k[1]), _hb(k[2]) if k[1] else "-", k[3] or "-"] for idx, k in groups]
-        lines += _table(["layer", "dense", "experts", "one expert", "expert tensors"], rows, right={1, 2, 3})
 
-    if f["n_files"] > 1:
-        lines.append("")
-        rows = [[str(i + 1), os.path.basename(x["path"]), _hb(x["bytes"]), str(x["n_tensors"]), str(x["alignment"])]
-                for i, x in enumerate(files)]
-        lines += _table(["shard", "file", "size", "tensors", "alignment"], rows, right={0, 2, 3, 4})
-
-    for name, _compute, render in _SECTIONS:
-        if name not in f:
-            continue
-        value = f[name]
-        lines.append("")
-        lines.append(f"[{name}]")
-        if render is not None:
-            pairs = render(value)
-        elif isinstance(value, dict):
-            pairs = [(str(k), str(v)) for k, v in value.items()]
+def _layer_table(layers: List[Dict[str, Any]]) -> List[str]:
+    """A row per layer, runs of identical layers collapsed."""
+    groups: List[Tuple[List[int], Tuple[Any, ...]]] = []
+    for ly in layers:
+        kinds = "+".join(f"{k}:{v['type']}" for k, v in sorted(ly["expert_tensors"].items()))
+        key = (ly["dense_bytes"], ly["expert_bytes"], ly["bytes_per_expert"], kinds)
+        if groups and groups[-1][1] == key and groups[-1][0][-1] == ly["layer"] - 1:
+            groups[-1][0].append(ly["layer"])
         else:
-            pairs = [(name, str(value))]
-        if pairs:
-            w = max(len(k) for k, _ in pairs)
-            lines += [f"{k.ljust(w)}  {v}" for k, v in pairs]
+            groups.append(([ly["layer"]], key))
+    rows = [[_ranges(idx), _hb(k[0]), _hb(k[1]), _hb(k[2]) if k[1] else "-", k[3] or "-"] for idx, k in groups]
+    return _table(["layer", "dense", "experts", "one expert", "expert tensors"], rows, right={1, 2, 3})
 
-    if f.get("problems"):
-        lines.append("")
-        n = len(f["problems"])
-        lines.append(f"PROBLEMS: llama.cpp cannot load this model ({n} problem{'s' if n > 1 else ''}):")
-        lines += [f"  - {p}" for p in f["problems"]]
-    return "\n".join(lines)
+
+def _section_lines(name: str, value: Any, render: Optional[Render]) -> List[str]:
+    if render is not None:
+        pairs = render(value)
+    elif isinstance(value, dict):
+        pairs = [(str(k), str(v)) for k, v in value.items()]
+    else:
+        pairs = [(name, str(value))]
+    return _pairs(pairs) if pairs else []
 
 
 # ----------------------------------------------------------------- expert I/O (flashmoe repack, issue #4)
@@ -291,16 +308,12 @@ def _expert_io(model: GGUFModel, facts: Dict[str, Any]) -> Optional[Dict[str, An
     """Read amplification of one expert load at 4 KiB and 16 KiB pages, and whether slices are page-aligned."""
     if not model.is_moe:
         return None
-    from gguf_tools.repack import expert_layout
-
     lay = expert_layout(model)
     return {"grouped": lay["grouped"], "alignment": facts["alignment"],
             "pages": {str(p): d for p, d in lay["pages"].items()}}
 
 
 def _render_expert_io(v: Dict[str, Any]) -> List[Tuple[str, str]]:
-    from gguf_tools.repack import format_layout
-
     lay = {"grouped": v["grouped"], "dense_first": v["grouped"],
            "alignment": v["alignment"] if isinstance(v["alignment"], list) else [v["alignment"]],
            "pages": {int(p): d for p, d in v["pages"].items()}}

@@ -14,7 +14,9 @@ Architectures: whatever the registry ``gguf_tools.archs`` holds (``archs.names()
 qwen2moe, qwen35moe, deepseek2, glm4moe, gpt-oss, llama (Mixtral; alias ``mixtral``), llama4, olmoe,
 granitemoe. Everything one architecture needs (its hyper-parameters and presets, metadata, tensor
 plan, which layers route) is in its module ``gguf_tools/archs/<arch>.py``; this module is
-arch-agnostic: the spec, the tokenizer, the chat template, the GGUF writer.
+arch-agnostic: the spec, the tensor plan, the metadata, the writing. The tokenizer is
+``gguf_tools.vocab``, the chat template ``gguf_tools.chat_template``, the GGUF serialization
+``gguf_tools.writer`` (their names are re-exported here).
 
 A ``SynthSpec`` holds the generic hyper-parameters as fields and the architecture's own in
 ``spec.params`` (its module's ``Params`` dataclass; read them as ``spec.<name>`` too).
@@ -29,26 +31,37 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
-import struct
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 
-from gguf_tools.errors import GGUFError, UsageError
 from gguf_tools import archs, quants
 from gguf_tools.archs.base import Builder, Checks, TensorPlan
 from gguf_tools.atomic import ByteProgress, atomic_write, check_free_space
+from gguf_tools.chat_template import CHAT_TEMPLATE, render_chat
+from gguf_tools.errors import GGUFError, UsageError
+from gguf_tools.vocab import (
+    CONTROL_TOKENS, MAX_VOCAB, MIN_VOCAB, SPACE, TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN,
+    TOKEN_USER_DEFINED, USER_DEFINED_TOKENS, build_vocab,
+)
+from gguf_tools.writer import KV, TensorEntry, layout_file, pad_to, shard_paths
+
+__all__ = [
+    "ARCHES", "PRESETS", "LAYOUTS", "SYNTH_FORMAT_VERSION", "SynthSpec", "SynthResult", "preset_values", "make_spec",
+    "validate_spec", "plan_tensors", "estimate_bytes", "model_kv", "tensor_chunks", "synth_model",
+    # re-exported: the tokenizer, the chat template, the GGUF writer
+    "CHAT_TEMPLATE", "render_chat", "build_vocab", "MIN_VOCAB", "MAX_VOCAB", "SPACE", "CONTROL_TOKENS",
+    "USER_DEFINED_TOKENS", "TOKEN_NORMAL", "TOKEN_UNKNOWN", "TOKEN_CONTROL", "TOKEN_USER_DEFINED", "TOKEN_BYTE", "KV",
+    "shard_paths",
+]
 
 ARCHES = tuple(archs.names())
 PRESETS = ("tiny", "bench")
 LAYOUTS = ("interleaved", "grouped")
 SYNTH_FORMAT_VERSION = 1
-MIN_VOCAB = 512
-MAX_VOCAB = 1 << 20
 
 # ------------------------------------------------------------------------------------------ spec
 
@@ -130,7 +143,7 @@ class SynthSpec:
         """Flat: the generic fields and the arch's own parameters (what flashmoe.synth.spec records)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "params"}
         d.update(archs.for_model(self.arch).spec_json_compat)
-        if dataclasses.is_dataclass(self.params):
+        if dataclasses.is_dataclass(self.params) and not isinstance(self.params, type):
             d.update(asdict(self.params))
         return d
 
@@ -166,8 +179,8 @@ def make_spec(arch: str = "qwen3moe", preset: str = "tiny", **overrides: Any) ->
                          f"them), not {A.name}")
     A.adjust(vals, overrides)
     if overrides.get("n_ff_shexp") and not A.shared_ffn:
-        which = [o.name for o in archs.all_archs() if o.shared_ffn]
-        raise UsageError(f"--shared-ffn applies to {', '.join(which[:-1])} and {which[-1]} only ({A.name} has no "
+        shared = [o.name for o in archs.all_archs() if o.shared_ffn]
+        raise UsageError(f"--shared-ffn applies to {', '.join(shared[:-1])} and {shared[-1]} only ({A.name} has no "
                          f"shared expert sized by it)")
     if not A.shared_ffn:
         vals["n_ff_shexp"] = 0
@@ -259,212 +272,8 @@ def estimate_bytes(s: SynthSpec) -> int:
     return sum(p.nbytes for p in plan_tensors(s))
 
 
-# -------------------------------------------------------------------------------------- tokenizer
 
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_BYTE = 1, 2, 3, 4, 6
-CONTROL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
-USER_DEFINED_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
-SPACE = "\u2581"  # SentencePiece's visible space
-
-# a small built-in word list: the merged pieces start with these (and their prefixes)
-_WORDS = """
-the of and to in is that for it as was with be by on not he this are or his from at which but have an
-they you were her she there one all we can has their been if more when will would who so no what up out
-about into than them could other some time only then its also new like very first two over after any
-how these may our just where most way did use each make many such well much between must before here
-through back years where under never same another while last might great since against right came take
-three being still good those people long both world own day life work part find number should down
-because system group state come even give general know however show end point case house water place
-hello model token tokens text word words data file files expert experts layer layers memory disk read
-write cache stream fast slow test tests value values function call tool tools name arguments result
-def return self import from class none true false print if else elif for while in range len list dict
-str int float json yes ok please thanks user assistant system answer question weather city today
-""".split()
-_ALPHABET = "etaoinshrdlcumwfgypbvkjxqz"
-
-
-def build_vocab(n_vocab: int) -> Tuple[List[str], List[float], List[int]]:
-    """tokens, scores, token types of a byte-fallback SPM vocab of exactly n_vocab entries.
-
-    Layout: 0 <unk>, 1 <s>, 2 </s>, 3..258 the 256 byte tokens <0x00>..<0xFF>, then the ChatML
-    control tokens and the tool/think user-defined tokens, then normal pieces ('▁' is a space):
-    '▁', printable ASCII, common words and their prefixes (so that merges reach them), then letter
-    n-grams until the vocab is full. Every UTF-8 text round-trips (unknown characters fall back to
-    byte tokens).
-    """
-    if n_vocab < MIN_VOCAB:
-        raise UsageError(f"--vocab = {n_vocab} is too small (at least {MIN_VOCAB})")
-    tokens: List[str] = ["<unk>", "<s>", "</s>"]
-    types: List[int] = [TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_CONTROL]
-    tokens += [f"<0x{b:02X}>" for b in range(256)]
-    types += [TOKEN_BYTE] * 256
-    tokens += CONTROL_TOKENS
-    types += [TOKEN_CONTROL] * len(CONTROL_TOKENS)
-    tokens += USER_DEFINED_TOKENS
-    types += [TOKEN_USER_DEFINED] * len(USER_DEFINED_TOKENS)
-    n_fixed = len(tokens)
-    seen = set(tokens)
-
-    def pieces() -> Iterable[str]:
-        yield SPACE
-        for c in range(0x21, 0x7F):
-            yield chr(c)
-        for w in _WORDS:
-            sw = SPACE + w
-            for k in range(2, len(sw) + 1):
-                yield sw[:k]
-            for k in range(2, len(w) + 1):
-                yield w[:k]
-        # letter n-grams (and their spaced forms), shortest first, by letter frequency
-        grams = [""]
-        for _length in range(1, 6):
-            grams = [g + c for g in grams for c in _ALPHABET]
-            for g in grams:
-                if len(g) >= 2:
-                    yield g
-                yield SPACE + g
-        n = 0
-        while True:  # practically unreachable (26^5 grams); keeps the vocab exact for huge sizes
-            yield f"<|filler_{n}|>"
-            n += 1
-
-    normal: List[str] = []
-    want = n_vocab - n_fixed
-    for p in pieces():
-        if len(normal) >= want:
-            break
-        if p in seen:
-            continue
-        seen.add(p)
-        normal.append(p)
-    tokens += normal
-    types += [TOKEN_NORMAL] * len(normal)
-    scores = [0.0] * n_fixed + [-float(i) for i in range(len(normal))]
-    assert len(tokens) == n_vocab
-    return tokens, scores, types
-
-
-# ---------------------------------------------------------------------------------- chat template
-
-# ChatML with tool calls the way Qwen models do it: tools listed in the system turn inside
-# <tools></tools>, assistant calls as <tool_call>{"name": ..., "arguments": ...}</tool_call>,
-# tool results (role "tool") grouped into a user turn inside <tool_response></tool_response>.
-# Literal text is only emitted from {{- ... -}} so that trim_blocks/lstrip_blocks don't matter.
-CHAT_TEMPLATE = r"""{#- flashmoe synthetic model: ChatML with tool calls -#}
-{%- macro text_of(content) -%}
-{%- if content is none -%}
-{%- elif content is string -%}{{- content -}}
-{%- else -%}{%- for part in content -%}{%- if part.type == 'text' -%}{{- part.text -}}{%- endif -%}{%- endfor -%}
-{%- endif -%}
-{%- endmacro -%}
-{%- set has_system = messages | length > 0 and messages[0].role == 'system' -%}
-{%- set first = 1 if has_system else 0 -%}
-{%- if tools -%}
-{{- '<|im_start|>system\n' -}}
-{%- if has_system -%}{{- text_of(messages[0].content) + '\n\n' -}}{%- endif -%}
-{{- '# Tools\n\nYou may call the functions described below. Their signatures are listed inside <tools></tools>:\n<tools>' -}}
-{%- for tool in tools -%}
-{{- '\n' -}}{{- tool | tojson -}}
-{%- endfor -%}
-{{- '\n</tools>\n\nTo call a function, reply with a JSON object holding its name and arguments inside <tool_call></tool_call>:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' -}}
-{%- elif has_system -%}
-{{- '<|im_start|>system\n' + text_of(messages[0].content) + '<|im_end|>\n' -}}
-{%- endif -%}
-{%- for message in messages[first:] -%}
-{%- set i = first + loop.index0 -%}
-{%- if message.role == 'tool' -%}
-{%- if i == 0 or messages[i - 1].role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}
-{{- '\n<tool_response>\n' + text_of(message.content) + '\n</tool_response>' -}}
-{%- if loop.last or messages[i + 1].role != 'tool' -%}{{- '<|im_end|>\n' -}}{%- endif -%}
-{%- elif message.role == 'assistant' -%}
-{%- set body = text_of(message.content) -%}
-{{- '<|im_start|>assistant\n' + body -}}
-{%- if message.tool_calls -%}
-{%- for call in message.tool_calls -%}
-{%- set fn = call.function if call.function is defined else call -%}
-{%- if body or not loop.first -%}{{- '\n' -}}{%- endif -%}
-{{- '<tool_call>\n{"name": "' + fn.name + '", "arguments": ' -}}
-{%- if fn.arguments is string -%}{{- fn.arguments -}}{%- else -%}{{- fn.arguments | tojson -}}{%- endif -%}
-{{- '}\n</tool_call>' -}}
-{%- endfor -%}
-{%- endif -%}
-{{- '<|im_end|>\n' -}}
-{%- else -%}
-{{- '<|im_start|>' + message.role + '\n' + text_of(message.content) + '<|im_end|>\n' -}}
-{%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"""
-
-
-def render_chat(messages: Sequence[Dict[str, Any]], tools: Optional[Sequence[Dict[str, Any]]] = None,
-                add_generation_prompt: bool = True, template: str = CHAT_TEMPLATE) -> str:
-    """Render a conversation with the chat template the way HF / llama-cpp-python do (jinja2 sandbox,
-    trim_blocks, lstrip_blocks, tojson without HTML escaping)."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
-    return env.from_string(template).render(messages=list(messages), tools=list(tools) if tools else None,
-                                            add_generation_prompt=add_generation_prompt,
-                                            bos_token="<s>", eos_token="<|im_end|>")
-
-
-# ------------------------------------------------------------------------------- GGUF serializing
-
-_VT = dict(UINT8=0, INT8=1, UINT16=2, INT16=3, UINT32=4, INT32=5, FLOAT32=6, BOOL=7, STRING=8, ARRAY=9,
-           UINT64=10, INT64=11, FLOAT64=12)
-_SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NP_DT = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
-          12: "<f8"}
-
-
-def _enc_str(s: str) -> bytes:
-    b = s.encode("utf-8")
-    return struct.pack("<Q", len(b)) + b
-
-
-def _enc_value(vtype: int, value: Any, sub: Optional[int] = None) -> bytes:
-    if vtype == _VT["STRING"]:
-        return _enc_str(value)
-    if vtype == _VT["ARRAY"]:
-        assert sub is not None
-        head = struct.pack("<IQ", sub, len(value))
-        if sub == _VT["STRING"]:
-            return head + b"".join(_enc_str(v) for v in value)
-        return head + np.asarray(value, dtype=_NP_DT[sub]).tobytes()
-    return struct.pack(_SCALAR_FMT[vtype], value)
-
-
-class KV:
-    """An ordered list of typed GGUF key/values."""
-
-    def __init__(self):
-        self.items: List[Tuple[str, int, Any, Optional[int]]] = []
-
-    def add(self, key: str, vtype: str, value: Any, sub: Optional[str] = None) -> "KV":
-        self.items.append((key, _VT[vtype], value, _VT[sub] if sub else None))
-        return self
-
-    def u32(self, k, v):
-        return self.add(k, "UINT32", int(v))
-
-    def f32(self, k, v):
-        return self.add(k, "FLOAT32", float(v))
-
-    def s(self, k, v):
-        return self.add(k, "STRING", str(v))
-
-    def b(self, k, v):
-        return self.add(k, "BOOL", bool(v))
-
-    def encode(self) -> bytes:
-        return b"".join(_enc_str(k) + struct.pack("<I", vt) + _enc_value(vt, v, sub) for k, vt, v, sub in self.items)
-
-
-def _pad(n: int, align: int) -> int:
-    return (align - n % align) % align
+# ------------------------------------------------------------------------------------ metadata
 
 
 def _file_type(expert_type: str) -> int:
@@ -505,6 +314,9 @@ def model_kv(s: SynthSpec) -> KV:
     return kv
 
 
+# ------------------------------------------------------------------------------------ tensor data and files
+
+
 def _tensor_seed(seed: int, name: str) -> List[int]:
     return [int(seed) & 0xFFFFFFFF, (int(seed) >> 32) & 0xFFFFFFFF, zlib.crc32(name.encode())]
 
@@ -527,17 +339,6 @@ def tensor_chunks(s: SynthSpec, p: TensorPlan, chunk_bytes: int = quants.DEFAULT
     else:  # pragma: no cover
         raise ValueError(p.init)
     yield quants.f32_bytes(v)
-
-
-def shard_paths(out: str, n: int) -> List[str]:
-    """llama.cpp's split names: PREFIX-00001-of-0000N.gguf (out may be PREFIX.gguf or already a shard name)."""
-    out = os.fspath(out)
-    if n <= 1:
-        return [out]
-    folder, base = os.path.split(out)
-    m = re.match(r"^(.*)-\d{5}-of-\d{5}\.gguf$", base)
-    prefix = m.group(1) if m else (base[:-5] if base.endswith(".gguf") else base)
-    return [os.path.join(folder, f"{prefix}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
 
 
 def _split_plan(plan: List[TensorPlan], n: int) -> List[List[TensorPlan]]:
@@ -564,25 +365,62 @@ class SynthResult:
     paths: List[str]
     total_bytes: int
     seconds: float
-    spec: SynthSpec = field(repr=False, default=None)
+    spec: Optional[SynthSpec] = field(repr=False, default=None)
 
 
-def _layout_file(kv: KV, tensors: List[TensorPlan], alignment: int) -> Tuple[bytes, List[int], int]:
-    """Header bytes (padded to alignment), tensor data offsets (relative to the data section), file size."""
-    infos = []
-    offs = []
-    cur = 0
-    for p in tensors:
-        cur += _pad(cur, alignment)
-        offs.append(cur)
-        infos.append(
-            _enc_str(p.name) + struct.pack("<I", len(p.ne)) + struct.pack(f"<{len(p.ne)}Q", *p.ne)
-            + struct.pack("<IQ", p.ggml_type, cur)
-        )
-        cur += p.nbytes
-    hdr = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv.items)) + kv.encode() + b"".join(infos)
-    hdr += b"\0" * _pad(len(hdr), alignment)
-    return hdr, offs, len(hdr) + cur
+@dataclass
+class _ShardFile:
+    path: str
+    header: bytes
+    tensors: List[TensorPlan]
+    size: int
+
+
+def _shard_kv(spec: SynthSpec, base: KV, no: int, n_tensors: int) -> KV:
+    """The key/values of shard ``no``: all of the model's in the first, the architecture and alignment in the
+    others; the split.* keys in each when there are several."""
+    kv = KV()
+    if no == 0:
+        kv.items = list(base.items)
+    else:
+        kv.s("general.architecture", spec.arch)
+        kv.u32("general.alignment", spec.alignment)
+    if spec.shards > 1:
+        kv.add("split.no", "UINT16", no)
+        kv.add("split.count", "UINT16", spec.shards)
+        kv.add("split.tensors.count", "INT32", n_tensors)
+    return kv
+
+
+def _plan_files(out: str, spec: SynthSpec) -> List[_ShardFile]:
+    plan = plan_tensors(spec)
+    paths = shard_paths(out, spec.shards)
+    base_kv = model_kv(spec)
+    files = []
+    for i, tensors in enumerate(_split_plan(plan, spec.shards)):
+        kv = _shard_kv(spec, base_kv, i, len(plan))
+        entries = [TensorEntry(p.name, p.ne, p.ggml_type, p.nbytes) for p in tensors]
+        hdr, _offsets, size = layout_file(kv.encode(), len(kv), entries, spec.alignment)
+        files.append(_ShardFile(paths[i], hdr, tensors, size))
+    return files
+
+
+def _write_file(f: Any, shard: _ShardFile, spec: SynthSpec, chunk_bytes: int, bar: ByteProgress) -> None:
+    """The header, then each tensor's data (streamed in chunks) at its aligned offset."""
+    f.write(shard.header)
+    bar.update(len(shard.header))
+    pos = 0
+    for p in shard.tensors:
+        pad = pad_to(pos, spec.alignment)
+        if pad:
+            f.write(b"\0" * pad)
+            pos += pad
+            bar.update(pad)
+        for chunk in tensor_chunks(spec, p, chunk_bytes):
+            f.write(memoryview(chunk))  # type: ignore[arg-type]  # numpy arrays are buffers
+            pos += chunk.nbytes
+            bar.update(chunk.nbytes)
+    assert len(shard.header) + pos == shard.size, (shard.path, len(shard.header) + pos, shard.size)
 
 
 def synth_model(out: str | os.PathLike, spec: SynthSpec, progress: bool = True, overwrite: bool = True,
@@ -591,52 +429,19 @@ def synth_model(out: str | os.PathLike, spec: SynthSpec, progress: bool = True, 
     validate_spec(spec)
     out = os.fspath(out)
     t0 = time.monotonic()
-    plan = plan_tensors(spec)
-    groups = _split_plan(plan, spec.shards)
-    paths = shard_paths(out, spec.shards)
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise GGUFError(f"output folder does not exist: {folder}")
     if not overwrite:
-        for p in paths:
+        for p in shard_paths(out, spec.shards):
             if os.path.exists(p):
                 raise GGUFError(f"{p} already exists (use --force to overwrite)")
 
-    files = []
-    base_kv = model_kv(spec)
-    for i, tensors in enumerate(groups):
-        if i == 0:
-            kv = KV()
-            kv.items = list(base_kv.items)
-        else:
-            kv = KV()
-            kv.s("general.architecture", spec.arch)
-            kv.u32("general.alignment", spec.alignment)
-        if spec.shards > 1:
-            kv.add("split.no", "UINT16", i)
-            kv.add("split.count", "UINT16", spec.shards)
-            kv.add("split.tensors.count", "INT32", len(plan))
-        hdr, offs, size = _layout_file(kv, tensors, spec.alignment)
-        files.append((paths[i], hdr, tensors, size))
-    total = sum(f[3] for f in files)
+    files = _plan_files(out, spec)
+    total = sum(f.size for f in files)
     check_free_space(out, total)
-
-    label = os.path.basename(out)
-    with ByteProgress(total, label=f"synth {label}", enabled=progress) as bar:
-        for path, hdr, tensors, size in files:
-            with atomic_write(path, overwrite=overwrite) as f:
-                f.write(hdr)
-                bar.update(len(hdr))
-                pos = 0
-                for p in tensors:
-                    pad = _pad(pos, spec.alignment)
-                    if pad:
-                        f.write(b"\0" * pad)
-                        pos += pad
-                        bar.update(pad)
-                    for chunk in tensor_chunks(spec, p, chunk_bytes):
-                        f.write(memoryview(chunk))
-                        pos += chunk.nbytes
-                        bar.update(chunk.nbytes)
-                assert len(hdr) + pos == size, (path, len(hdr) + pos, size)
-    return SynthResult(paths=paths, total_bytes=total, seconds=time.monotonic() - t0, spec=spec)
+    with ByteProgress(total, label=f"synth {os.path.basename(out)}", enabled=progress) as bar:
+        for shard in files:
+            with atomic_write(shard.path, overwrite=overwrite) as f:
+                _write_file(f, shard, spec, chunk_bytes, bar)
+    return SynthResult(paths=[f.path for f in files], total_bytes=total, seconds=time.monotonic() - t0, spec=spec)

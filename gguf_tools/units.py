@@ -1,4 +1,9 @@
-"""Byte sizes as people read them (shared by the GGUF tools and flashmoe's reports)."""
+"""Byte sizes as people read them (shared by the GGUF tools and flashmoe's reports).
+
+``format_size`` (whole units without decimals: ``512 MiB``, ``1.5 GiB``) is the one reports use;
+``human_bytes`` (always two decimals: ``1.50 KiB``) is what progress bars, ``flashmoe inspect`` and
+``flashmoe synth`` print.
+"""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -31,3 +36,15 @@ def format_size(n: Optional[Union[int, float]], precision: int = 1) -> str:
                 continue  # 1023.96 MiB rounds to 1024.0: use the next unit
             return f"{sign}{s} {unit}"
     raise AssertionError("unreachable")
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB'; exact bytes below 1 KiB."""
+    n = float(n)
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024.0
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}"
+    return f"{n:.2f} TiB"  # pragma: no cover

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from gguf_tools.errors import GGUFError  # flashmoe.errors.FlashMoEError is this class
 from gguf_tools.reader import GGUFModel
@@ -99,11 +99,30 @@ class _Checker:
 def problems(model: GGUFModel) -> List[str]:
     """What would make llama.cpp abort or refuse while loading ``model`` (one line each; [] if none)."""
     c = _Checker(model)
-    m = model
-    tensors = m.tensors
-    layers = sorted({t.layer for t in tensors if t.layer is not None})
+    layers = sorted({t.layer for t in model.tensors if t.layer is not None})
+    n_layer = _sizes(c, layers)
+    heads, heads_kv = _attention_heads(c, n_layer)
+    _head_rot_dims(c, heads)
+    _attention_shapes(c, heads, heads_kv)
+    _rope_dims(c, heads)
+    _norm_eps(c)
+    _tensor_alignment(c)
+    _tensor_types(c)
+    n_expert = _expert_counts(c, n_layer)
+    _expert_tensors(c, n_expert)
+    _missing_layer_tensors(c, layers)
+    # the router's gating function: llama.cpp aborts on a value it does not know (llama-graph.cpp)
+    c.uint("expert_gating_func", lo=0, hi=4)
+    # rope scaling type: llama.cpp asserts it is one it knows
+    rs = c.get("rope.scaling.type")
+    if rs is not None and rs not in ROPE_SCALING_TYPES:
+        c.add(f"{c.key('rope.scaling.type')} is {_describe(rs)} (llama.cpp knows {', '.join(ROPE_SCALING_TYPES)})")
+    _tokenizer_problems(c)
+    return c.out
 
-    # -- the sizes every llama.cpp model needs
+
+def _sizes(c: _Checker, layers: List[int]) -> Optional[List[int]]:
+    """The sizes every llama.cpp model needs; block_count against the blk.N tensors. -> block_count's value."""
     n_layer = c.uint("block_count", required=True, lo=1, hi=LLAMA_MAX_LAYERS)
     # llama-cpp-python sizes its tokenizer buffer by the training context: keep it sane (Llama 4: 10M)
     c.uint("context_length", required=True, lo=1, hi=MAX_CONTEXT_LENGTH)
@@ -117,8 +136,11 @@ def problems(model: GGUFModel) -> List[str]:
         if layers and missing:
             c.add(f"{c.key('block_count')} is {nl} but layer {missing[0]} has no tensors (blk.{missing[0]}.*)")
         c.uint("nextn_predict_layers", lo=0, hi=nl)
+    return n_layer
 
-    # -- attention heads
+
+def _attention_heads(c: _Checker, n_layer: Optional[List[int]]) -> Tuple[Optional[List[int]], Optional[List[int]]]:
+    """head_count and head_count_kv (one value or one per layer) -> their values."""
     heads = c.uint("attention.head_count", lo=0, allow_array=True)
     heads_kv = c.uint("attention.head_count_kv", lo=0, allow_array=True)
     if n_layer:
@@ -143,55 +165,77 @@ def problems(model: GGUFModel) -> List[str]:
                     break
     for suffix in ("attention.key_length", "attention.value_length"):
         c.uint(suffix, lo=1)
-    # head size and rotary dimensions: these architectures' graphs assert key = value = rope dims
-    if m.arch in HEAD_ROT_ASSERT_ARCHS and heads and heads[0] > 0:
-        emb = c.get("embedding_length")
-        k = c.get("attention.key_length")
-        v = c.get("attention.value_length")
-        r = c.get("rope.dimension_count")
-        if _is_int(emb):
-            k = k if _is_int(k) else emb // heads[0]
-            v = v if _is_int(v) else emb // heads[0]
-            r = r if _is_int(r) else k
-            if not k == v == r:
-                c.add(f"{m.arch} needs attention.key_length = attention.value_length = rope.dimension_count "
-                      f"(llama.cpp asserts it); the model has {k}, {v} and {r}")
-    _attention_shapes(c, heads, heads_kv)
+    return heads, heads_kv
+
+
+def _head_rot_dims(c: _Checker, heads: Optional[List[int]]) -> None:
+    """Head size and rotary dimensions: these architectures' graphs assert key = value = rope dims."""
+    m = c.m
+    if m.arch not in HEAD_ROT_ASSERT_ARCHS or not heads or heads[0] <= 0:
+        return
+    emb = c.get("embedding_length")
+    k = c.get("attention.key_length")
+    v = c.get("attention.value_length")
+    r = c.get("rope.dimension_count")
+    if _is_int(emb):
+        k = k if _is_int(k) else emb // heads[0]
+        v = v if _is_int(v) else emb // heads[0]
+        r = r if _is_int(r) else k
+        if not k == v == r:
+            c.add(f"{m.arch} needs attention.key_length = attention.value_length = rope.dimension_count "
+                  f"(llama.cpp asserts it); the model has {k}, {v} and {r}")
+
+
+def _rope_dims(c: _Checker, heads: Optional[List[int]]) -> None:
     rot = c.get("rope.dimension_count")
-    if rot is not None and _is_int(rot):
-        emb, h0 = c.get("embedding_length"), (heads[0] if heads else 0)
-        head = c.get("attention.key_length")
-        head = head if _is_int(head) else (emb // h0 if _is_int(emb) and h0 else None)
-        if rot % 2 or (head is not None and rot > head):
-            c.add(f"{c.key('rope.dimension_count')} is {rot}: it must be even (llama.cpp asserts it) and at most "
-                  f"the head size{f' ({head})' if head is not None else ''}")
+    if rot is None or not _is_int(rot):
+        return
+    emb, h0 = c.get("embedding_length"), (heads[0] if heads else 0)
+    head = c.get("attention.key_length")
+    head = head if _is_int(head) else (emb // h0 if _is_int(emb) and h0 else None)
+    if rot % 2 or (head is not None and rot > head):
+        c.add(f"{c.key('rope.dimension_count')} is {rot}: it must be even (llama.cpp asserts it) and at most "
+              f"the head size{f' ({head})' if head is not None else ''}")
+
+
+def _norm_eps(c: _Checker) -> None:
     for suffix in ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon"):
         eps = c.get(suffix)
         if eps is not None and not (isinstance(eps, (int, float)) and not isinstance(eps, bool)
                                     and math.isfinite(eps) and eps >= 0):
             c.add(f"{c.key(suffix)} is {_describe(eps)}: it must be a finite number >= 0 (llama.cpp asserts it)")
-    # llama.cpp maps the file and makes CPU buffers straight from it: ggml asserts that their start is
-    # 32-byte aligned (ggml-backend.cpp: "buffer pointer must be aligned")
-    for t in tensors:
+
+
+def _tensor_alignment(c: _Checker) -> None:
+    """llama.cpp maps the file and makes CPU buffers straight from it: ggml asserts that their start is
+    32-byte aligned (ggml-backend.cpp: "buffer pointer must be aligned")."""
+    for t in c.m.tensors:
         if t.data_offset % TENSOR_ALIGNMENT:
             c.add(f"tensor {t.name} starts at byte {t.data_offset}, not a multiple of {TENSOR_ALIGNMENT} "
-                  f"(general.alignment {m.alignment[t.file_index]}): llama.cpp asserts tensor data is "
+                  f"(general.alignment {c.m.alignment[t.file_index]}): llama.cpp asserts tensor data is "
                   f"{TENSOR_ALIGNMENT}-byte aligned")
-            break
-    # tensor types ggml can compute with: vectors (norms, biases) are used by element-wise operations,
-    # which take an F32 operand only (with F32 activations); weights must be floating-point or quantized, not integers
-    for t in tensors:
+            return
+
+
+def _tensor_types(c: _Checker) -> None:
+    """Tensor types ggml can compute with: vectors (norms, biases) are used by element-wise operations,
+    which take an F32 operand only (with F32 activations); weights must be floating-point or quantized,
+    not integers."""
+    for t in c.m.tensors:
         if all(d == 1 for d in t.shape[1:]) or t.name.endswith((".bias", "_sinks.weight", ".attn_sinks")):
             if t.type_name not in VECTOR_TYPES:
                 c.add(f"tensor {t.name} (a vector, bias or sink) has type {t.type_name}: ggml's element-wise "
                       f"operations need {', '.join(VECTOR_TYPES)}")
-                break
+                return
         elif t.type_name in NON_WEIGHT_TYPES:
             c.add(f"tensor {t.name} has type {t.type_name}, which ggml cannot multiply as a weight")
-            break
+            return
 
-    # -- experts (llama_model::load_hparams asserts)
-    has_experts = any(t.is_expert for t in tensors)
+
+def _expert_counts(c: _Checker, n_layer: Optional[List[int]]) -> Optional[int]:
+    """expert_count, expert_used_count and the expert groups (llama_model::load_hparams asserts).
+    -> expert_count (0 when absent, None when wrong)."""
+    has_experts = any(t.is_expert for t in c.m.tensors)
     n_expert_v = c.uint("expert_count", lo=0, hi=LLAMA_MAX_EXPERTS)
     used_v = c.uint("expert_used_count", lo=0, allow_array=True)
     groups_v = c.uint("expert_group_count", lo=0)
@@ -200,80 +244,72 @@ def problems(model: GGUFModel) -> List[str]:
     used = max(used_v) if used_v else (0 if used_v is None and c.get("expert_used_count") is None else None)
     if n_layer and used_v is not None and len(used_v) > 1 and len(used_v) != n_layer[0]:
         c.add(f"{c.key('expert_used_count')} has {len(used_v)} values but the model has {n_layer[0]} layers")
-    if n_expert is not None and used is not None:
-        groups = groups_v[0] if groups_v else 0
-        gused = gused_v[0] if gused_v else 0
-        if has_experts and n_expert == 0:
-            c.add(f"{c.key('expert_count')} is {'missing' if c.get('expert_count') is None else 0} but the model "
-                  f"has routed expert tensors: it must be at least 1")
-        if n_expert > 0:
-            if used == 0:
-                c.add(f"{c.key('expert_used_count')} is {'missing' if c.get('expert_used_count') is None else 0}: "
-                      f"it must be between 1 and expert_count ({n_expert})")
-            elif used > n_expert:
-                c.add(f"{c.key('expert_used_count')} is {used}, more than expert_count ({n_expert})")
-            if groups >= n_expert:
-                c.add(f"{c.key('expert_group_count')} is {groups}, it must be less than expert_count ({n_expert})")
-            elif groups > 1:
-                if n_expert % groups:
-                    c.add(f"{c.key('expert_count')} {n_expert} is not a multiple of expert_group_count {groups}")
-                if not 0 < gused < groups:
-                    c.add(f"{c.key('expert_group_used_count')} is {gused}, it must be between 1 and "
-                          f"expert_group_count - 1 ({groups - 1})")
-        else:
-            if used:
-                c.add(f"{c.key('expert_used_count')} is {used} but expert_count is 0")
-            if groups:
-                c.add(f"{c.key('expert_group_count')} is {groups} but expert_count is 0")
+    if n_expert is None or used is None:
+        return n_expert
+    groups = groups_v[0] if groups_v else 0
+    gused = gused_v[0] if gused_v else 0
+    if has_experts and n_expert == 0:
+        c.add(f"{c.key('expert_count')} is {'missing' if c.get('expert_count') is None else 0} but the model "
+              f"has routed expert tensors: it must be at least 1")
+    if n_expert > 0:
+        if used == 0:
+            c.add(f"{c.key('expert_used_count')} is {'missing' if c.get('expert_used_count') is None else 0}: "
+                  f"it must be between 1 and expert_count ({n_expert})")
+        elif used > n_expert:
+            c.add(f"{c.key('expert_used_count')} is {used}, more than expert_count ({n_expert})")
+        if groups >= n_expert:
+            c.add(f"{c.key('expert_group_count')} is {groups}, it must be less than expert_count ({n_expert})")
+        elif groups > 1:
+            if n_expert % groups:
+                c.add(f"{c.key('expert_count')} {n_expert} is not a multiple of expert_group_count {groups}")
+            if not 0 < gused < groups:
+                c.add(f"{c.key('expert_group_used_count')} is {gused}, it must be between 1 and "
+                      f"expert_group_count - 1 ({groups - 1})")
+    else:
+        if used:
+            c.add(f"{c.key('expert_used_count')} is {used} but expert_count is 0")
+        if groups:
+            c.add(f"{c.key('expert_group_count')} is {groups} but expert_count is 0")
+    return n_expert
 
-    # -- expert tensors against expert_count, and complete per layer
-    if has_experts:
-        counts: Dict[int, str] = {}
-        for t in tensors:
-            if not t.is_expert:
-                continue
-            if len(t.shape) != 3:
-                c.add(f"routed expert tensor {t.name} has {len(t.shape)} dimensions, expected 3 "
-                      f"(ne[2] = the experts)")
-                continue
-            counts.setdefault(t.shape[2], t.name)
-            if t.nbytes == 0 and t.shape[2]:
-                c.add(f"routed expert tensor {t.name} is empty (shape {list(t.shape)})")
-            if n_expert and t.shape[2] != n_expert:
-                c.add(f"routed expert tensor {t.name} holds {t.shape[2]} experts (ne[2]) but "
-                      f"{c.key('expert_count')} is {n_expert}")
-        if len(counts) > 1 and not n_expert:
-            c.add(f"routed expert tensors disagree on the number of experts: {sorted(counts)}")
-        if 0 in counts:
-            c.add(f"routed expert tensor {counts[0]} holds 0 experts")
-        by_layer: Dict[int, set] = {}
-        for t in tensors:
-            if t.is_expert and t.layer is not None:
-                by_layer.setdefault(t.layer, set()).add(t.expert_kind)
-        for il in sorted(by_layer):
-            kinds = by_layer[il]
-            for alts in _EXPERT_KINDS_NEEDED:
-                if not kinds & set(alts):
-                    c.add(f"layer {il} has routed expert tensors ({', '.join(sorted(kinds))}) but no "
-                          f"ffn_{alts[-1]}_exps")
-                    break
-        for t in tensors:
-            if t.name.endswith(".ffn_gate_inp.weight") and t.layer in by_layer and n_expert:
-                if len(t.shape) < 2 or t.shape[1] != n_expert:
-                    c.add(f"router {t.name} has shape {list(t.shape)}: ne[1] must be expert_count ({n_expert})")
 
-    _missing_layer_tensors(c, layers)
-    # the router's gating function: llama.cpp aborts on a value it does not know (llama-graph.cpp)
-    c.uint("expert_gating_func", lo=0, hi=4)
-
-    # -- rope scaling type: llama.cpp asserts it is one it knows
-    rs = c.get("rope.scaling.type")
-    if rs is not None and rs not in ROPE_SCALING_TYPES:
-        c.add(f"{c.key('rope.scaling.type')} is {_describe(rs)} (llama.cpp knows {', '.join(ROPE_SCALING_TYPES)})")
-
-    # -- tokenizer
-    _tokenizer_problems(c)
-    return c.out
+def _expert_tensors(c: _Checker, n_expert: Optional[int]) -> None:
+    """The routed expert tensors against expert_count, complete per layer, and their routers."""
+    tensors = c.m.tensors
+    if not any(t.is_expert for t in tensors):
+        return
+    counts: Dict[int, str] = {}
+    for t in tensors:
+        if not t.is_expert:
+            continue
+        if len(t.shape) != 3:
+            c.add(f"routed expert tensor {t.name} has {len(t.shape)} dimensions, expected 3 (ne[2] = the experts)")
+            continue
+        counts.setdefault(t.shape[2], t.name)
+        if t.nbytes == 0 and t.shape[2]:
+            c.add(f"routed expert tensor {t.name} is empty (shape {list(t.shape)})")
+        if n_expert and t.shape[2] != n_expert:
+            c.add(f"routed expert tensor {t.name} holds {t.shape[2]} experts (ne[2]) but "
+                  f"{c.key('expert_count')} is {n_expert}")
+    if len(counts) > 1 and not n_expert:
+        c.add(f"routed expert tensors disagree on the number of experts: {sorted(counts)}")
+    if 0 in counts:
+        c.add(f"routed expert tensor {counts[0]} holds 0 experts")
+    by_layer: Dict[int, Set[Optional[str]]] = {}
+    for t in tensors:
+        if t.is_expert and t.layer is not None:
+            by_layer.setdefault(t.layer, set()).add(t.expert_kind)
+    for il in sorted(by_layer):
+        kinds = by_layer[il]
+        for alts in _EXPERT_KINDS_NEEDED:
+            if not kinds & set(alts):
+                c.add(f"layer {il} has routed expert tensors ({', '.join(sorted(k for k in kinds if k))}) but no "
+                      f"ffn_{alts[-1]}_exps")
+                break
+    for t in tensors:
+        if t.name.endswith(".ffn_gate_inp.weight") and t.layer in by_layer and n_expert:
+            if len(t.shape) < 2 or t.shape[1] != n_expert:
+                c.add(f"router {t.name} has shape {list(t.shape)}: ne[1] must be expert_count ({n_expert})")
 
 
 def _missing_layer_tensors(c: _Checker, layers: List[int]) -> None:

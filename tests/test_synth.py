@@ -310,3 +310,39 @@ def test_chat_template_through_llama_cpp(llama_cpp, tiny_model):
     assert fmt(messages=MESSAGES, tools=TOOLS).prompt == render_chat(MESSAGES, tools=TOOLS)
     out = llm.create_chat_completion(messages=MESSAGES[:2], tools=TOOLS, max_tokens=4, temperature=0.0)
     assert out["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_writer_lays_out_gguf_as_gguf_py_does(tmp_path):
+    """gguf_tools.writer (the one path synth, repack and quantize write through) gives the bytes gguf-py's
+    GGUFWriter gives for the same key/values and tensor table: header, key/values of every value type the
+    models use, tensor infos (ne order) and offsets at the alignment."""
+    import gguf
+
+    from gguf_tools.writer import KV, TensorEntry, layout_file
+
+    path = str(tmp_path / "g.gguf")
+    w = gguf.GGUFWriter(path, "qwen3moe")
+    w.add_uint32("general.alignment", 64)
+    w.data_alignment = 64
+    w.add_float32("a.f", 1.5)
+    w.add_bool("a.b", True)
+    w.add_uint64("a.u64", 2**40)
+    w.add_key_value("a.toks", ["x", "yy", "\u2581z"], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
+    w.add_key_value("a.scores", [0.0, -1.0, -2.5], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32)
+    w.add_key_value("a.types", [1, 2, 6], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)
+    w.add_tensor_info("t0", (4, 64), np.dtype(np.float32), 4 * 64 * 4, raw_dtype=gguf.GGMLQuantizationType.F32)
+    w.add_tensor_info("t1", (3, 32), np.dtype(np.float16), 3 * 32 * 2, raw_dtype=gguf.GGMLQuantizationType.F16)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    theirs = open(path, "rb").read()
+
+    kv = (KV().s("general.architecture", "qwen3moe").u32("general.alignment", 64).f32("a.f", 1.5).b("a.b", True)
+          .add("a.u64", "UINT64", 2**40).add("a.toks", "ARRAY", ["x", "yy", "\u2581z"], "STRING")
+          .add("a.scores", "ARRAY", [0.0, -1.0, -2.5], "FLOAT32").add("a.types", "ARRAY", [1, 2, 6], "INT32"))
+    entries = [TensorEntry("t0", (64, 4), 0, 4 * 64 * 4), TensorEntry("t1", (32, 3), 1, 3 * 32 * 2)]
+    hdr, offsets, size = layout_file(kv.encode(), len(kv), entries, 64)
+    assert hdr[:len(theirs)] == theirs
+    assert hdr[len(theirs):] == b"\0" * (len(hdr) - len(theirs)) and len(hdr) % 64 == 0  # padded to the data
+    assert offsets == [0, 1024] and size == len(hdr) + 1024 + 192

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Tuple
 
+from flashmoe.policy.model import unloaded_layers
 from flashmoe.policy.schema import DEFAULT_BUDGET_PERCENT, DEFAULT_READERS, PolicyError, plural, where
 from flashmoe.sizes import format_size
 
@@ -34,6 +35,7 @@ class CachePlan:
     eviction: str = "lru"
     readers: int = DEFAULT_READERS
     direct_io: bool = False
+    prefetch: str = "next-layer"
 
     @property
     def bytes_per_slot_all_layers(self) -> int:
@@ -45,12 +47,13 @@ def plan_cache(res: "Resolution", budget_where: str, below_pinned: bool) -> bool
     streamed tensors and the memory left. ``res.memory`` must hold the weights, runtime buffers and
     budget already. Returns whether a too-small cache was reported in ``res.errors``."""
     spec, c = res.policy.expert_cache, res.cache
-    c.eviction, c.readers, c.direct_io = spec.eviction, spec.readers, spec.direct_io
+    c.eviction, c.readers, c.direct_io, c.prefetch = spec.eviction, spec.readers, spec.direct_io, spec.prefetch
     c.experts_used = res.experts_used
     c.n_expert = res.model.n_expert
     by_layer: Dict[int, int] = {}
+    unloaded = set(unloaded_layers(res.model))  # next-token-prediction layers: llama.cpp skips them, no cache
     for t in res.model.tensors:
-        if res.placements.get(t.name) == "stream" and t.layer is not None:  # experts always have a layer
+        if res.placements.get(t.name) == "stream" and t.layer is not None and t.layer not in unloaded:
             by_layer[t.layer] = by_layer.get(t.layer, 0) + t.expert_stride
     if by_layer:
         c.slot_bytes_by_layer = dict(sorted(by_layer.items()))

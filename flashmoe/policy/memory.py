@@ -7,15 +7,17 @@ stop the policy from loading as asked go to ``Resolution.errors``; the rest to w
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from flashmoe.machine import memlock_hint
 from flashmoe.policy.cache import plan_cache
-from flashmoe.policy.model import arch_int
+from flashmoe.policy.model import arch_int, unloaded_layers
 from flashmoe.policy.schema import RuntimeSpec, where
+from flashmoe.settings import PLACEMENTS
 from flashmoe.sizes import format_size
+from gguf_tools import archs
 from gguf_tools.reader import GGUFModel
 
 if TYPE_CHECKING:  # annotations only: resolve.py imports this module
@@ -40,6 +42,11 @@ class MemoryEstimate:
     budget_source: str = ""  # "policy", "--budget", "" (none)
     machine_ram: Optional[int] = None
     n_ctx: int = 0
+    kv_note: str = ""  # what the KV cache holds (KVCacheEstimate.describe)
+    # tensors the policy places but llama.cpp does not load (next-token-prediction layers): not counted
+    not_loaded: int = 0
+    not_loaded_tensors: int = 0
+    not_loaded_layers: List[int] = field(default_factory=list)
 
     @property
     def weights(self) -> int:
@@ -61,23 +68,120 @@ class MemoryEstimate:
 def estimate_runtime(model: GGUFModel, rt: RuntimeSpec, experts_used: int) -> Tuple[int, int, int, int]:
     """(kv_cache, recurrent_state, compute, n_ctx) estimates in bytes, for one sequence.
 
-    KV cache: f16 K and V for n_ctx tokens in every attention layer (n_head_kv x head dim).
+    KV cache: what llama.cpp allocates (``kv_cache_estimate``): f16 K and V for the padded context in
+    every attention layer that runs, following the family (MLA's compressed K only, sliding-window
+    layers, no cache for next-token-prediction or recurrent layers).
     Recurrent state (hybrid models such as qwen35moe): f32 conv and SSM states per recurrent layer.
     Compute buffer: the largest of the output (logits for n_ubatch tokens), attention and MoE
     phases, plus the residual stream; llama.cpp reuses the buffer between phases.
     """
     n_ctx = rt.n_ctx or arch_int(model, "context_length") or 4096
-    n_layer = model.n_layer
+    kv = kv_cache_estimate(model, n_ctx, n_batch=rt.n_batch, n_ubatch=rt.n_ubatch)
+    ssm_inner = arch_int(model, "ssm.inner_size")
+    n_rec = archs.for_model(model.arch).model_n_run(model) - len(kv.attention_layers) if ssm_inner else 0
+    return kv.bytes, _recurrent_state(model, n_rec, ssm_inner), _compute_buffer(model, rt, experts_used), n_ctx
+
+
+# --------------------------------------------------------------------------------------------
+# The KV cache as llama.cpp allocates it (src/llama-kv-cache.cpp, llama-kv-cache-iswa.cpp)
+
+KV_PAD = 256  # llama.cpp pads the context, and the sliding-window cache, to a multiple of 256 cells
+
+
+def _pad(n: int, to: int = KV_PAD) -> int:
+    return (n + to - 1) // to * to
+
+
+def _per_layer(model: GGUFModel, suffix: str, n: int, default: int) -> List[int]:
+    """``{arch}.{suffix}`` for each of ``n`` layers: a per-layer array or one value (``default`` when absent)."""
+    v = model.arch_key(suffix)
+    if isinstance(v, (list, tuple)):
+        vals = [int(x) for x in v[:n]]
+        return vals + [default] * (n - len(vals))
+    return [arch_int(model, suffix, default)] * n
+
+
+@dataclass
+class KVCacheEstimate:
+    """The KV cache llama.cpp allocates for one sequence: per attention layer K (and V) rows of f16 for
+    ``cells`` tokens, ``swa_cells`` in sliding-window (or chunked-attention) layers."""
+
+    bytes: int
+    n_ctx: int  # as asked
+    cells: int  # the context llama.cpp allocates: n_ctx padded to 256
+    attention_layers: List[int]  # layers with a KV cache (not recurrent, not next-token-prediction layers)
+    swa_layers: List[int]  # of those, the sliding-window ones
+    window: int  # their window (tokens)
+    swa_cells: int  # their cells: all of them with llama.cpp's default full-size SWA cache
+    swa_full: bool
+    mla: bool  # multi-head latent attention: the compressed K only (kv_lora_rank + rope dims), no V
+    k_row: int  # K elements per token in the (first) full-attention layer
+    v_row: int
+
+    def describe(self) -> str:
+        """The KV cache row of ``policy show``: what it holds."""
+        parts = [f"n_ctx {self.n_ctx}, f16"]
+        if self.mla:
+            parts.append(f"MLA: compressed K only ({self.k_row} per token)")
+        if self.swa_layers:
+            how = ("full-size SWA cache" if self.swa_full or self.swa_cells >= self.cells
+                   else f"{self.swa_cells} cells")
+            parts.append(f"{len(self.swa_layers)} of {len(self.attention_layers)} layers attend within "
+                         f"{self.window} tokens ({how})")
+        return "; ".join(parts)
+
+
+def kv_cache_estimate(model: GGUFModel, n_ctx: int, *, n_batch: int = 512, n_ubatch: int = 512,
+                      swa_full: bool = True) -> KVCacheEstimate:
+    """The bytes of the KV cache llama.cpp allocates for ``model`` at ``n_ctx`` (one sequence, f16 K and V,
+    ``swa_full``: llama.cpp's default, which flashmoe keeps; the engine never lowers it).
+
+    The layers that run (``block_count`` without next-token-prediction layers, which have no cache) and
+    that attend (hybrid models: every ``full_attention_interval``-th layer) each hold ``cells`` (n_ctx
+    padded to 256) rows of K = n_head_kv x key_length and V = n_head_kv x value_length (per-layer head
+    counts as the file gives them; ``key/value_length_swa`` in sliding-window layers). Multi-head latent
+    attention (``key_length_mla`` and ``value_length_mla`` set: DeepSeek-V2/V3, Kimi-K2) caches only the
+    compressed K (``key_length`` = kv_lora_rank + rope dims, one KV head) and no V. Sliding-window and
+    chunked-attention layers (the arch registry's rule: gpt-oss, llama4) hold ``pad(min(cells, window +
+    n_ubatch))`` cells unless ``swa_full``."""
+    arch = archs.for_model(model.arch)
+    n_run = arch.model_n_run(model)
     ssm_inner = arch_int(model, "ssm.inner_size")
     interval = arch_int(model, "full_attention_interval")
-    if interval > 0 and ssm_inner:
-        n_attn = sum(1 for il in range(n_layer) if (il + 1) % interval == 0)
+    if ssm_inner and interval > 0:
+        attention = [il for il in range(n_run) if (il + 1) % interval == 0]
     else:
-        n_attn = n_layer
-    _n_embd, _n_head, n_head_kv, head_k, head_v = _attention_dims(model)
-    kv = n_ctx * n_attn * n_head_kv * (head_k + head_v) * F16
-    n_rec = n_layer - n_attn if ssm_inner else 0
-    return kv, _recurrent_state(model, n_rec, ssm_inner), _compute_buffer(model, rt, experts_used), n_ctx
+        attention = list(range(n_run))
+    n_embd = arch_int(model, "embedding_length")
+    heads = _per_layer(model, "attention.head_count", n_run, 0)
+    heads_kv = _per_layer(model, "attention.head_count_kv", n_run, -1)
+    heads_kv = [h if h >= 0 else heads[i] for i, h in enumerate(heads_kv)]
+    n_head0 = next((h for h in heads if h), 0)
+    head_k = arch_int(model, "attention.key_length") or (n_embd // n_head0 if n_head0 else 0)
+    head_v = arch_int(model, "attention.value_length") or (n_embd // n_head0 if n_head0 else 0)
+    head_k_swa = arch_int(model, "attention.key_length_swa") or head_k
+    head_v_swa = arch_int(model, "attention.value_length_swa") or head_v
+    mla = arch_int(model, "attention.key_length_mla") > 0 and arch_int(model, "attention.value_length_mla") > 0
+    window, swa_flags = arch.model_swa(model)
+    cells = _pad(max(1, n_ctx))
+    ub = max(1, min(n_ubatch, n_batch, n_ctx))
+    swa_cells = cells if swa_full else _pad(min(cells, window + ub))
+    total = 0
+    swa = []
+    for il in attention:
+        is_swa = window > 0 and il < len(swa_flags) and swa_flags[il]
+        k = (head_k_swa if is_swa else head_k) * heads_kv[il]
+        v = 0 if mla else (head_v_swa if is_swa else head_v) * heads_kv[il]
+        total += (swa_cells if is_swa else cells) * (k + v) * F16
+        if is_swa:
+            swa.append(il)
+    full = [il for il in attention if il not in swa]
+    il0 = full[0] if full else (attention[0] if attention else 0)
+    k_row = head_k * heads_kv[il0] if heads_kv else 0
+    v_row = 0 if mla or not heads_kv else head_v * heads_kv[il0]
+    return KVCacheEstimate(bytes=total, n_ctx=n_ctx, cells=cells, attention_layers=attention, swa_layers=swa,
+                           window=window if swa else 0, swa_cells=swa_cells, swa_full=swa_full, mla=mla,
+                           k_row=k_row, v_row=v_row)
 
 
 def _attention_dims(model: GGUFModel) -> Tuple[int, int, int, int, int]:
@@ -150,15 +254,26 @@ def plan_memory(res: "Resolution", budget_override: Optional[int]) -> None:
 
 def _count_weights_and_runtime(res: "Resolution") -> None:
     mem, machine, rt = res.memory, res.machine, res.policy.runtime
-    mem.pinned = res.bytes_by_placement["pin"]
-    mem.ram = res.bytes_by_placement["ram"]
-    gpu_bytes = res.bytes_by_placement["gpu"]
+    # llama.cpp skips the tensors of next-token-prediction layers: whatever their placement, they take nothing
+    skipped = {p: 0 for p in PLACEMENTS}
+    mem.not_loaded_layers = unloaded_layers(res.model)
+    if mem.not_loaded_layers:
+        unloaded = set(mem.not_loaded_layers)
+        for t in res.model.tensors:
+            if t.layer in unloaded:
+                skipped[res.placements[t.name]] += t.nbytes
+                mem.not_loaded += t.nbytes
+                mem.not_loaded_tensors += 1
+    mem.pinned = res.bytes_by_placement["pin"] - skipped["pin"]
+    mem.ram = res.bytes_by_placement["ram"] - skipped["ram"]
+    gpu_bytes = res.bytes_by_placement["gpu"] - skipped["gpu"]
     if gpu_bytes:
         if machine.gpu() == "metal":
             mem.gpu_host = gpu_bytes  # unified memory: device buffers are RAM
         else:
             mem.gpu_device = gpu_bytes
     mem.kv_cache, mem.recurrent_state, mem.compute, mem.n_ctx = estimate_runtime(res.model, rt, res.experts_used)
+    mem.kv_note = kv_cache_estimate(res.model, mem.n_ctx, n_batch=rt.n_batch, n_ubatch=rt.n_ubatch).describe()
     mem.overhead = rt.overhead
     mem.machine_ram = machine.ram_bytes
 

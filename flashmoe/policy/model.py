@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
+from typing import List, Union
 
 from flashmoe.errors import FlashMoEError
+from gguf_tools import archs
 from gguf_tools.reader import GGUFModel, open_model
 
 
@@ -43,3 +44,11 @@ def arch_int(model: GGUFModel, suffix: str, default: int = 0) -> int:
         return int(v)
     except (TypeError, ValueError):
         return default
+
+
+def unloaded_layers(model: GGUFModel) -> List[int]:
+    """The layers whose tensors llama.cpp does not load: next-token-prediction (MTP) layers at the end of
+    ``block_count`` (``nextn_predict_layers``: glm4moe, deepseek2, ...), which its loader skips unless asked
+    for speculative decoding (flashmoe never asks) and its graph never runs. The hook never sees them:
+    their tensors take no memory, are never streamed, cached or read, whatever a policy places them on."""
+    return archs.for_model(model.arch).model_unrun_layers(model)

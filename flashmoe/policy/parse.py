@@ -21,6 +21,7 @@ from flashmoe.policy.schema import (
     CACHE_KEYS,
     CACHE_MODES,
     EVICTIONS,
+    PREFETCH_MODES,
     RULE_KEYS,
     RUNTIME_KEYS,
     STREAMABLE_HELP,
@@ -312,8 +313,10 @@ def _parse_expert_cache(ck: _Checker, data: LineMap, warnings: List[str]) -> Cac
             raise ck.err(m.value_lines["readers"], f"readers in expert_cache must be at most 256, got {c.readers}")
     if "direct_io" in m:
         c.direct_io = ck.boolean(m, "direct_io", section)
+    if "prefetch" in m:
+        c.prefetch = ck.choice(m, "prefetch", section, PREFETCH_MODES, "prefetch")
     if c.mode == "pagecache":
-        ignored = [k for k in ("cache_size", "cache_slots", "eviction", "direct_io") if k in m]
+        ignored = [k for k in ("cache_size", "cache_slots", "eviction", "direct_io", "prefetch") if k in m]
         if ignored:
             warnings.append(
                 where(ck.source, m.key_lines[ignored[0]])

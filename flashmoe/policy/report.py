@@ -63,6 +63,12 @@ def _placement_table(res: Resolution) -> str:
         n = res.count_by_placement[p]
         if n:
             rows.append((p, n, format_size(res.bytes_by_placement[p]), PLACEMENT_HELP[p]))
+    mem = res.memory
+    if mem.not_loaded_tensors:
+        layers = ", ".join(str(l) for l in mem.not_loaded_layers)
+        rows.append(("not loaded", mem.not_loaded_tensors, format_size(mem.not_loaded),
+                     f"of those: next-token-prediction {'layers' if len(mem.not_loaded_layers) > 1 else 'layer'} "
+                     f"{layers}, which llama.cpp skips (never run, streamed or counted)"))
     rows.append(("total", len(res.model.tensors), format_size(res.model.total_bytes), ""))
     return text_table(("placement", "tensors", "bytes", "where"), rows, right=(1, 2))
 
@@ -84,7 +90,7 @@ def _memory_table(res: Resolution) -> str:
             f"{plural(c.slots, 'slot')}/layer of {c.n_expert} experts x {len(c.streamed_layers)} layers, "
             f"{format_size(per_layer)} per slot ({c.requested})",
         ))
-    rows.append(("KV cache", format_size(mem.kv_cache), f"n_ctx {mem.n_ctx}, f16"))
+    rows.append(("KV cache", format_size(mem.kv_cache), mem.kv_note or f"n_ctx {mem.n_ctx}, f16"))
     if mem.recurrent_state:
         rows.append(("recurrent state", format_size(mem.recurrent_state), "hybrid layers, f32"))
     rows.append(("compute buffer", format_size(mem.compute), f"estimate, n_ubatch {pol.runtime.n_ubatch}"))
@@ -108,7 +114,7 @@ def _cache_and_runtime(res: Resolution) -> List[str]:
         share = f" ({round(c.slots * 100 / c.n_expert)}% of {c.n_expert})" if c.n_expert else ""
         cache = (
             f"expert cache  cache: {plural(c.slots, 'slot')} per layer{share}, eviction {c.eviction}, "
-            f"{c.readers} readers, {io}"
+            f"{c.readers} readers, {io}, prefetch {c.prefetch}"
         )
     elif c.mode == "pagecache":
         cache = f"expert cache  pagecache: OS page cache, populated from the routing by {c.readers} readers"

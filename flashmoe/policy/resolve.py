@@ -67,6 +67,7 @@ class Resolution:
                 eviction=c.eviction,
                 readers=c.readers,
                 direct_io=self.direct_io,
+                prefetch=c.prefetch if c.mode == "cache" else "off",
             )
         placed = set(self.placements.values())
         runtime = RuntimeSettings(
@@ -107,6 +108,7 @@ class Resolution:
             "eviction": c.eviction if c.mode == "cache" else None,
             "readers": c.readers if c.mode != "off" else None,
             "direct_io": self.direct_io,
+            "prefetch": c.prefetch if c.mode == "cache" else "off",
             "streamed_layers": list(c.streamed_layers),
             "n_expert_used": self.experts_used,
             "n_expert_used_override": self.experts_used_override,

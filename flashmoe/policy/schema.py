@@ -33,7 +33,8 @@ EVICTIONS = ("lru", "lfru")
 
 TOP_KEYS = ("version", "name", "description", "budget", "rules", "expert_cache", "runtime")
 RULE_KEYS = ("match", "place")
-CACHE_KEYS = ("mode", "cache_size", "cache_slots", "eviction", "readers", "direct_io")
+CACHE_KEYS = ("mode", "cache_size", "cache_slots", "eviction", "readers", "direct_io", "prefetch")
+PREFETCH_MODES = ("next-layer", "off")
 RUNTIME_KEYS = ("threads", "n_ctx", "n_batch", "n_ubatch", "experts_per_token", "repack", "overhead")
 
 DEFAULT_READERS = 4
@@ -112,6 +113,7 @@ class CacheSpec:
     eviction: str = "lru"
     readers: int = DEFAULT_READERS
     direct_io: bool = False
+    prefetch: str = "next-layer"  # read the next layer's predicted experts while a layer computes, or "off"
     line: Optional[int] = None  # of the expert_cache section
     size_line: Optional[int] = None
     given: bool = False  # the section is present in the file

@@ -20,6 +20,13 @@ What it mirrors:
   count ``freq``; every ``16 * n_slots`` accesses all counts are halved), then a resident expert is
   a hit; a miss takes a free slot, else the victim among slots not used by this wave: LRU = least
   recent use; LFRU = lowest count, ties by least recent use. Each access stamps the slot.
+* **Prefetch** (``prefetch=True``, a trace with predicted sets): before a layer's ubatch, while the
+  layer before it computes, the distinct predicted experts of the ubatch's rows (in row order; none
+  for the first layer, none when they are more than the layer's slots or the ubatch needs several
+  waves) are made resident: the resident ones are protected, each other one takes a victim as a miss
+  would (without counting an access) and is stamped; they are read ahead (``n_prefetched``, bytes
+  read). The ubatch then finds them resident (hits); at its plan the layer books the prediction
+  (``n_predicted``, ``n_predicted_right``) and the reads ahead it used or wasted.
 
 Page-cache mode is modelled, not exact: one LRU of expert slices shared by all layers (the OS
 page cache), holding ``capacity_bytes``, accessed with the ubatch's distinct experts per layer in
@@ -94,6 +101,11 @@ def engine_ubatches(prompt_tokens: int, gen_tokens: int, n_batch: int = 512, n_u
     return out
 
 
+# the per-layer counters of Engine.stats()["layers"] that the simulation reproduces exactly
+ENGINE_FIELDS = ("layer", "n_slots", "hits", "misses", "evictions", "bytes_read", "n_tokens", "n_waves", "n_predicted",
+                 "n_predicted_right", "n_prefetched", "n_prefetch_used", "prefetch_wasted_bytes")
+
+
 @dataclass
 class LayerCounters:
     """The engine's per-layer counters (Engine.stats()["layers"][i]), plus a per-phase split."""
@@ -106,12 +118,16 @@ class LayerCounters:
     bytes_read: int = 0
     n_tokens: int = 0
     n_waves: int = 0
+    n_predicted: int = 0
+    n_predicted_right: int = 0
+    n_prefetched: int = 0
+    n_prefetch_used: int = 0
+    prefetch_wasted_bytes: int = 0
     by_phase: Dict[str, Dict[str, int]] = field(default_factory=lambda: {p: {"hits": 0, "misses": 0} for p in PHASES})
 
     def engine_view(self) -> Dict[str, int]:
         """The fields Engine.stats() has, for comparison."""
-        return {k: getattr(self, k) for k in ("layer", "n_slots", "hits", "misses", "evictions", "bytes_read",
-                                              "n_tokens", "n_waves")}
+        return {k: getattr(self, k) for k in ENGINE_FIELDS}
 
     @property
     def hit_rate(self) -> float:
@@ -133,10 +149,11 @@ class SimResult:
     slots: Dict[int, int]
     layers: List[LayerCounters]
     ubatches: List[Ubatch]
-    misses: np.ndarray  # int32 [n_ubatches, n_layers]: experts read
+    misses: np.ndarray  # int32 [n_ubatches, n_layers]: experts read while the layer waits
     distinct: np.ndarray  # int32 [n_ubatches, n_layers]: distinct experts computed
     waves: np.ndarray  # int32 [n_ubatches, n_layers]: graph waves (for compute)
     rows: np.ndarray  # int32 [n_ubatches, n_layers]: rows computed
+    ahead: Optional[np.ndarray] = None  # int32 [n_ubatches, n_layers]: experts read ahead (during the layer before)
 
     def total(self, phase: Optional[str] = None) -> Dict[str, float]:
         if phase is None:
@@ -183,6 +200,29 @@ def rows_per_layer(trace: Trace, ubatches: Sequence[Ubatch],
     return cols
 
 
+def predicted_rows_per_layer(trace: Trace, ubatches: Sequence[Ubatch],
+                             last_layer: Optional[int]) -> List[List[Optional[np.ndarray]]]:
+    """For every layer column, the predicted ids the layer before it reads ahead with at each ubatch
+    (its rows of ``trace.pred`` from the layer's cursor, one per token of the ubatch), or None: no
+    predicted sets, or the first layer (nothing runs before it to predict with)."""
+    n_rows = trace.n_tokens
+    first = min(trace.layers)
+    cols: List[List[Optional[np.ndarray]]] = []
+    for li, il in enumerate(trace.layers):
+        per: List[Optional[np.ndarray]] = []
+        cursor = 0
+        for ub in ubatches:
+            if trace.pred is None or il == first:
+                per.append(None)
+            else:
+                per.append(trace.pred[(cursor + np.arange(ub.n_tokens)) % n_rows, li])
+            if last_layer is not None and il == last_layer and min(ub.n_outputs, ub.n_tokens) == 0:
+                continue  # the layer's empty op: its cursor stays
+            cursor += ub.n_tokens
+        cols.append(per)
+    return cols
+
+
 def _slots_map(trace, slots: Union[int, Mapping[int, int]]) -> Dict[int, int]:
     if isinstance(slots, Mapping):
         out = {il: int(slots[il]) for il in trace.layers}
@@ -216,6 +256,38 @@ class _LayerCache:
         else:
             self.freq_py = [0] * n_expert  # counted but unused by LRU (kept for symmetry)
         self.n_used_slots = 0
+
+    def prefetch(self, predicted: Sequence[int]) -> Tuple[int, int]:
+        """Reads ahead of the distinct ``predicted`` experts (in order) -> (read ahead, evictions)."""
+        protected = {e for e in predicted if e in self.resident}
+        read = ev = 0
+        res = self.resident
+        for e in predicted:
+            if e in res:
+                continue
+            self.clock += 1
+            if self.n_used_slots < self.n_slots:
+                s = self.n_used_slots
+                self.n_used_slots += 1
+            else:
+                if self.lfru:
+                    key = self.freq[self.expert_in] * _BIG + self.last_use
+                    for p in protected:
+                        key[res[p]] = np.iinfo(np.int64).max
+                    s = int(np.argmin(key))
+                    victim = int(self.expert_in[s])
+                else:
+                    victim = next(v for v in res if v not in protected)  # least recent, unprotected
+                    s = res[victim]
+                del res[victim]
+                ev += 1
+            res[e] = s
+            protected.add(e)
+            if self.lfru:
+                self.expert_in[s] = e
+                self.last_use[s] = self.clock
+            read += 1
+        return read, ev
 
     def ubatch(self, experts: Iterable[int]) -> Tuple[int, int, int, int]:
         """Distinct experts of one ubatch (any order) -> (hits, misses, evictions, waves)."""
@@ -277,7 +349,7 @@ class _LayerCache:
 
 def simulate(trace: Trace, ubatches: Sequence[Ubatch], slots: Union[int, Mapping[int, int]], eviction: str = "lru", *,
              last_layer: Optional[int], expert_bytes: Optional[Mapping[int, int]] = None,
-             layers: Optional[Sequence[int]] = None) -> SimResult:
+             layers: Optional[Sequence[int]] = None, prefetch: bool = False) -> SimResult:
     """The explicit expert cache (mode "cache") over ``ubatches`` of ``trace``.
 
     slots: per layer (one int for all layers, or {model layer: slots}).
@@ -285,15 +357,18 @@ def simulate(trace: Trace, ubatches: Sequence[Ubatch], slots: Union[int, Mapping
     model's last layer index, or None when every layer computes every row).
     expert_bytes: {layer: bytes of one expert} for bytes_read (0 when not given).
     layers: only these model layers (default: all of the trace's).
+    prefetch: reads ahead from the trace's predicted sets (StreamSettings.prefetch "next-layer").
     """
     smap = _slots_map(trace, slots)
     cols = rows_per_layer(trace, ubatches, last_layer)
+    pcols = predicted_rows_per_layer(trace, ubatches, last_layer) if prefetch else None
     sel = [i for i, il in enumerate(trace.layers) if layers is None or il in layers]
     n_ub = len(ubatches)
     misses = np.zeros((n_ub, len(sel)), dtype=np.int32)
     distinct = np.zeros((n_ub, len(sel)), dtype=np.int32)
     waves = np.zeros((n_ub, len(sel)), dtype=np.int32)
     rows = np.zeros((n_ub, len(sel)), dtype=np.int32)
+    ahead_n = np.zeros((n_ub, len(sel)), dtype=np.int32)
     out: List[LayerCounters] = []
     for j, li in enumerate(sel):
         il = trace.layers[li]
@@ -301,10 +376,32 @@ def simulate(trace: Trace, ubatches: Sequence[Ubatch], slots: Union[int, Mapping
         c = _LayerCache(trace.n_expert, n_slots, eviction)
         lc = LayerCounters(layer=il, n_slots=n_slots)
         eb = int(expert_bytes.get(il, 0)) if expert_bytes else 0
+        predicted: List[int] = []
+        ahead: set = set()
         for u, ub in enumerate(ubatches):
+            pr = pcols[li][u] if pcols is not None else None
+            if pr is not None and min(trace.n_expert, ub.n_tokens * trace.n_used) <= n_slots:
+                predicted = list(dict.fromkeys(int(x) for x in pr.ravel() if x >= 0))
+                if len(predicted) > n_slots:
+                    predicted = []
+                else:
+                    before = set(c.resident)
+                    r, e = c.prefetch(predicted)
+                    ahead |= {x for x in predicted if x not in before}
+                    lc.n_prefetched += r
+                    lc.evictions += e
+                    lc.bytes_read += r * eb
+                    ahead_n[u, j] = r
             ids = cols[li][u]
             if ids is None:
                 continue
+            used = set(int(x) for x in ids.ravel())
+            lc.n_predicted += len(predicted)
+            lc.n_predicted_right += len(used.intersection(predicted))
+            predicted = []
+            lc.n_prefetch_used += len(ahead & used)
+            lc.prefetch_wasted_bytes += len(ahead - used) * eb
+            ahead = set()
             h, m, e, w = c.ubatch(ids.ravel())
             lc.hits += h
             lc.misses += m
@@ -322,7 +419,7 @@ def simulate(trace: Trace, ubatches: Sequence[Ubatch], slots: Union[int, Mapping
             waves[u, j] = max(1, -(-touched // n_slots))
         out.append(lc)
     return SimResult("cache", eviction, {trace.layers[li]: smap[trace.layers[li]] for li in sel}, out,
-                     list(ubatches), misses, distinct, waves, rows)
+                     list(ubatches), misses, distinct, waves, rows, ahead_n)
 
 
 def simulate_pagecache(trace: Trace, ubatches: Sequence[Ubatch], capacity_bytes: int, expert_bytes: Mapping[int, int], *,

@@ -12,7 +12,9 @@ An architecture (``Arch`` subclass, one module per llama.cpp architecture) knows
 * the last-layer rule of the routing trace (``all_rows``: whether the model's last layer computes every
   row of a ubatch, or only the output rows);
 * the same facts read back from a GGUF file (``model_unrun_layers``, ``model_last_layer``) for
-  ``flashmoe.trace``.
+  ``flashmoe.trace``;
+* its sliding-window or chunked attention layers as llama.cpp sets them up (``model_swa``), for the KV
+  cache estimate of ``flashmoe.policy.memory``.
 """
 from __future__ import annotations
 
@@ -192,6 +194,11 @@ class Arch:
         v = model.metadata.get(f"{model.arch}.nextn_predict_layers")
         return int(v) if isinstance(v, int) and not isinstance(v, bool) and 0 < v <= int(model.n_layer or 0) else 0
 
+    def model_n_run(self, model) -> int:
+        """The layers llama.cpp's graph runs (block_count without the next-token-prediction layers): its
+        ``n_layer()``, the layers with a KV cache."""
+        return int(model.n_layer or 0) - self.model_nextn(model)
+
     def model_unrun_layers(self, model) -> List[int]:
         """Layers llama.cpp loads (or skips) but its graph never runs: next-token-prediction layers."""
         n = int(model.n_layer or 0)
@@ -202,6 +209,44 @@ class Arch:
         if self.all_rows:
             return None
         return int(model.n_layer or 0) - self.model_nextn(model) - 1
+
+    def model_swa(self, model) -> Tuple[int, List[bool]]:
+        """The sliding-window (or chunked) attention of a GGUF model as llama.cpp sets it up: (the window in
+        tokens, for each layer that runs whether it attends only within the window); (0, []) when none.
+        The KV cache of those layers is smaller unless llama.cpp keeps a full-size SWA cache (its default).
+        Architectures without a rule of their own follow an explicit per-layer
+        ``{arch}.attention.sliding_window_pattern`` array when the file has one."""
+        window = model_int(model, "attention.sliding_window")
+        pattern = model.arch_key("attention.sliding_window_pattern")
+        if window > 0 and isinstance(pattern, (list, tuple)):
+            return window, swa_layers(model, self.model_n_run(model), 0)
+        return 0, []
+
+
+# ------------------------------------------------------------------- reading a GGUF model's metadata
+
+def model_int(model, suffix: str, default: int = 0) -> int:
+    """``{arch}.{suffix}`` of a GGUF model as an int (``default`` when absent or not a number)."""
+    v = model.arch_key(suffix)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        return default
+    return int(v)
+
+
+def swa_layers(model, n_run: int, n_pattern: int, dense_first: bool = False) -> List[bool]:
+    """Which of the first ``n_run`` layers are sliding-window layers, as llama.cpp's ``load_swa_pattern``
+    decides: the per-layer ``{arch}.attention.sliding_window_pattern`` array when the file has one, else
+    every ``n_pattern``-th layer is a full-attention layer (the last of each group, or the first with
+    ``dense_first``; the integer key overrides ``n_pattern``; 0: every layer slides)."""
+    v = model.arch_key("attention.sliding_window_pattern")
+    if isinstance(v, (list, tuple)):
+        flags = [bool(x) for x in v][:n_run]
+        return flags + [False] * (n_run - len(flags))
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        n_pattern = int(v)
+    if dense_first:
+        return [n_pattern == 0 or il % n_pattern != 0 for il in range(n_run)]
+    return [n_pattern == 0 or il % n_pattern < n_pattern - 1 for il in range(n_run)]
 
 
 # ----------------------------------------------------------------------------- shared kv helpers
@@ -299,4 +344,4 @@ def check_shared_ffn(s, c: Checks) -> None:
 
 __all__ = ["Arch", "Builder", "Checks", "NoParams", "TensorPlan", "EXPERT", "SHEXP", "ROUTER", "DENSE", "ROLES",
            "kv_common", "kv_experts", "attn_qkvo", "routed_experts", "shared_expert", "dense_ffn", "nextn_block",
-           "check_shared_ffn", "GATING_SOFTMAX", "GATING_SIGMOID", "GATING_SOFTMAX_WEIGHT"]
+           "check_shared_ffn", "GATING_SOFTMAX", "GATING_SIGMOID", "GATING_SOFTMAX_WEIGHT", "model_int", "swa_layers"]

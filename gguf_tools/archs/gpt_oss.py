@@ -9,10 +9,10 @@ llama.cpp: src/models/openai-moe.cpp."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Tuple
 
 from gguf_tools.archs.base import ROUTER, Arch, Builder, Checks, TensorPlan, attn_qkvo, kv_common, kv_experts, \
-    routed_experts
+    model_int, routed_experts, swa_layers
 
 
 @dataclass
@@ -34,6 +34,11 @@ class GptOss(Arch):
 
     def check(self, s, c: Checks):
         c.pos(s.sliding_window, "sliding_window", 1)
+
+    def model_swa(self, model) -> Tuple[int, List[bool]]:
+        # llama.cpp (openai-moe.cpp): standard sliding window of attention.sliding_window tokens, pattern 2
+        # (layers 0, 2, 4, ... slide) unless the file says otherwise
+        return model_int(model, "attention.sliding_window"), swa_layers(model, self.model_n_run(model), 2)
 
     def kv(self, s, kv):
         a = self.name

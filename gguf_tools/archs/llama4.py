@@ -8,10 +8,13 @@ llama.cpp: src/models/llama4.cpp (the last layer computes only the output rows).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Tuple
 
 from gguf_tools.archs.base import (Arch, Builder, Checks, TensorPlan, attn_qkvo, dense_ffn, kv_common, kv_experts,
-                                   routed_experts, shared_expert)
+                                   model_int, routed_experts, shared_expert, swa_layers)
+
+
+CHUNK = 8192  # llama.cpp's attention chunk (n_swa) for Llama 4
 
 
 @dataclass
@@ -36,6 +39,13 @@ class Llama4(Arch):
 
     def has_shared_expert(self, s):
         return True
+
+    def model_swa(self, model) -> Tuple[int, List[bool]]:
+        # llama.cpp (llama4.cpp): chunked attention in 8192-token chunks on 3 of every 4 layers, unless the
+        # file sets attention.sliding_window to 0 (then none); the key's other values are not used
+        if model_int(model, "attention.sliding_window", -1) == 0:
+            return 0, []
+        return CHUNK, swa_layers(model, self.model_n_run(model), 4)
 
     def check(self, s, c: Checks):
         c.pos(s.interleave_moe_layer_step, "interleave_moe_layer_step", 1)
