@@ -161,8 +161,16 @@ class Engine:
         # "mmap" tensors are kept on the mapping individually (lazy). When nothing asks for RAM the
         # model is mmap'd the stock way and "mmap" is exactly stock; "pin" locks what was loaded.
         use_mmap = rt.load_mode == "mmap" and not any(p == "ram" for p in s.placements.values())
-        placements = {n: ("default" if (p == "mmap" and use_mmap) else p) for n, p in s.placements.items()}
+        placements = {n: ("default" if (p == "mmap" and use_mmap) or p == "remote" else p)
+                      for n, p in s.placements.items()}
         self.hook_placements = placements
+        # remote devices (a policy's `devices`: llama.cpp's RPC backend): workers checked and connected, layers
+        # split between this host and them, tensors kept elsewhere than their layer's device overridden
+        self.remote = None
+        if s.tensor_devices:
+            from flashmoe import rpc
+
+            self.remote = rpc.engine_plan(self.model_path, s.placements, s.tensor_devices, s.devices)
         hooked = (s.stream.mode != "off" or any(p not in ("default", "gpu") for p in placements.values())
                   or self.routing_trace or self.record_trace)
         if hooked:
@@ -173,6 +181,8 @@ class Engine:
                 readers=s.stream.readers,
                 direct_io=s.stream.direct_io,
                 prefetch=s.stream.prefetch if s.stream.mode == "cache" else "off",
+                repack_slots=bool(rt.use_extra_bufts),
+                layer_slots=s.stream.layer_slots,
                 record_trace=self.record_trace,
                 placements=placements,
                 routing_trace=self.routing_trace,
@@ -200,6 +210,8 @@ class Engine:
                 self.gpu_ubatch_note = (f"prefill ubatch lowered to {n_ubatch} so that each fits the device expert "
                                         f"cache in one wave (GPU prefill waves are not supported yet)")
         overrides, self._override_patterns = gpu.host_overrides(keep_host) if self.n_gpu_layers else (None, [])
+        if self.remote is not None:
+            overrides, self._override_patterns = self.remote.overrides, self.remote.patterns
         self._counters_load = ProcessCounters.now()
         t0 = time.perf_counter()
         try:
@@ -223,7 +235,9 @@ class Engine:
                 verbose=verbose,
                 chat_format=chat_format,
                 lora_path=self.lora_path,
-                n_gpu_layers=self.n_gpu_layers,
+                n_gpu_layers=self.remote.n_gpu_layers if self.remote else self.n_gpu_layers,
+                devices=self.remote.devices if self.remote else None,
+                tensor_split=self.remote.tensor_split if self.remote and any(self.remote.tensor_split) else None,
             )
         except ValueError as e:
             err = hook.last_error() if hook.available() else ""
@@ -271,6 +285,8 @@ class Engine:
                 line += "; " + self.gpu_ubatch_note
         elif any(p == "gpu" for p in self.settings.placements.values()):
             line += "; gpu placement ignored (CPU build)"
+        if getattr(self, "remote", None) is not None:
+            line += "; " + self.remote.describe()
         return line
 
     def stats(self) -> dict:

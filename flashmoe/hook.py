@@ -30,6 +30,7 @@ class Params(ctypes.Structure):
         ("direct_io", ctypes.c_int32),
         ("record_trace", ctypes.c_int32),
         ("prefetch", ctypes.c_int32),
+        ("repack_slots", ctypes.c_int32),
     ]
 
 
@@ -72,6 +73,7 @@ class ModelInfo(ctypes.Structure):
         ("n_stream_tensors", ctypes.c_int64),
         ("n_pin_tensors", ctypes.c_int64),
         ("n_mmap_tensors", ctypes.c_int64),
+        ("n_repacked_tensors", ctypes.c_int64),
     ]
 
 
@@ -159,13 +161,14 @@ def configure(
     routing_trace: Optional[str] = None,
     prefetch: str = "off",
     layer_slots: Optional[Dict[int, int]] = None,
+    repack_slots: bool = False,
 ) -> None:
     """Sets the configuration that the next model load consumes. layer_slots: per-layer slot counts
     that override cache_slots for those layers."""
     L = lib()
     L.flashmoe_config_reset()
     p = Params(MODES[mode], int(cache_slots), EVICTIONS[eviction], int(readers), int(bool(direct_io)), int(bool(record_trace)),
-               PREFETCH[prefetch])
+               PREFETCH[prefetch], int(bool(repack_slots)))
     L.flashmoe_config_set(ctypes.byref(p))
     for il, n in (layer_slots or {}).items():
         L.flashmoe_config_layer_slots(int(il), int(n))

@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, asdict
 from typing import Dict, List, Optional
 
-# Per-tensor placements understood by the engine (and by the patched llama.cpp loader).
-PLACEMENTS = ("pin", "ram", "stream", "mmap", "gpu")
+# Per-tensor placements understood by the engine (and by the patched llama.cpp loader). "remote": on a
+# policy's remote device (llama.cpp's RPC backend; EngineSettings.tensor_devices says which, flashmoe.rpc).
+PLACEMENTS = ("pin", "ram", "stream", "mmap", "gpu", "remote")
 
 # Tensors that are routed experts (what "stream" may apply to).
 EXPERT_TENSOR_REGEX = r"\.ffn_(gate|up|down|gate_up)_exps\.weight$"
@@ -29,6 +30,7 @@ class StreamSettings:
     prefetch: "next-layer" (while a layer computes, read the experts the next layer's router predicts
               from this layer's input, or a routing trace's predicted sets) or "off". Only what is
               cached changes, never the output.
+    layer_slots: {model layer: slots} for layers that differ from cache_slots.
     """
 
     mode: str = "cache"
@@ -38,6 +40,7 @@ class StreamSettings:
     readers: int = 4
     direct_io: bool = False
     prefetch: str = "next-layer"
+    layer_slots: Dict[int, int] = field(default_factory=dict)  # per-layer slot counts over cache_slots
 
     def to_dict(self):
         return asdict(self)
@@ -68,4 +71,8 @@ class EngineSettings:
     policy_path: Optional[str] = None  # the policy file this was resolved from (None: built by hand)
     policy_warnings: List[str] = field(default_factory=list)  # what `flashmoe policy show` warned
     auto_reason: Optional[str] = None  # set when the `auto` policy chose: "auto -> stream: model ... > budget ..."
+    # remote devices (llama.cpp's RPC backend): name -> URL (rpc://HOST:PORT), and tensor -> device name for the
+    # tensors placed "remote"
+    devices: Dict[str, str] = field(default_factory=dict)
+    tensor_devices: Dict[str, str] = field(default_factory=dict)
 
