@@ -2,12 +2,15 @@
 
 Steps: fetch the pinned source package with pip (cached), unpack, apply ``patches/*.patch``
 in order to its vendored llama.cpp, write the build facts (patch hash, backend) into the tree,
-build a wheel (scikit-build-core, CMake, Ninja), cache it under a key made of the version, the
-patch set's hash, the backend and the build flags, and pip-install it into this environment.
-A second build with nothing changed reinstalls the cached wheel in seconds.
+build a wheel (scikit-build-core, CMake, Ninja), compile llama.cpp's RPC server (``ggml-rpc-server``,
+tools/rpc) against the wheel's own libraries and add it to the wheel (``llama_cpp/lib/``), cache the wheel
+under a key made of the version, the patch set's hash, the backend and the build flags (RPC on or off
+included), and pip-install it into this environment. A second build with nothing changed reinstalls the
+cached wheel in seconds.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -31,6 +35,8 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 LLAMA_CPP_COMMIT = "0c1e570"  # the llama.cpp vendored by llama-cpp-python 0.3.36
 SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 BUILD_INFO_FILE = "flashmoe_build.json"
+RPC_SERVER = "ggml-rpc-server"  # llama.cpp's tools/rpc/rpc-server.cpp, shipped in the wheel's llama_cpp/lib/
+RPC_SERVER_RECIPE = "rpc-server 1"  # part of the build key: bump when build_rpc_server changes what it makes
 
 
 def repo_root() -> Path:
@@ -132,8 +138,17 @@ def _cuda_gpu_present() -> bool:
 NO_AMX_FLAGS = "-march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
-def cmake_args(backend: str, plat: Optional[BuildPlatform] = None) -> List[str]:
-    """The CMake arguments of a build of `backend` ("auto" is resolved first) on `plat`."""
+# llama.cpp's RPC backend (ggml-rpc): layers placed on other hosts (`devices:` in a policy, docs/rpc.md). On by
+# default: it adds one small library (libggml-rpc) whose registry entry has no devices until flashmoe connects
+# to a worker, so a model without remote devices loads and runs exactly as without it. Its RDMA transport is
+# off: it would link libibverbs where found and has not been tested here.
+RPC_ARGS = ["-DGGML_RPC=ON", "-DGGML_RPC_RDMA=OFF"]
+NO_RPC_ARGS = ["-DGGML_RPC=OFF"]
+
+
+def cmake_args(backend: str, plat: Optional[BuildPlatform] = None, rpc: bool = True) -> List[str]:
+    """The CMake arguments of a build of `backend` ("auto" is resolved first) on `plat`, with llama.cpp's RPC
+    backend unless ``rpc`` is False."""
     plat = plat or BuildPlatform.current()
     backend = detect_backend(backend, plat)
     if backend == "metal" and plat.system != "darwin":
@@ -156,6 +171,7 @@ def cmake_args(backend: str, plat: Optional[BuildPlatform] = None) -> List[str]:
         args += ["-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"]
     else:  # cpu
         args += ["-DGGML_METAL=OFF", "-DGGML_CUDA=OFF"]
+    args += RPC_ARGS if rpc else NO_RPC_ARGS
     if plat.system.startswith("linux"):
         # keep each shared library's statically linked C++ runtime pieces private: a toolchain that links
         # parts of libstdc++ statically (seen on the lent H200's GCC 13 wrapper) otherwise exports them
@@ -193,13 +209,21 @@ def cpu_has_amx() -> bool:
     return False
 
 
+def has_rpc(args: Sequence[str]) -> bool:
+    """Whether a build with these CMake arguments has llama.cpp's RPC backend (and the rpc-server)."""
+    return "-DGGML_RPC=ON" in args
+
+
 def build_key(backend: str, args: List[str]) -> str:
+    """The cache key of a build: version, patch set, backend, CMake arguments (RPC on or off among them),
+    the rpc-server recipe when RPC is on, machine, Python. A build without RPC says so in the key's name."""
+    rpc = has_rpc(args)
     h = hashlib.sha256()
     for part in (LLAMA_CPP_PYTHON_VERSION, patch_hash(), backend, " ".join(args), platform.machine(), sys.platform,
-                 f"{sys.version_info.major}.{sys.version_info.minor}"):
+                 f"{sys.version_info.major}.{sys.version_info.minor}", RPC_SERVER_RECIPE if rpc else ""):
         h.update(part.encode())
         h.update(b"\0")
-    return f"{LLAMA_CPP_PYTHON_VERSION}-{backend}-{h.hexdigest()[:16]}"
+    return f"{LLAMA_CPP_PYTHON_VERSION}-{backend}{'' if rpc else '-norpc'}-{h.hexdigest()[:16]}"
 
 
 def _say(msg: str):
@@ -294,6 +318,8 @@ def write_build_facts(src: Path, backend: str, args: List[str], key: str = "") -
         "patches": [p.name for p in patch_files()],
         "backend": backend,
         "cmake_args": args,
+        "rpc": has_rpc(args),
+        "rpc_server": f"llama_cpp/lib/{RPC_SERVER}" if has_rpc(args) else None,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     (src / "llama_cpp" / BUILD_INFO_FILE).write_text(json.dumps(facts, indent=2))
@@ -372,20 +398,98 @@ def install_wheel(wheel: Path) -> None:
         raise FlashMoEError("pip could not install the built wheel: " + (r.stderr.strip().splitlines() or ["?"])[-1])
 
 
-def build(backend: str = "auto", force: bool = False) -> dict:
+def _cxx_compiler(cmake_build: Path) -> str:
+    """The C++ compiler the library was built with (CMake's cache), else $CXX, c++, g++ or clang++."""
+    cache = cmake_build / "CMakeCache.txt"
+    if cache.exists():
+        for line in cache.read_text(errors="replace").splitlines():
+            if line.startswith("CMAKE_CXX_COMPILER:"):
+                path = line.split("=", 1)[1].strip()
+                if path and os.path.exists(path):
+                    return path
+    for cand in (os.environ.get("CXX", ""), "c++", "g++", "clang++"):
+        if cand and shutil.which(cand):
+            return cand
+    raise FlashMoEError("no C++ compiler found to build the rpc-server (set CXX)")
+
+
+def build_rpc_server(src: Path, wheel: Path, work: Path, log_path: Path, cmake_build: Optional[Path] = None) -> Path:
+    """Compiles llama.cpp's rpc-server (``vendor/llama.cpp/tools/rpc/rpc-server.cpp`` of the patched tree ``src``)
+    against the ggml libraries inside ``wheel`` (the very libraries users install: the patched CPU backend
+    included), with a run path of its own folder, and returns the executable (``work/ggml-rpc-server``).
+
+    llama-cpp-python's CMake project builds no tools, and a second CMake build of ggml would compile it
+    again: the tool is one file that links to libggml only, so it is compiled here."""
+    source = src / "vendor" / "llama.cpp" / "tools" / "rpc" / "rpc-server.cpp"
+    include = src / "vendor" / "llama.cpp" / "ggml" / "include"
+    if not source.exists():
+        raise FlashMoEError(f"the llama.cpp source has no rpc-server ({source})")
+    libs = work / "rpc-libs"
+    shutil.rmtree(libs, ignore_errors=True)
+    libs.mkdir(parents=True)
+    with zipfile.ZipFile(wheel) as zf:
+        for zi in zf.infolist():
+            name = zi.filename
+            if name.startswith("llama_cpp/lib/") and not name.endswith("/"):
+                (libs / Path(name).name).write_bytes(zf.read(zi))
+    out = work / RPC_SERVER
+    rpath = "@loader_path" if sys.platform == "darwin" else "$ORIGIN"
+    cmd = [_cxx_compiler(cmake_build or work / "cmake"), "-O2", "-std=c++17", "-I", str(include), str(source),
+           "-o", str(out), "-L", str(libs), "-lggml", "-lggml-base", "-pthread", f"-Wl,-rpath,{rpath}"]
+    _say(f"compiling llama.cpp's rpc-server ({RPC_SERVER})")
+    with open(log_path, "a") as log:
+        log.write("\n[flashmoe build] " + shlex.join(cmd) + "\n")
+        log.flush()
+        r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if r.returncode != 0 or not out.exists():
+        raise FlashMoEError(f"the rpc-server did not compile; see the build log: {log_path}")
+    shutil.rmtree(libs, ignore_errors=True)
+    return out
+
+
+def add_to_wheel(wheel: Path, arcname: str, path: Path) -> None:
+    """Adds the executable ``path`` to ``wheel`` as ``arcname`` (mode 0755, which pip keeps) and to its
+    RECORD, rewriting the wheel in place."""
+    data = path.read_bytes()
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    tmp = wheel.with_name(wheel.name + ".tmp")
+    with zipfile.ZipFile(wheel) as zin, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zout:
+        names = [zi.filename for zi in zin.infolist()]
+        record = next((n for n in names if n.endswith(".dist-info/RECORD")), None)
+        if record is None:
+            raise FlashMoEError(f"{wheel.name} has no RECORD")
+        for zi in zin.infolist():
+            if zi.filename == arcname:
+                continue
+            body = zin.read(zi)
+            if zi.filename == record:
+                lines = [ln for ln in body.decode().splitlines() if ln and not ln.startswith(arcname + ",")]
+                lines.insert(len(lines) - 1 if lines and lines[-1].startswith(record + ",") else len(lines),
+                             f"{arcname},sha256={digest},{len(data)}")
+                body = ("\n".join(lines) + "\n").encode()
+            zout.writestr(zi, body)
+        zi = zipfile.ZipInfo(arcname, date_time=time.localtime(path.stat().st_mtime)[:6])
+        zi.external_attr = (0o100755 & 0xFFFF) << 16
+        zi.compress_type = zipfile.ZIP_DEFLATED
+        zout.writestr(zi, data)
+    os.replace(tmp, wheel)
+
+
+def build(backend: str = "auto", force: bool = False, rpc: bool = True) -> dict:
     plat = BuildPlatform.current()
     backend = detect_backend(backend, plat)
-    args = cmake_args(backend, plat)
+    args = cmake_args(backend, plat, rpc=rpc)
     key = build_key(backend, args)
     wheel_dir = cache_dir() / "wheels" / key
     wheels = sorted(wheel_dir.glob("llama_cpp_python-*.whl")) if wheel_dir.is_dir() else []
+    done = {"key": key, "backend": backend, "rpc": rpc}
     if not force and _installed_key() == key:
         _say(f"the installed llama.cpp is build {key}: nothing to do")
-        return {"key": key, "wheel": str(wheels[-1]) if wheels else "", "cached": True, "backend": backend}
+        return {**done, "wheel": str(wheels[-1]) if wheels else "", "cached": True}
     if wheels and not force:
         _say(f"cached build {key} found; installing it")
         install_wheel(wheels[-1])
-        return {"key": key, "wheel": str(wheels[-1]), "cached": True, "backend": backend}
+        return {**done, "wheel": str(wheels[-1]), "cached": True}
     _ensure_build_deps()
     sdist = fetch_sdist()
     work = cache_dir() / "build" / key
@@ -398,6 +502,9 @@ def build(backend: str = "auto", force: bool = False) -> dict:
     tmp_wheels = work / "wheel"
     shutil.rmtree(tmp_wheels, ignore_errors=True)
     wheel = _run_build(src, tmp_wheels, work / "cmake", args, work / "build.log")
+    if rpc:
+        server = build_rpc_server(src, wheel, work, work / "build.log", work / "cmake")
+        add_to_wheel(wheel, f"llama_cpp/lib/{RPC_SERVER}", server)
     wheel_dir.mkdir(parents=True, exist_ok=True)
     final = wheel_dir / wheel.name
     shutil.copy2(wheel, final.with_suffix(".tmp"))
@@ -407,7 +514,20 @@ def build(backend: str = "auto", force: bool = False) -> dict:
     shutil.rmtree(work / "src", ignore_errors=True)
     shutil.rmtree(work / "cmake", ignore_errors=True)
     shutil.rmtree(tmp_wheels, ignore_errors=True)
-    return {"key": key, "wheel": str(final), "cached": False, "backend": backend}
+    (work / RPC_SERVER).unlink(missing_ok=True)
+    return {**done, "wheel": str(final), "cached": False}
+
+
+def rpc_server_path() -> Optional[Path]:
+    """The rpc-server next to the llama.cpp library that llama-cpp-python loads, or None (a build without
+    RPC, or one made before flashmoe built it)."""
+    from flashmoe import llama as llama_api
+
+    lib = llama_api.library_path()
+    if not lib:
+        return None
+    p = Path(lib).parent / RPC_SERVER
+    return p if p.is_file() and os.access(p, os.X_OK) else None
 
 
 # symbols of the C++ runtime that no library of ours may export (a private static copy leaking out)
@@ -440,6 +560,8 @@ def info() -> dict:
         return out
     out["installed"] = True
     out["llama_cpp_python"] = getattr(llama_cpp, "__version__", "?")
+    server = rpc_server_path()
+    out["rpc_server"] = str(server) if server else None
     out["library"] = getattr(lc._lib, "_name", "?")
     out["exported_runtime_symbols"] = exported_runtime_symbols(Path(getattr(lc._lib, "_name", ".")).parent)
     facts_path = Path(llama_cpp.__file__).parent / BUILD_INFO_FILE

@@ -18,6 +18,7 @@ _COMMANDS = [
     ("flashmoe.cmd_run", ["generate", "trace"]),
     ("flashmoe.cmd_models", ["synth", "inspect"]),
     ("flashmoe.cmd_build", ["build_cmd"]),
+    ("flashmoe.cmd_rpc", ["rpc_server"]),
     ("flashmoe.cmd_policy", ["policy"]),
     ("flashmoe.cmd_repack", ["repack_cmd"]),
     ("flashmoe.cmd_chat", ["chat"]),

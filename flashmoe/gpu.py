@@ -13,11 +13,14 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import sys
 from typing import Dict, List, Optional, Tuple
 
 from flashmoe import llama as llama_api
 
 GGML_BACKEND_DEVICE_TYPE_CPU = 0
+GGML_BACKEND_DEVICE_TYPE_GPU = 1
+GGML_BACKEND_DEVICE_TYPE_IGPU = 2
 
 
 class TensorBuftOverride(ctypes.Structure):
@@ -25,13 +28,25 @@ class TensorBuftOverride(ctypes.Structure):
 
 
 def offload_supported() -> bool:
-    """Whether the installed llama.cpp build has a GPU backend (CUDA, Metal, ...)."""
-    return llama_api.supports_gpu_offload()
+    """Whether the installed llama.cpp build has a local GPU backend (CUDA, Metal, ...) with a device.
+
+    Not llama.cpp's ``llama_supports_gpu_offload()``: that one also says yes for every build with the RPC
+    backend (flashmoe builds it in), which offloads only to remote devices named by a policy."""
+    if not llama_api.supports_gpu_offload():
+        return False
+    try:
+        g = _ggml()
+    except (OSError, AttributeError):
+        return False
+    return bool(g.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU)
+                or g.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_IGPU))
 
 
 def _ggml() -> ctypes.CDLL:
+    """libggml of the llama.cpp that llama-cpp-python loaded (the same handle: one registry of devices)."""
     lib_dir = os.path.dirname(llama_api.library_path())
-    g = ctypes.CDLL(os.path.join(lib_dir, "libggml.so" if os.name != "nt" else "ggml.dll"))
+    name = {"darwin": "libggml.dylib", "win32": "ggml.dll"}.get(sys.platform, "libggml.so")
+    g = ctypes.CDLL(os.path.join(lib_dir, name))
     g.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
     g.ggml_backend_dev_by_type.restype = ctypes.c_void_p
     g.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
@@ -52,14 +67,36 @@ def host_overrides(names: List[str]) -> Tuple[Optional[ctypes.Array], List[bytes
     if not names:
         return None, []
     buft = cpu_buffer_type()
-    pats = [("^" + re.escape(n) + "$").encode() for n in names]
+    return buft_overrides({n: buft for n in names})
+
+
+def buft_overrides(bufts: Dict[str, int]) -> Tuple[Optional[ctypes.Array], List[bytes]]:
+    """The NULL-terminated ``tensor_buft_overrides`` array that puts each tensor of ``bufts`` (name -> a
+    ``ggml_backend_buffer_type_t``) in that buffer type (exact-name patterns), and the patterns to keep alive
+    with it; (None, []) for none."""
+    if not bufts:
+        return None, []
+    pats = [(("^" + re.escape(n) + "$").encode(), b) for n, b in bufts.items()]
     arr = (TensorBuftOverride * (len(pats) + 1))()
-    for i, p in enumerate(pats):
+    for i, (p, b) in enumerate(pats):
         arr[i].pattern = p
-        arr[i].buft = buft
+        arr[i].buft = b
     arr[len(pats)].pattern = None
     arr[len(pats)].buft = None
-    return arr, pats
+    return arr, [p for p, _ in pats]
+
+
+def local_gpu_device() -> Optional[int]:
+    """The first local GPU device (``ggml_backend_dev_t``), or None on a build without one."""
+    if not offload_supported():
+        return None
+    g = _ggml()
+    return g.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU) or g.ggml_backend_dev_by_type(
+        GGML_BACKEND_DEVICE_TYPE_IGPU) or None
+
+
+def device_buffer_type(dev: int) -> int:
+    return int(_ggml().ggml_backend_dev_buffer_type(dev))
 
 
 def plan(placements: Dict[str, str]) -> Tuple[int, List[str]]:

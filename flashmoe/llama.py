@@ -44,9 +44,11 @@ def supports_gpu_offload() -> bool:
 
 
 @contextlib.contextmanager
-def _params(use_extra_bufts: Optional[bool], lazy_mode: Optional[str], overrides: Any, op_offload: Optional[bool]):
+def _params(use_extra_bufts: Optional[bool], lazy_mode: Optional[str], overrides: Any, op_offload: Optional[bool],
+            devices: Any = None):
     """Model and context parameters that ``Llama()`` does not pass through, set on the default parameter
-    structs it creates during the load (``overrides``: a NULL-terminated array kept alive by the caller)."""
+    structs it creates during the load (``overrides``, ``devices``: NULL-terminated arrays kept alive by the
+    caller; ``devices`` is the model's device list, e.g. remote RPC devices: flashmoe.rpc)."""
     lc = lowlevel()
     orig_model, orig_ctx = lc.llama_model_default_params, lc.llama_context_default_params
 
@@ -58,6 +60,8 @@ def _params(use_extra_bufts: Optional[bool], lazy_mode: Optional[str], overrides
             p.lazy_mode = {"off": 0, "auto": 1, "on": 2}[lazy_mode]
         if overrides is not None:
             p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        if devices is not None:
+            p.devices = ctypes.cast(devices, ctypes.c_void_p)
         return p
 
     def ctx_params():
@@ -74,14 +78,14 @@ def _params(use_extra_bufts: Optional[bool], lazy_mode: Optional[str], overrides
 
 
 def load(path: str, *, use_extra_bufts: Optional[bool] = None, lazy_mode: Optional[str] = None,
-         tensor_overrides: Any = None, op_offload: Optional[bool] = None, **llama_kwargs: Any):
+         tensor_overrides: Any = None, op_offload: Optional[bool] = None, devices: Any = None, **llama_kwargs: Any):
     """A ``llama_cpp.Llama`` for ``path``. ``llama_kwargs`` are Llama()'s own (n_ctx, n_batch, n_ubatch,
     n_threads, use_mmap, kv_overrides, seed, verbose, chat_format, lora_path, n_gpu_layers). Raises
     ValueError when llama.cpp cannot load the model (as Llama() does)."""
     lowlevel()
     from llama_cpp import Llama
 
-    with _params(use_extra_bufts, lazy_mode, tensor_overrides, op_offload):
+    with _params(use_extra_bufts, lazy_mode, tensor_overrides, op_offload, devices):
         return Llama(path, **llama_kwargs)
 
 

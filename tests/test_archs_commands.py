@@ -12,8 +12,8 @@ model of each family (deepseek2, glm4moe, gpt-oss, llama = Mixtral, llama4, olmo
 * bench: a streamed configuration and a stock baseline in worker processes under forced uniform
   routing, both ``identical``, and the streamed run's per-layer cache counters are exactly the cache
   simulator's (the routed layers, the last-layer rule and the expert bytes of the family);
-* tune: a tuned policy is written, validated with real runs (the predicted decode hit rate is the
-  measured one), one slot is one expert of every routed layer, and the policy loads and runs the model.
+* tune: a tuned policy is written, validated with real runs under forced routing (the predicted decode
+  hit rate is the measured one), one slot is one expert of every routed layer, and the policy loads and runs the model.
 """
 from __future__ import annotations
 
@@ -285,10 +285,13 @@ def _header_rates(text):
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_tune_each_family(run_cli, models, tmp_path, llama_cpp, arch):
+def test_tune_each_family(run_cli, models, traces, tmp_path, llama_cpp, arch):
+    """Tuned on a forced uniform routing trace (its validation runs force it too, so the hook's hit rate is
+    the exact simulation's)."""
     src = models[arch]
     out, rep = tmp_path / "tuned.yaml", tmp_path / "tune.md"
-    r = run_cli("tune", "-m", src, "--ram", "512MiB", "-o", out, "--report", rep, "--time-limit", "120s", "--ctx", 256,
+    r = run_cli("tune", "-m", src, "--ram", "512MiB", "--trace", traces[arch], "-o", out, "--report", rep,
+                "--time-limit", "120s", "--ctx", 256,
                 "--prompt-tokens", 16, "--gen-tokens", 8, "--validate", 1, "--repeat", 1, "--readers", 2, "--threads", 1,
                 "--no-plot", timeout=600)
     assert r.code == 0, r.stderr

@@ -140,6 +140,19 @@ def test_echo_with_max_tokens_0_scores_the_prompt_only(served):
         assert list(lp["top_logprobs"][i].values()) == [lp["token_logprobs"][i]]
 
 
+def test_text_offsets_follow_special_tokens(served):
+    """A token prompt that starts with the end-of-text token (lm-evaluation-harness's rolling
+    log-likelihood windows do): the echo spells it out and the offsets point into that text."""
+    eng, server, ref, app = served
+    prompt = [eng.llama.token_eos()] + ref["tokens"]
+    ch = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 3, "echo": True, "logprobs": 1,
+                                           "temperature": 0}).json()["choices"][0]
+    lp = ch["logprobs"]
+    assert ch["text"].startswith("<|endoftext|>" + TEXT) and lp["tokens"][0] == "<|endoftext|>"
+    assert lp["text_offset"][1] == len("<|endoftext|>")
+    assert all(ch["text"][o:].startswith(t) for o, t in zip(lp["text_offset"], lp["tokens"]))
+
+
 def test_an_answer_ending_at_end_of_text_lists_that_token(served):
     """lm-evaluation-harness sends echo + max_tokens 1 and drops the last entry: there must be one after
     the prompt's even when the model's next token ends the text (it does, greedily, after this line)."""

@@ -802,3 +802,47 @@ def test_docs_worked_example_numbers(big_model, tmp_path):
     r = run_cli("policy", "show", "stream", "-m", big_model, "--ram", "32GB")
     assert r.exit_code == 0
     assert "23 slots per layer (18% of 128)" in r.output
+
+
+PER_LAYER = """
+version: 1
+name: per-layer
+rules:
+  - {match: "blk.*.ffn_{gate,up,down,gate_up}_exps.weight", place: stream}
+  - {match: "*", place: pin}
+expert_cache:
+  mode: cache
+  cache_slots: {SLOTS}
+  prefetch: off
+"""
+
+
+def test_per_layer_cache_slots(views):
+    v = views["qwen3moe"]
+    pol = parse_policy(PER_LAYER.replace("{SLOTS}", '{default: 3, "0-1": 6, 3: 4}'), source="inline")
+    res = pol.resolve(v, machine=machine())
+    assert not res.errors, res.errors
+    c = res.cache
+    assert c.slots == 3 and c.layer_slots == {0: 6, 1: 6, 3: 4}
+    assert c.bytes == sum(c.slots_of(l) * b for l, b in c.slot_bytes_by_layer.items())
+    s = res.engine_settings().stream
+    assert s.cache_slots == 3 and s.layer_slots == {0: 6, 1: 6, 3: 4} and s.prefetch == "off"
+    assert res.to_dict(tensors=False)["expert_cache"]["layer_slots"] == {"0": 6, "1": 6, "3": 4}
+    # a range naming no streamed layer is a warning, not an error
+    res2 = parse_policy(PER_LAYER.replace("{SLOTS}", '{default: 3, "90-95": 6}'), source="inline").resolve(v, machine=machine())
+    assert not res2.errors and any("streams no experts" in w for w in res2.warnings)
+
+
+@pytest.mark.parametrize("slots,msg", [
+    ('{"0-1": 6}', "needs a default"),
+    ('{default: 3, "x-2": 6}', "bad layer range"),
+    ('{default: 3, "3-1": 6}', "runs backwards"),
+    ('{default: 3, "0-2": 6, 1: 4}', "in two ranges"),
+    ('{default: 3, 1: 0}', "at least 1"),
+    ('{default: 3, 2: 1}', "too few"),
+])
+def test_per_layer_cache_slots_errors_name_the_line(views, slots, msg):
+    with pytest.raises(FlashMoEError, match=msg) as ei:
+        pol = parse_policy(PER_LAYER.replace("{SLOTS}", slots), source="inline")
+        pol.resolve(views["qwen3moe"], machine=machine()).check()
+    assert "inline:9" in str(ei.value)

@@ -313,8 +313,10 @@ def test_concurrent_requests_are_queued(client, server):
 
 def test_client_leaving_a_stream_frees_the_model(server, client):
     """A streamed answer whose client disconnects stops at its next token: the model moves on."""
-    stats = lambda: httpx.get(server.url + "/flashmoe/stats", headers={"Authorization": f"Bearer {KEY}"},
-                              timeout=30).json()["server"]
+    def stats():
+        return httpx.get(server.url + "/flashmoe/stats", headers={"Authorization": f"Bearer {KEY}"},
+                         timeout=30).json()["server"]
+
     before = stats()["tokens_evaluated"]
     body = {"messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 900,
             "temperature": 0, "stream": True}
@@ -430,3 +432,22 @@ def test_serve_cli_errors(tmp_path):
     p = subprocess.run([sys.executable, "-m", "flashmoe", "serve", "-m", str(tmp_path / "none.gguf")],
                        capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=60)
     assert p.returncode != 0 and "no such model file" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_serve_cli_experts_per_token_and_tokenizer(llama_cpp, tiny_model):
+    """`--experts-per-token` (shown in the mode line, as the output differs), `--threads`,
+    `--no-weight-repack`; the tokenizer endpoints answer with the model's own tokens."""
+    with serve_cli("-m", tiny_model, "--policy", "stock", "--experts-per-token", "1", "--threads", "1",
+                   "--no-weight-repack", "--ctx", "512", "--log-level", "warning") as (p, url, seen):
+        assert any("EXPERTS PER TOKEN OVERRIDDEN: 1 of 2" in line and "no weight repacking" in line
+                   for line in seen), seen
+        toks = httpx.post(url + "/tokenize", json={"prompt": "Once upon a time", "add_special_tokens": False},
+                          timeout=60).json()["tokens"]
+        assert toks and httpx.post(url + "/detokenize", json={"tokens": toks}, timeout=60).json()["prompt"] \
+            == "Once upon a time"
+        r = httpx.post(url + "/v1/completions", json={"prompt": toks, "max_tokens": 4, "temperature": 0,
+                                                      "logprobs": 2, "echo": True}, timeout=120).json()
+        lp = r["choices"][0]["logprobs"]
+        assert len(lp["token_logprobs"]) == len(toks) + r["usage"]["completion_tokens"] + \
+            (r["choices"][0]["finish_reason"] == "stop")
+        assert all(v <= 0 for v in lp["token_logprobs"][1:]) and lp["token_logprobs"][0] is None

@@ -36,6 +36,10 @@ class CachePlan:
     readers: int = DEFAULT_READERS
     direct_io: bool = False
     prefetch: str = "next-layer"
+    layer_slots: Dict[int, int] = field(default_factory=dict)  # streamed layers whose slots differ from `slots`
+
+    def slots_of(self, layer: int) -> int:
+        return self.layer_slots.get(layer, self.slots)
 
     @property
     def bytes_per_slot_all_layers(self) -> int:
@@ -76,8 +80,9 @@ def _size_cache(res: "Resolution", budget_where: str, below_pinned: bool) -> boo
     need_slots = max(c.experts_used, 1)
     cache_error = False
     if spec.size == "slots":
-        c.sized_by, c.requested = "slots", f"{plural(spec.slots, 'slot')} per layer"
+        c.sized_by, c.requested = "slots", spec.describe_size()
         slots = spec.slots
+        cache_error = _layer_slots(res, need_slots)
     elif spec.size == "bytes":
         c.sized_by, c.requested = "bytes", format_size(spec.size_bytes)
         slots = spec.size_bytes // per_slot if per_slot else 0
@@ -101,9 +106,30 @@ def _size_cache(res: "Resolution", budget_where: str, below_pinned: bool) -> boo
             f"in every streamed layer, at least {format_size(need_slots * per_slot)}"
         )
     c.slots = slots
-    c.bytes = slots * per_slot
+    c.bytes = sum(c.slots_of(l) * b for l, b in c.slot_bytes_by_layer.items())
     res.memory.cache = c.bytes
     return cache_error
+
+
+def _layer_slots(res: "Resolution", need_slots: int) -> bool:
+    """The per-layer entries of ``cache_slots: {default: N, "a-b": M}`` for the streamed layers (capped
+    at the layer's experts); an error for fewer than the experts per token."""
+    spec, c = res.policy.expert_cache, res.cache
+    error = False
+    for layers, n, line in spec.layer_slots:
+        streamed = [l for l in layers if l in c.slot_bytes_by_layer]
+        what = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
+        if not streamed:
+            res.warnings.append(where(res.policy.source, line) + f"cache_slots: {what} streams no experts: "
+                                "the entry is not used")
+            continue
+        if n < need_slots:
+            error = True
+            res.errors.append(where(res.policy.source, line) + f"cache_slots: {plural(n, 'slot')} for {what} "
+                              f"is too few: a token needs {need_slots} (experts per token)")
+        for l in streamed:
+            c.layer_slots[l] = min(n, c.n_expert) if c.n_expert else n
+    return error
 
 
 def _auto_slots(res: "Resolution", budget_where: str, below_pinned: bool, need_slots: int) -> Tuple[int, bool]:

@@ -9,8 +9,9 @@ would catch a non-expert tensor of some architectures, a missing catch-all) beco
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import gguf
 
@@ -28,6 +29,7 @@ from flashmoe.policy.schema import (
     TOP_KEYS,
     Budget,
     CacheSpec,
+    Device,
     Policy,
     PolicyError,
     Rule,
@@ -177,7 +179,9 @@ def parse_policy(text: str, source: str = "<string>", path: Optional[Path] = Non
     _parse_header(ck, data, pol)
     if "budget" in data and data["budget"] is not None:
         pol.budget = _parse_budget(ck, data)
-    pol.rules = _parse_rules(ck, data, pol.warnings)
+    if "devices" in data and data["devices"] is not None:
+        pol.devices = _parse_devices(ck, data)
+    pol.rules = _parse_rules(ck, data, pol.warnings, pol.devices)
     pol.rules_line = data.key_lines["rules"]
     if "expert_cache" in data and data["expert_cache"] is not None:
         pol.expert_cache = _parse_expert_cache(ck, data, pol.warnings)
@@ -194,6 +198,11 @@ def parse_policy(text: str, source: str = "<string>", path: Optional[Path] = Non
         )
     if c.given and "stream" not in pol.places:
         pol.warnings.append(where(source, c.line) + "expert_cache is set but no rule places a tensor on stream")
+    used = {r.device for r in pol.rules if r.device}
+    for d in pol.devices.values():
+        if d.name not in used:
+            pol.warnings.append(where(source, d.line) + f"device {d.name} ({d.url}) is defined but no rule places "
+                                "a tensor on it")
     return pol
 
 
@@ -232,7 +241,36 @@ def _parse_budget(ck: _Checker, data: LineMap) -> Budget:
     return b
 
 
-def _parse_rules(ck: _Checker, data: LineMap, warnings: List[str]) -> List[Rule]:
+def _parse_devices(ck: _Checker, data: LineMap) -> Dict[str, Device]:
+    """``devices: {NAME: rpc://HOST:PORT}``: remote devices (RPC workers) that rules place tensors on."""
+    from flashmoe.rpc import check_device_name, parse_url
+
+    m = data["devices"]
+    if not isinstance(m, LineMap):
+        raise ck.err(data.value_lines["devices"],
+                     f"devices must be a mapping of NAME: rpc://HOST:PORT lines, got {_typename(m)}")
+    out: Dict[str, Device] = {}
+    for k in m:
+        try:
+            name = check_device_name(k)
+        except ValueError as e:
+            raise ck.err(m.key_lines[k], f"devices: {e}") from None
+        try:
+            ep = parse_url(m[k])
+        except ValueError as e:
+            raise ck.err(m.value_lines[k], f"device {name}: {e}") from None
+        out[name] = Device(name=name, url=ep.url, host=ep.host, port=ep.port, index=ep.device, line=m.key_lines[k])
+    seen: Dict[str, str] = {}
+    for d in out.values():
+        key = f"{d.address}/{d.index}"
+        if key in seen:
+            raise ck.err(d.line, f"device {d.name} is the same worker device as {seen[key]} ({d.url})")
+        seen[key] = d.name
+    return out
+
+
+def _parse_rules(ck: _Checker, data: LineMap, warnings: List[str],
+                 devices: Optional[Dict[str, Device]] = None) -> List[Rule]:
     if "rules" not in data:
         raise ck.err(None, "the policy has no 'rules' (a list of {match: PATTERN, place: PLACEMENT})")
     rules = data["rules"]
@@ -244,17 +282,32 @@ def _parse_rules(ck: _Checker, data: LineMap, warnings: List[str]) -> List[Rule]
     if not rules:
         raise ck.err(data.value_lines["rules"], "rules is empty: every tensor must match a rule")
     items = zip(rules, rules.item_lines)
-    return [_parse_rule(ck, item, line, i, warnings) for i, (item, line) in enumerate(items, start=1)]
+    return [_parse_rule(ck, item, line, i, warnings, devices or {}) for i, (item, line) in enumerate(items, start=1)]
 
 
-def _parse_rule(ck: _Checker, item: Any, line: int, index: int, warnings: List[str]) -> Rule:
+def _parse_place(ck: _Checker, m: LineMap, section: str, devices: Dict[str, Device]) -> Tuple[str, Optional[str]]:
+    """(placement, device): a placement name, or ("remote", NAME) for a device of ``devices``."""
+    local = tuple(p for p in PLACEMENTS if p != "remote")
+    v = m["place"]
+    if isinstance(v, str) and v in devices:
+        return "remote", v
+    if not isinstance(v, str) or v in local:
+        return ck.choice(m, "place", section, local, "placement"), None
+    hint = did_you_mean(v, list(local) + list(devices), 0.5)
+    named = f"a device of devices: {', '.join(devices)}" if devices else "the name of a device defined under devices:"
+    raise ck.err(m.value_lines["place"], f"unknown placement {v!r}{hint}; expected one of {', '.join(local)}, "
+                 f"or {named}")
+
+
+def _parse_rule(ck: _Checker, item: Any, line: int, index: int, warnings: List[str],
+                devices: Dict[str, Device]) -> Rule:
     section = f"rule {index}"
     m = ck.mapping(item, line, section)
     ck.keys(m, RULE_KEYS, section)
     for k in RULE_KEYS:
         if k not in m:
             raise ck.err(m.line, f"{section} has no '{k}'")
-    place = ck.choice(m, "place", section, PLACEMENTS, "placement")
+    place, device = _parse_place(ck, m, section, devices)
     pats = m["match"]
     pline = m.value_lines["match"]
     if isinstance(pats, str):
@@ -276,7 +329,7 @@ def _parse_rule(ck: _Checker, item: Any, line: int, index: int, warnings: List[s
                 where(ck.source, tl) + f"pattern {t!r} in {section} looks like a regex but is read as a glob; "
                 f"write 'regex:{t}' if a regex is meant"
             )
-    return Rule(index=index, line=m.line, patterns=patterns, place=place)
+    return Rule(index=index, line=m.line, patterns=patterns, place=place, device=device)
 
 
 def _parse_expert_cache(ck: _Checker, data: LineMap, warnings: List[str]) -> CacheSpec:
@@ -304,7 +357,10 @@ def _parse_expert_cache(ck: _Checker, data: LineMap, warnings: List[str]) -> Cac
     if "cache_slots" in m:
         c.size_line = m.value_lines["cache_slots"]
         c.size = "slots"
-        c.slots = ck.integer(m, "cache_slots", section, minimum=1)
+        if isinstance(m["cache_slots"], LineMap):
+            c.slots, c.layer_slots = _parse_layer_slots(ck, m["cache_slots"], c.size_line)
+        else:
+            c.slots = ck.integer(m, "cache_slots", section, minimum=1)
     if "eviction" in m:
         c.eviction = ck.choice(m, "eviction", section, EVICTIONS, "eviction")
     if "readers" in m:
@@ -314,7 +370,10 @@ def _parse_expert_cache(ck: _Checker, data: LineMap, warnings: List[str]) -> Cac
     if "direct_io" in m:
         c.direct_io = ck.boolean(m, "direct_io", section)
     if "prefetch" in m:
-        c.prefetch = ck.choice(m, "prefetch", section, PREFETCH_MODES, "prefetch")
+        if isinstance(m["prefetch"], bool):  # YAML reads a bare off/on as a boolean
+            c.prefetch = "next-layer" if m["prefetch"] else "off"
+        else:
+            c.prefetch = ck.choice(m, "prefetch", section, PREFETCH_MODES, "prefetch")
     if c.mode == "pagecache":
         ignored = [k for k in ("cache_size", "cache_slots", "eviction", "direct_io", "prefetch") if k in m]
         if ignored:
@@ -323,6 +382,37 @@ def _parse_expert_cache(ck: _Checker, data: LineMap, warnings: List[str]) -> Cac
                 + f"{', '.join(ignored)} ignored in pagecache mode (the OS page cache holds the experts)"
             )
     return c
+
+
+def _parse_layer_slots(ck: _Checker, m: LineMap, line: int) -> Tuple[int, List[Tuple[List[int], int, int]]]:
+    """``cache_slots: {default: 20, "0-3": 32, 40: 16}``: slots per layer, with ranges of model layers
+    (``a-b`` inclusive, or one layer) that differ from ``default``."""
+    section = "expert_cache.cache_slots"
+    if "default" not in m:
+        raise ck.err(line, 'cache_slots as a mapping needs a default: {default: 20, "0-3": 32}')
+    default = ck.integer(m, "default", section, minimum=1)
+    out: List[Tuple[List[int], int, int]] = []
+    seen: Dict[int, int] = {}
+    for key in m:
+        if key == "default":
+            continue
+        kl = m.key_lines[key]
+        text = str(key).strip()
+        mt = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", text)
+        if not mt or isinstance(key, bool):
+            raise ck.err(kl, f"bad layer range {text!r} in cache_slots: write a layer (12) or a range (\"0-3\")")
+        a, b = int(mt.group(1)), int(mt.group(2) if mt.group(2) is not None else mt.group(1))
+        if b < a:
+            raise ck.err(kl, f"layer range {text!r} in cache_slots runs backwards")
+        if b - a > 100_000:
+            raise ck.err(kl, f"layer range {text!r} in cache_slots is too large")
+        layers = list(range(a, b + 1))
+        for il in layers:
+            if il in seen:
+                raise ck.err(kl, f"layer {il} is in two ranges of cache_slots (lines {seen[il]} and {kl})")
+            seen[il] = kl
+        out.append((layers, ck.integer(m, key, section, minimum=1), kl))
+    return default, out
 
 
 def _parse_runtime(ck: _Checker, data: LineMap, warnings: List[str]) -> RuntimeSpec:

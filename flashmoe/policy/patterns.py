@@ -2,7 +2,7 @@
 
 A pattern is a glob matched against the whole tensor name (``*`` any run of characters, dots
 included; ``?`` one character; ``[0-3]``/``[!0-3]`` a character class; ``{a,b}`` alternatives,
-which may nest; ``\\x`` a literal x), or, with the ``regex:`` prefix, a Python regex searched
+which may nest; ``{12..23}`` the numbers 12 to 23; ``\\x`` a literal x), or, with the ``regex:`` prefix, a Python regex searched
 anywhere in the name (like llama.cpp's ``-ot``). Globs are translated to regexes once, when the
 policy is parsed.
 """
@@ -19,6 +19,9 @@ _REGEXY = re.compile(r"\\[.dwsDWS]|\.\+|[()|+^$]")  # `.*` alone is a fine glob 
 
 class _GlobError(ValueError):
     pass
+
+
+_RANGE = re.compile(r"(\d+)\.\.(\d+)\}")  # the body of {N..M}: the numbers N to M (layers: blk.{12..23}.*)
 
 
 def _char_class(glob: str, i: int) -> Tuple[str, int]:
@@ -45,7 +48,7 @@ def glob_to_regex(glob: str) -> str:
     """Translate a tensor-name glob into a regex for ``re.fullmatch``.
 
     ``*`` any run of characters (dots included), ``?`` one character, ``[abc]``/``[!abc]`` a
-    character class, ``{a,b}`` alternatives (may nest), ``\\x`` a literal x.
+    character class, ``{a,b}`` alternatives (may nest), ``{N..M}`` the numbers N to M, ``\\x`` a literal x.
     """
     out: List[str] = []
     depth = 0
@@ -62,6 +65,15 @@ def glob_to_regex(glob: str) -> str:
         elif c == "[":
             cls, i = _char_class(glob, i)
             out.append(cls)
+        elif c == "{" and _RANGE.match(glob, i):
+            m = _RANGE.match(glob, i)
+            assert m is not None
+            a, b = int(m.group(1)), int(m.group(2))
+            if abs(b - a) > 100000:
+                raise _GlobError(f"range {{{a}..{b}}} is too large")
+            step = 1 if b >= a else -1
+            out.append("(?:" + "|".join(str(x) for x in range(a, b + step, step)) + ")")
+            i = m.end()
         elif c == "{":
             depth += 1
             out.append("(?:")

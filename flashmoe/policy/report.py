@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 from flashmoe.policy.resolve import Resolution
 from flashmoe.policy.schema import PLACEMENT_HELP, plural
@@ -31,7 +31,10 @@ def _shape(shape) -> str:
 def render(res: Resolution, verbose: bool = False) -> str:
     """The text of ``policy show``: the policy and model, placements, memory, cache and runtime,
     (with -v) every tensor and the notes, then warnings and errors."""
-    out: List[str] = _header(res) + [""] + [_placement_table(res), "", _memory_table(res), ""]
+    out: List[str] = _header(res) + [""] + [_placement_table(res), ""]
+    if res.tensor_devices:
+        out += [_device_table(res), ""]
+    out += [_memory_table(res), ""]
     out += _cache_and_runtime(res)
     if verbose:
         out += ["", _tensor_table(res)]
@@ -73,6 +76,22 @@ def _placement_table(res: Resolution) -> str:
     return text_table(("placement", "tensors", "bytes", "where"), rows, right=(1, 2))
 
 
+def _device_table(res: Resolution) -> str:
+    """The per-device plan: which host runs which layers and holds which bytes (remote devices: RPC workers)."""
+    rows = []
+    for name, d in res.devices_plan().items():
+        layers = "-" if not d["layers"] else (str(d["layers"][0]) if d["layers"][0] == d["layers"][1]
+                                              else f"{d['layers'][0]}-{d['layers'][1]}")
+        if name == "local":
+            where = "this host"
+            if d["not_resident"]:
+                where += f" ({format_size(d['not_resident'])} of it streamed or mmap'd from disk)"
+        else:
+            where = f"{d['url']} (RPC worker: weights, KV cache and compute of its layers)"
+        rows.append((name, layers, d["tensors"], format_size(d["bytes"]), where))
+    return text_table(("device", "layers", "tensors", "bytes", "where"), rows, right=(2, 3))
+
+
 def _memory_table(res: Resolution) -> str:
     pol, mem, c = res.policy, res.memory, res.cache
     rows = []
@@ -87,7 +106,7 @@ def _memory_table(res: Resolution) -> str:
         rows.append((
             "expert cache",
             format_size(mem.cache),
-            f"{plural(c.slots, 'slot')}/layer of {c.n_expert} experts x {len(c.streamed_layers)} layers, "
+            f"{plural(c.slots, 'slot')}/layer{_differ(c)} of {c.n_expert} experts x {len(c.streamed_layers)} layers, "
             f"{format_size(per_layer)} per slot ({c.requested})",
         ))
     rows.append(("KV cache", format_size(mem.kv_cache), mem.kv_note or f"n_ctx {mem.n_ctx}, f16"))
@@ -113,7 +132,7 @@ def _cache_and_runtime(res: Resolution) -> List[str]:
         io = "direct I/O" if c.direct_io else "buffered I/O"
         share = f" ({round(c.slots * 100 / c.n_expert)}% of {c.n_expert})" if c.n_expert else ""
         cache = (
-            f"expert cache  cache: {plural(c.slots, 'slot')} per layer{share}, eviction {c.eviction}, "
+            f"expert cache  cache: {plural(c.slots, 'slot')} per layer{share}{_differ(c)}, eviction {c.eviction}, "
             f"{c.readers} readers, {io}, prefetch {c.prefetch}"
         )
     elif c.mode == "pagecache":
@@ -137,5 +156,20 @@ def _tensor_table(res: Resolution) -> str:
     for t in res.model.tensors:
         r = res.rule_of.get(t.name)
         rule = f"{r.index} (line {r.line})" if r else "- (gpu ignored)"
-        rows.append((t.name, t.type_name, _shape(t.shape), format_size(t.nbytes), res.placements[t.name], rule))
+        place = res.tensor_devices.get(t.name) or res.placements[t.name]
+        rows.append((t.name, t.type_name, _shape(t.shape), format_size(t.nbytes), place, rule))
     return text_table(("tensor", "type", "shape", "bytes", "placement", "rule"), rows, right=(3,))
+
+
+def _differ(c) -> str:
+    """The layers whose slot count differs from the default, as ``; layers 0-3: 32``."""
+    if not c.layer_slots:
+        return ""
+    runs: List[Tuple[int, int, int]] = []  # (first, last, slots)
+    for l in sorted(c.layer_slots):
+        n = c.layer_slots[l]
+        if runs and runs[-1][1] + 1 == l and runs[-1][2] == n:
+            runs[-1] = (runs[-1][0], l, n)
+        else:
+            runs.append((l, l, n))
+    return "; " + ", ".join(f"layer{'s' if a != b else ''} {a}{'-' + str(b) if a != b else ''}: {n}" for a, b, n in runs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 from flashmoe.errors import FlashMoEError
 from flashmoe.policy.cache import CachePlan
@@ -20,6 +20,9 @@ from flashmoe.policy.schema import STREAMABLE_HELP, Policy, PolicyError, Rule, w
 from flashmoe.settings import PLACEMENTS, EngineSettings, RuntimeSettings, StreamSettings
 from flashmoe.sizes import SizeError, parse_size
 from gguf_tools.reader import GGUFModel, TensorInfo
+
+if TYPE_CHECKING:
+    from flashmoe.rpc import Layout
 
 
 class Resolution:
@@ -41,6 +44,8 @@ class Resolution:
         self.experts_used = model.n_expert_used
         self.experts_used_override: Optional[int] = None
         self.gpu_ignored = False
+        self.tensor_devices: Dict[str, str] = {}  # tensor -> remote device name, for tensors placed "remote"
+        self.layout: Optional[Layout] = None  # which remote device runs which layers (None: no remote device)
 
     # -- for the engine -----------------------------------------------------------------------
     def check(self) -> None:
@@ -68,6 +73,7 @@ class Resolution:
                 readers=c.readers,
                 direct_io=self.direct_io,
                 prefetch=c.prefetch if c.mode == "cache" else "off",
+                layer_slots=dict(c.layer_slots),
             )
         placed = set(self.placements.values())
         runtime = RuntimeSettings(
@@ -77,7 +83,7 @@ class Resolution:
             n_ubatch=rt.n_ubatch,
             n_expert_used=self.experts_used_override,
             use_extra_bufts=rt.repack,
-            load_mode="ram" if placed and placed <= {"pin", "ram"} else "mmap",
+            load_mode="ram" if placed - {"remote"} and placed - {"remote"} <= {"pin", "ram"} else "mmap",
         )
         es = EngineSettings(
             policy_name=pol.name,
@@ -88,6 +94,10 @@ class Resolution:
         )
         es.policy_path = str(pol.path) if pol.path else None
         es.policy_warnings = list(self.warnings)
+        if self.tensor_devices:
+            used = set(self.tensor_devices.values())
+            es.devices = {n: d.url for n, d in pol.devices.items() if n in used}
+            es.tensor_devices = dict(self.tensor_devices)
         return es
 
     def expected_report(self) -> dict:
@@ -100,6 +110,7 @@ class Resolution:
         bytes_by_placement, placements (tensor -> placement), gpu_ignored.
         """
         c = self.cache
+        plan = self.devices_plan() if self.tensor_devices else {}
         return {
             "policy": self.policy.name,
             "stream_mode": c.mode,
@@ -117,7 +128,32 @@ class Resolution:
             "bytes_by_placement": {k: v for k, v in self.bytes_by_placement.items() if v},
             "placements": dict(self.placements),
             "gpu_ignored": self.gpu_ignored,
+            "devices": {n: v["layers"] for n, v in plan.items() if n != "local"},  # remote device -> [first, last]
         }
+
+    def devices_plan(self) -> Dict[str, dict]:
+        """Per device ("local", then the remote devices in layer order): its URL, the layers it runs (first,
+        last or None), its tensors and their bytes, and for local the bytes that stay on disk or the mapping
+        (stream, mmap). Only "local" when the policy has no remote device."""
+        lay = self.layout
+        out: Dict[str, dict] = {}
+        n = self.model.n_layer
+        remote_layers = set(lay.layer_device) if lay else set()
+        local_layers = [il for il in range(n) if il not in remote_layers]
+        out["local"] = {"url": None, "layers": [local_layers[0], local_layers[-1]] if local_layers else None,
+                        "tensors": 0, "bytes": 0, "not_resident": 0}
+        names = (lay.order + lay.extra) if lay else sorted(set(self.tensor_devices.values()))
+        for d in names:
+            rng = lay.ranges.get(d) if lay else None
+            out[d] = {"url": self.policy.devices[d].url if d in self.policy.devices else None,
+                      "layers": list(rng) if rng else None, "tensors": 0, "bytes": 0, "not_resident": 0}
+        for t in self.model.tensors:
+            d = self.tensor_devices.get(t.name, "local")
+            out[d]["tensors"] += 1
+            out[d]["bytes"] += t.nbytes
+            if d == "local" and self.placements[t.name] in ("stream", "mmap"):
+                out[d]["not_resident"] += t.nbytes
+        return out
 
     # -- reporting ----------------------------------------------------------------------------
     def to_dict(self, tensors: bool = True) -> dict:
@@ -152,6 +188,8 @@ class Resolution:
             "errors": list(self.errors),
             "notes": list(self.notes),
         }
+        if self.tensor_devices:
+            d["devices"] = self.devices_plan()
         if tensors:
             d["tensors"] = [self._tensor_dict(t) for t in m.tensors]
         return d
@@ -162,6 +200,7 @@ class Resolution:
             "mode": c.mode,
             "sized_by": c.sized_by or None,
             "slots_per_layer": c.slots,
+            "layer_slots": {str(k): v for k, v in sorted(c.layer_slots.items())},
             "bytes": c.bytes,
             "n_expert": c.n_expert,
             "experts_used": c.experts_used,
@@ -199,6 +238,7 @@ class Resolution:
             "shape": list(t.shape),
             "bytes": t.nbytes,
             "placement": self.placements[t.name],
+            "device": self.tensor_devices.get(t.name),
             "rule": rule.index if rule else None,
         }
 
@@ -227,6 +267,7 @@ def resolve_policy(
             raise FlashMoEError(str(e)) from None
     res = Resolution(policy, m, machine)
     _place_tensors(res)
+    _plan_devices(res)
     _apply_experts_per_token(res)
     plan_memory(res, override)
     return res
@@ -256,6 +297,8 @@ def _place_tensors(res: Resolution) -> None:
             bad_stream.append((t, rule))
         res.placements[t.name] = place
         res.rule_of[t.name] = rule
+        if place == "remote" and rule is not None and rule.device:
+            res.tensor_devices[t.name] = rule.device
         res.count_by_placement[place] += 1
         res.bytes_by_placement[place] += t.nbytes
     _raise_placement_errors(res, unmatched, bad_stream)
@@ -266,6 +309,25 @@ def _place_tensors(res: Resolution) -> None:
     for r in pol.rules:
         if id(r) not in used and not (skip_gpu and r.place == "gpu"):
             res.notes.append(f"{r.describe()} matches no tensor of this model")
+
+
+def _plan_devices(res: Resolution) -> None:
+    """The layer layout of the remote placements (flashmoe.rpc.plan_layout): PolicyError at the line of a rule
+    that places a layer where llama.cpp cannot run it."""
+    if not res.tensor_devices:
+        return
+    from flashmoe.policy.model import unloaded_layers
+    from flashmoe.rpc import LayoutError, plan_layout
+
+    try:
+        res.layout = plan_layout(res.tensor_devices, {t.name: t.layer for t in res.model.tensors},
+                                 res.model.n_layer, unloaded_layers(res.model))
+    except LayoutError as e:
+        rule = res.rule_of.get(e.tensor) if e.tensor else None
+        raise PolicyError(res.policy.source, rule.line if rule else res.policy.rules_line, str(e)) from None
+    for d in res.policy.devices:
+        if d not in set(res.tensor_devices.values()) and any(r.device == d for r in res.policy.rules):
+            res.notes.append(f"device {d} gets no tensor of this model")
 
 
 def _first_gpu_rule(pol: Policy, name: str) -> Optional[Rule]:

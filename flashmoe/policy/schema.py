@@ -9,7 +9,7 @@ import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 from flashmoe.errors import FlashMoEError
 from flashmoe.policy.machine_info import MachineInfo
@@ -27,11 +27,12 @@ PLACEMENT_HELP = {
     "stream": "disk -> expert cache",
     "mmap": "mmap (OS page cache)",
     "gpu": "device memory",
+    "remote": "another host (RPC worker)",
 }
 CACHE_MODES = ("cache", "pagecache")
 EVICTIONS = ("lru", "lfru")
 
-TOP_KEYS = ("version", "name", "description", "budget", "rules", "expert_cache", "runtime")
+TOP_KEYS = ("version", "name", "description", "budget", "devices", "rules", "expert_cache", "runtime")
 RULE_KEYS = ("match", "place")
 CACHE_KEYS = ("mode", "cache_size", "cache_slots", "eviction", "readers", "direct_io", "prefetch")
 PREFETCH_MODES = ("next-layer", "off")
@@ -114,6 +115,8 @@ class CacheSpec:
     readers: int = DEFAULT_READERS
     direct_io: bool = False
     prefetch: str = "next-layer"  # read the next layer's predicted experts while a layer computes, or "off"
+    # cache_slots given as a mapping: (layers, slots, line) per entry besides `default` (= slots)
+    layer_slots: List[Tuple[List[int], int, int]] = field(default_factory=list)
     line: Optional[int] = None  # of the expert_cache section
     size_line: Optional[int] = None
     given: bool = False  # the section is present in the file
@@ -122,7 +125,8 @@ class CacheSpec:
         if self.mode == "pagecache":
             return "OS page cache"
         if self.size == "slots":
-            return f"{plural(self.slots, 'slot')} per layer"
+            extra = f" ({len(self.layer_slots)} layer ranges differ)" if self.layer_slots else ""
+            return f"{plural(self.slots, 'slot')} per layer{extra}"
         if self.size == "bytes":
             return format_size(self.size_bytes)
         return "auto"
@@ -132,6 +136,7 @@ class CacheSpec:
             "mode": self.mode,
             "cache_size": "auto" if self.size == "auto" else (self.size_bytes if self.size == "bytes" else None),
             "cache_slots": self.slots if self.size == "slots" else None,
+            "layer_slots": {",".join(map(str, ls)): n for ls, n, _ in self.layer_slots} or None,
             "eviction": self.eviction,
             "readers": self.readers,
             "direct_io": self.direct_io,
@@ -164,28 +169,50 @@ class RuntimeSpec:
 
 
 @dataclass
+class Device:
+    """One entry of ``devices``: a remote device (an RPC worker, ``rpc://HOST:PORT``) that rules may place
+    tensors on by its name (flashmoe.rpc)."""
+
+    name: str
+    url: str  # normalized: rpc://HOST:PORT[/N]
+    host: str
+    port: int
+    index: int = 0  # the device of the worker
+    line: Optional[int] = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass
 class Rule:
-    """One entry of ``rules``: tensors matching any of ``patterns`` go to ``place``."""
+    """One entry of ``rules``: tensors matching any of ``patterns`` go to ``place`` (``remote`` for a rule that
+    names a device of ``devices``: ``device`` is its name)."""
 
     index: int  # 1-based position in `rules`
     line: int
     patterns: List[Pattern]
     place: str
+    device: Optional[str] = None
 
     def matches(self, name: str) -> bool:
         return any(p.matches(name) for p in self.patterns)
 
     def describe(self) -> str:
         pats = ", ".join(p.text for p in self.patterns)
-        return f"rule {self.index} (line {self.line}: {pats} -> {self.place})"
+        return f"rule {self.index} (line {self.line}: {pats} -> {self.device or self.place})"
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "index": self.index,
             "line": self.line,
             "match": [p.text for p in self.patterns],
-            "place": self.place,
+            "place": self.device or self.place,
         }
+        if self.device:
+            d["device"] = self.device
+        return d
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,6 +233,7 @@ class Policy:
     expert_cache: CacheSpec = field(default_factory=CacheSpec)
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
     warnings: List[str] = field(default_factory=list)  # found by checking the file alone
+    devices: Dict[str, Device] = field(default_factory=dict)  # remote devices, by name
 
     def rule_for(self, name: str, skip_gpu: bool = False) -> Optional[Rule]:
         """The first rule matching ``name`` (first match wins), or None."""
@@ -252,5 +280,6 @@ class Policy:
             "rules": [x.to_dict() for x in self.rules],
             "expert_cache": self.expert_cache.to_dict(),
             "runtime": self.runtime.to_dict(),
+            "devices": {n: d.url for n, d in self.devices.items()},
             "warnings": list(self.warnings),
         }

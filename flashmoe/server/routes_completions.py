@@ -77,8 +77,9 @@ def add_completion_routes(app, st: ServerState) -> None:
         p = await guarded(worker, lambda: _prompt_tokens(model, prompt), prep=True)
         echo_text = ""
         if echo:
-            echo_text = prompt if isinstance(prompt, str) else \
-                await guarded(worker, lambda: model.llama.detokenize(p.tokens).decode("utf-8", "replace"), prep=True)
+            # token ids: their text, special tokens spelled out (as /detokenize; text_offset counts them)
+            echo_text = prompt if isinstance(prompt, str) else await guarded(
+                worker, lambda: model.llama.detokenize(p.tokens, special=True).decode("utf-8", "replace"), prep=True)
         base = {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion", "created": int(time.time()),
                 "model": model.name, "system_fingerprint": None}
 
