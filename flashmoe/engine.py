@@ -170,7 +170,9 @@ class Engine:
         if s.tensor_devices:
             from flashmoe import rpc
 
-            self.remote = rpc.engine_plan(self.model_path, s.placements, s.tensor_devices, s.devices)
+            self.remote = rpc.engine_plan(self.model_path, s.placements, s.tensor_devices, s.devices,
+                                          custom_ops=bool(s.stream.mode != "off" or self.routing_trace
+                                                          or self.record_trace))
         hooked = (s.stream.mode != "off" or any(p not in ("default", "gpu") for p in placements.values())
                   or self.routing_trace or self.record_trace)
         if hooked:

@@ -421,6 +421,40 @@ def connect(name: str, ep: Endpoint, timeout: float = 10.0) -> Worker:
     return Worker(name, ep, dev, (lib.g.ggml_backend_dev_name(dev) or b"?").decode())
 
 
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+_CUSTOM_OP = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+
+
+def custom_ops_stay_local(dev: int) -> bool:
+    """Whether llama.cpp's RPC backend refuses custom ops (GGML_OP_CUSTOM) for the device ``dev``, so that the
+    scheduler runs them on this host. flashmoe's graph ops (the expert fetch, the wave mask, prefetch, forced
+    or recorded routing) are custom ops: their function pointers mean nothing in a worker's process, which
+    crashes when it is sent one. Asked of the device itself with a real custom-op tensor (never computed)."""
+    g = _lib().g
+    g.ggml_init.argtypes = [_InitParams]
+    g.ggml_init.restype = ctypes.c_void_p
+    g.ggml_free.argtypes = [ctypes.c_void_p]
+    g.ggml_free.restype = None
+    g.ggml_custom_4d.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, _CUSTOM_OP, ctypes.c_int,
+                                 ctypes.c_void_p]
+    g.ggml_custom_4d.restype = ctypes.c_void_p
+    g.ggml_backend_dev_supports_op.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    g.ggml_backend_dev_supports_op.restype = ctypes.c_bool
+    ctx = g.ggml_init(_InitParams(1 << 16, None, True))
+    if not ctx:
+        return False
+    try:
+        fn = _CUSTOM_OP(lambda *_: None)
+        t = g.ggml_custom_4d(ctx, 0, 1, 1, 1, 1, None, 0, fn, 1, None)  # GGML_TYPE_F32
+        return bool(t) and not g.ggml_backend_dev_supports_op(dev, t)
+    finally:
+        g.ggml_free(ctx)
+
+
 def device_memory(w: Worker) -> Tuple[int, int]:
     """(free, total) bytes of a worker's device, as it reports them."""
     free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
@@ -633,10 +667,18 @@ class EnginePlan:
         return "remote devices: " + ", ".join(parts)
 
 
+CUSTOM_OPS_HELP = ("this llama.cpp's RPC backend would send flashmoe's graph ops (expert streaming, routing "
+                   "traces) to the workers, which crash on them: the build needs the patch's ggml-rpc change that "
+                   "keeps custom ops on this host (docs/rpc.md); until then use remote devices without streaming, "
+                   "--routing-trace or --record-trace")
+
+
 def engine_plan(model_path: str, placements: Dict[str, str], tensor_devices: Dict[str, str],
-                devices: Dict[str, str], timeout: float = 10.0) -> EnginePlan:
+                devices: Dict[str, str], timeout: float = 10.0, custom_ops: bool = False) -> EnginePlan:
     """Connects the workers a placement uses and computes what llama.cpp needs to run it (EnginePlan).
-    FlashMoEError for a bad URL, an unreachable or incompatible worker, or a layout llama.cpp cannot run."""
+    ``custom_ops``: the graph will have flashmoe's custom ops (streaming, forced or recorded routing), which the
+    RPC backend must leave on this host (:func:`custom_ops_stay_local`). FlashMoEError for a bad URL, an
+    unreachable or incompatible worker, a layout llama.cpp cannot run, or custom ops it would send away."""
     from flashmoe import gpu
     from flashmoe.policy.model import unloaded_layers
     from gguf_tools.reader import open_model
@@ -655,6 +697,8 @@ def engine_plan(model_path: str, placements: Dict[str, str], tensor_devices: Dic
                             f"({', '.join(devices) or 'none'})")
     eps = workers_of(devices)
     workers = {name: connect(name, eps[name], timeout) for name in lay.order + lay.extra}
+    if custom_ops and not all(custom_ops_stay_local(w.dev) for w in workers.values()):
+        raise FlashMoEError(CUSTOM_OPS_HELP)
     local_gpu = gpu.local_gpu_device() if any(p == "gpu" for p in placements.values()) else None
     names = (["gpu"] if local_gpu else []) + lay.order + lay.extra
     devs = ([local_gpu] if local_gpu else []) + [workers[n].dev for n in lay.order + lay.extra]

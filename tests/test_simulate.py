@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from flashmoe.tune.simulate import (
+    ENGINE_FIELDS,
     Ubatch,
     combine,
     engine_ubatches,
@@ -23,7 +24,7 @@ from flashmoe.tune.simulate import (
 from flashmoe.trace import Trace, read_trace, trace_for_model, write_trace
 
 PROMPT = list(range(1, 40))  # 39 tokens: a prefill touching every expert of the tiny models (8 experts, 2 used)
-FIELDS = ("layer", "n_slots", "hits", "misses", "evictions", "bytes_read", "n_tokens", "n_waves")
+FIELDS = ENGINE_FIELDS  # every counter, the prefetch ones included
 
 
 def _facts(path):
@@ -55,8 +56,10 @@ def _engine_counters(path, slots, eviction, prompt, n_gen, trace=None, record=No
 def _sim(path, trace_path, slots, eviction, prompt_len, n_gen, n_batch=512, n_ubatch=512):
     last, eb = _facts(path)
     tr = read_trace(trace_path)
+    # the engine reads ahead by default: from its routers' predictions (recorded in the trace), or from a
+    # replayed trace's predicted sets; a trace without them reads nothing ahead
     r = simulate(tr, engine_ubatches(prompt_len, n_gen, n_batch, n_ubatch), slots, eviction, last_layer=last,
-                 expert_bytes=eb)
+                 expert_bytes=eb, prefetch=tr.pred is not None)
     return r, r.engine_view()
 
 

@@ -86,7 +86,7 @@ def test_tune_report(tuned):
         assert section in md
     assert "| slots/layer | cache | fits (estimate) | LRU all | LRU decode | LFRU all | LFRU decode |" in md
     assert "Per layer, decode hit rate, LRU" in md and "Per layer, decode hit rate, LFRU" in md
-    assert "not yet supported by the engine" in md
+    assert "Per-layer slot counts run in the engine" in md
     assert "**Winner: " in md
     # a validated explicit cache: the measured decode hit rate is the simulated one (exact simulator)
     rows = [l for l in md.splitlines() if l.startswith("| lru-") or l.startswith("| lfru-")]

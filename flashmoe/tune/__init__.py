@@ -21,11 +21,12 @@ Steps (each shown as it runs; the whole stays inside ``time_limit``):
 4. **Trace** (``run``). ``--trace FILE``, or the engine's own routing recorded on a sample prompt.
 5. **Simulation** (``search`` with ``simulate``, exact for the explicit cache): hit rates for every
    cache size, LRU and LFRU, per layer and overall; per-layer slot counts proportional to each
-   layer's working set, and a greedy per-layer split (not supported by the engine yet: reported
-   only); page-cache mode as a shared LRU of the leftover memory. Decode tok/s is predicted per
-   token from the misses of each layer (read time at the queue depth the readers reach, from the
-   disk measurement; the hook does not overlap reads with compute: the fetch op waits) plus the
-   compute time; prefill likewise, with each wave recomputing the layer's expert rows.
+   layer's working set, and a greedy per-layer split (candidates like the uniform ones); page-cache
+   mode as a shared LRU of the leftover memory; reads ahead where the trace has predicted sets.
+   Decode tok/s is predicted per token from the misses of each layer (read time at the queue depth
+   the readers reach, from the disk measurement: the fetch op waits for them), the part of the
+   reads ahead that the previous layer's compute does not cover, and the compute time; prefill
+   likewise, each row's experts computed once (the zero-slot skip).
 6. **Validation** (``validate``). The best few candidates run in fresh processes confined to the
    budget (memory cgroup, the model file evicted from the page cache before each run; the bench's
    runner, ``flashmoe.bench.runner``), in alternation, as many rounds as time allows (at most

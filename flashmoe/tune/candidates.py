@@ -23,7 +23,8 @@ class Candidate:
     eviction: str = "lru"
     readers: int = 4
     direct_io: bool = True
-    per_layer: Optional[Dict[int, int]] = None  # simulated only (the engine takes one slot count)
+    per_layer: Optional[Dict[int, int]] = None  # slots per layer (cache_slots: {default: N, "a-b": M})
+    prefetch: bool = True  # reads ahead of the next layer's predicted experts (modelled when the trace has them)
     overhead: Optional[int] = None  # runtime.overhead written in the policy (None: the base policy's)
     supported: bool = True
     note: str = ""
@@ -53,6 +54,7 @@ class Candidate:
     def to_dict(self) -> Dict[str, Any]:
         d = {"name": self.name, "family": self.family, "description": self.describe(), "mode": self.mode,
              "slots": self.slots, "eviction": self.eviction, "readers": self.readers, "direct_io": self.direct_io,
+             "prefetch": self.prefetch,
              "supported": self.supported, "note": self.note, "prediction": self.prediction}
         if self.per_layer:
             d["per_layer"] = {str(k): v for k, v in self.per_layer.items()}
@@ -69,6 +71,28 @@ def size_text(n: int) -> str:
         if n % mult == 0:
             return f"{n // mult}{unit}"
     return str(int(n))
+
+
+def slots_text(cand: Candidate) -> str:
+    """``cache_slots`` for the policy: one count, or ``{default: N, "a-b": M, ...}`` for per-layer slots
+    (the most common count is the default, consecutive layers with one count make a range)."""
+    if not cand.per_layer:
+        return str(cand.slots)
+    counts: Dict[int, int] = {}
+    for n in cand.per_layer.values():
+        counts[n] = counts.get(n, 0) + 1
+    default = max(counts, key=lambda n: (counts[n], n))
+    runs: List[List[int]] = []  # [first, last, slots]
+    for il in sorted(cand.per_layer):
+        n = cand.per_layer[il]
+        if n == default:
+            continue
+        if runs and runs[-1][1] + 1 == il and runs[-1][2] == n:
+            runs[-1][1] = il
+        else:
+            runs.append([il, il, n])
+    parts = [f"default: {default}"] + [f'"{a}-{b}": {n}' if a != b else f'"{a}": {n}' for a, b, n in runs]
+    return "{" + ", ".join(parts) + "}"
 
 
 def _q(s: str) -> str:
@@ -91,10 +115,11 @@ def policy_text(base: Policy, cand: Candidate, *, budget: Optional[int], n_ctx: 
         lines += [f"  - match: {m}", f"    place: {r.place}"]
     lines += ["", "expert_cache:", f"  mode: {cand.mode}"]
     if cand.mode == "cache":
-        lines += [f"  cache_slots: {cand.slots}", f"  eviction: {cand.eviction}"]
+        lines += [f"  cache_slots: {slots_text(cand)}", f"  eviction: {cand.eviction}"]
     lines.append(f"  readers: {cand.readers}")
     if cand.mode == "cache":
         lines.append(f"  direct_io: {'true' if cand.direct_io else 'false'}")
+        lines.append(f"  prefetch: {'next-layer' if cand.prefetch else 'off'}")
     rt = base.runtime
     lines += ["", "runtime:"]
     if threads:

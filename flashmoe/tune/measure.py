@@ -103,7 +103,8 @@ class ComputeModel:
         return self.dense_decode_s + distinct.sum(axis=1) * self.expert_decode_s
 
     def prefill_s(self, n_tokens: np.ndarray, rows: np.ndarray, waves: np.ndarray, k: int) -> np.ndarray:
-        return n_tokens * self.dense_prefill_s + (waves * rows).sum(axis=1) * k * self.expert_prefill_s
+        # each row's k experts are computed once whatever the waves (the CPU skips the zero slot's rows)
+        return n_tokens * self.dense_prefill_s + rows.sum(axis=1) * k * self.expert_prefill_s
 
     def fit(self, got: Dict[int, Dict[str, float]], mf: ModelFacts) -> None:
         """From per-token times with k (the model's) and 1 experts per token: the dense part and one

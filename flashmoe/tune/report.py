@@ -11,13 +11,9 @@ from flashmoe.sizes import format_size
 from flashmoe.tune.validate import fmt
 
 PER_LAYER_SLOTS = (
-    "The hook takes one slot count for all layers today (`flashmoe_params.cache_slots`). The per-layer "
-    "candidates above are simulated only. Supporting them needs one call before the model load, "
-    "`int32_t flashmoe_config_layer_slots(int32_t il, int32_t n_slots)` (0 = use cache_slots), read "
-    "by `attach` when it sizes each layer's slot tensors; everything after that (`n_waves`, "
-    "`pick_victim`, the ageing period, the per-layer stats' n_slots) already works per layer; "
-    "`flashmoe_model_info.n_slots` would report the largest. A policy key `cache_slots_per_layer: "
-    "{N: slots}` would carry it.")
+    "Per-layer slot counts run in the engine (`flashmoe_config_layer_slots`; in a policy, "
+    "`cache_slots: {default: N, \"a-b\": M}`): the per-layer candidates above compete with the uniform "
+    "ones, are validated like them, and a winner is written with its per-layer counts.")
 
 
 def _table(headers: List[str], rows: List[List[Any]]) -> str:

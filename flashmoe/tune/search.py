@@ -1,10 +1,12 @@
 """The candidate search: every expert-cache configuration that fits, simulated on the trace
 (:mod:`flashmoe.tune.simulate`) and its decode and prefill speed predicted.
 
-**Prediction.** The hook does not overlap expert reads with compute (the fetch op waits for its
-reads), so a decode token takes compute (dense + k experts per layer) plus, per layer, the time to
-read its misses at the queue depth the readers reach (``DiskModel``); prefill likewise, each wave
-recomputing the layer's expert rows.
+**Prediction.** A layer's fetch waits for its misses, so a decode token takes compute (dense + k
+experts per layer) plus, per layer, the time to read its misses at the queue depth the readers
+reach (``DiskModel``). Reads ahead (prefetch, simulated from the trace's predicted sets) run while
+the layer before computes: only the part of their read time that the previous layer's compute (its
+experts and this layer's share of the dense part) does not cover is waited for. Prefill: each row's
+experts are computed once (the zero-slot skip: rows of other waves cost nothing), plus the reads.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ def predict(sim: SimResult, cand: Candidate, mf: ModelFacts, disk: DiskModel, cm
     direct = cand.direct_io and cand.mode == "cache"
     io = disk.read_time(sim.misses.astype(float), eb, nt, cand.readers, direct) if disk.ok else \
         np.zeros(sim.misses.shape)
+    io = io + _exposed_ahead(sim, eb, nt, cand, mf, disk, cm, direct)
     io_tok = io.sum(axis=1)
     phase = np.array([u.phase for u in sim.ubatches])
     ntok = np.array([u.n_tokens for u in sim.ubatches], dtype=float)
@@ -66,6 +69,23 @@ def predict(sim: SimResult, cand: Candidate, mf: ModelFacts, disk: DiskModel, cm
     out["decode_hit_rate"] = d.get("hit_rate")
     out["bound"] = ("I/O" if d.get("io_s_per_token", 0) > d.get("compute_s_per_token", 0) else "compute") if d else None
     return out
+
+
+def _exposed_ahead(sim: SimResult, eb: np.ndarray, nt: np.ndarray, cand: Candidate, mf: ModelFacts, disk: DiskModel,
+                   cm: ComputeModel, direct: bool) -> np.ndarray:
+    """Per ubatch and layer: the time the layer waits for its reads ahead, i.e. their read time less the
+    compute they overlap (the layer before: its experts, and a layer's share of the dense part)."""
+    if sim.ahead is None or not disk.ok or not sim.ahead.any():
+        return np.zeros(sim.misses.shape)
+    t_ahead = disk.read_time(sim.ahead.astype(float), eb, nt, cand.readers, direct)
+    if not cm.ok:
+        return t_ahead
+    n_moe = max(1, len(mf.moe_layers))
+    rows = np.maximum(sim.rows.astype(float), 1.0)
+    dense = np.where(rows > 1, cm.dense_prefill_s * rows, cm.dense_decode_s) / n_moe
+    experts = sim.distinct.astype(float) * np.where(rows > 1, cm.expert_prefill_s * mf.n_used, cm.expert_decode_s)
+    window = dense + np.concatenate([np.zeros((experts.shape[0], 1)), experts[:, :-1]], axis=1)
+    return np.maximum(0.0, t_ahead - window)
 
 
 def size_grid(k: int, n_expert: int, extra: Sequence[int] = ()) -> List[int]:
@@ -202,7 +222,7 @@ class Search:
     pc_sim: SimResult
     ws: Dict[int, float]
     cands: List[Candidate]  # what the engine supports, best first
-    per_layer: List[Candidate]  # simulated only
+    per_layer: List[Candidate]  # the per-layer ones (also among cands)
 
 
 @dataclass
@@ -214,8 +234,10 @@ class _Inputs:
     cm: ComputeModel
 
     def sim(self, slots: Union[int, Dict[int, int]], eviction: str) -> SimResult:
+        # reads ahead happen where the trace has predicted sets (recorded with the real routers, or
+        # drawn by `trace gen --predict-accuracy`): the engine reads nothing ahead otherwise
         return simulate(self.trace, self.ubs, slots, eviction, last_layer=self.mf.last_layer,
-                        expert_bytes=self.mf.expert_bytes)
+                        expert_bytes=self.mf.expert_bytes, prefetch=self.trace.pred is not None)
 
     def predicted(self, c: Candidate, sim: SimResult) -> Candidate:
         c.prediction = predict(sim, c, self.mf, self.disk, self.cm)
@@ -254,19 +276,18 @@ def _uniform_candidates(x: _Inputs, curves: Dict[str, Dict[int, SimResult]], mp:
 
 def _per_layer_candidates(x: _Inputs, curves: Dict[str, Dict[int, SimResult]], ws: Dict[int, float],
                           cache_bytes: int, readers: int) -> List[Candidate]:
-    """Slots per layer (not yet supported by the engine: simulated and reported only)."""
+    """Slots per layer: proportional to each layer's working set, and greedy by misses saved per byte."""
     direct = x.disk.has(True)
     out = []
     alloc = proportional_split(ws, x.mf, cache_bytes)
     for ev in EVICTIONS:
         c = Candidate(f"{ev}-proportional", "cache", eviction=ev, readers=readers, direct_io=direct, per_layer=alloc,
-                      supported=False,
-                      note="slots per layer proportional to the working set: not yet supported by the engine")
+                      slots=min(alloc.values()), note="slots per layer proportional to the working set")
         out.append(x.predicted(c, x.sim(alloc, ev)))
     for ev in EVICTIONS:
         g = greedy_split(curves[ev], x.mf, cache_bytes)
         c = Candidate(f"{ev}-greedy", "cache", eviction=ev, readers=readers, direct_io=direct, per_layer=g,
-                      supported=False, note="slots per layer by misses saved per byte: not yet supported by the engine")
+                      slots=min(g.values()), note="slots per layer by misses saved per byte")
         out.append(x.predicted(c, x.sim(g, ev)))
     return out
 
@@ -296,5 +317,9 @@ def search(trace: Trace, ubs: List[Ubatch], mf: ModelFacts, mp: MemoryPlan, sizi
     ws = working_set(trace, ubs, mf)
     per_layer = (_per_layer_candidates(x, curves, ws, mp.max_slots * mp.bytes_per_slot, readers[-1])
                  if mp.max_slots >= K else [])
+    cands += per_layer
+    has_pred = trace.pred is not None
+    for c in cands:
+        c.prefetch = has_pred and c.mode == "cache"
     cands.sort(key=_rank_key, reverse=True)
     return Search(grid, curves, pc_sim, ws, cands, per_layer)
