@@ -247,6 +247,8 @@ class Engine:
                 hook.reset_config()
             raise FlashMoEError(f"llama.cpp could not load {self.model_path}: {err or e}")
         self.load_s = time.perf_counter() - t0
+        if self.remote is not None:
+            self.remote.after_load()
         self._load_counters = ProcessCounters.now().minus(self._counters_load)
         self._model_ptr = llama_api.model_ptr(self.llama)
         err = hook.last_error() if hook.available() else ""
@@ -300,7 +302,7 @@ class Engine:
             return {}
         tot = {k: 0 for k in ("hits", "misses", "evictions", "bytes_read", "n_waves", "n_predicted", "n_predicted_right",
                               "n_prefetched", "n_prefetch_used", "prefetch_wasted_bytes")}
-        tot.update(read_s=0.0, stall_s=0.0, prefetch_wait_s=0.0)
+        tot.update(read_s=0.0, stall_s=0.0, prefetch_wait_s=0.0, read_wall_s=0.0)
         for l in layers:
             for k in tot:
                 tot[k] += l[k]

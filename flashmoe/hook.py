@@ -52,6 +52,7 @@ class LayerStats(ctypes.Structure):
         ("n_prefetch_used", ctypes.c_int64),
         ("prefetch_wasted_bytes", ctypes.c_int64),
         ("prefetch_wait_s", ctypes.c_double),
+        ("read_wall_s", ctypes.c_double),
     ]
 
 

@@ -29,7 +29,8 @@ from flashmoe.settings import EngineSettings, RuntimeSettings, StreamSettings
 
 RESULT_TAG = "@@FLASHMOE_RESULT@@"
 PROGRESS_TAG = "@@FLASHMOE_PROGRESS@@"
-_CACHE_KEYS = ("hits", "misses", "evictions", "bytes_read", "read_s", "stall_s")
+_CACHE_KEYS = ("hits", "misses", "evictions", "bytes_read", "read_s", "stall_s", "read_wall_s", "n_prefetched",
+               "n_prefetch_used", "n_predicted", "n_predicted_right")
 _T0 = time.perf_counter()  # wall_s and the progress lines' times count from here (the imports done)
 
 
@@ -73,6 +74,11 @@ class CacheTotals:
     bytes_read: int = 0
     read_s: float = 0.0
     stall_s: float = 0.0
+    read_wall_s: float = 0.0  # wall time the reader pool was busy (its batches never overlap)
+    n_prefetched: int = 0
+    n_prefetch_used: int = 0
+    n_predicted: int = 0
+    n_predicted_right: int = 0
 
     @classmethod
     def of(cls, stats: Optional[Dict[str, Any]]) -> "CacheTotals":

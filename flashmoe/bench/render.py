@@ -137,8 +137,10 @@ def format_markdown(doc: Dict[str, Any]) -> str:
     out += _disk_and_reference_lines(doc)
     out += ["", markdown_table(TABLE_HEADERS, [table_row(s) for s in doc["summary"]]), ""]
     out.append("Medians over the completed runs; per-token figures are of the decode phase; peak is the cgroup's "
-               "(process + page cache); I/O bound = disk bandwidth at the run's reader count / expert bytes read "
-               "per token.")
+               "(process + page cache); I/O bound = decode tokens / the time the engine's reader pool was busy with "
+               "their reads (the engine's own read pattern: a run cannot exceed it; % of bound is the share of the "
+               "decode time spent reading), or, in page-cache mode, disk-test bandwidth at the run's reader count / "
+               "expert bytes read per token.")
     out.append("")
     out += _modes_and_notes(doc)
     return "\n".join(out) + "\n"

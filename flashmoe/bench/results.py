@@ -32,9 +32,15 @@ class RunMetrics:
     stall_ms_per_token: Optional[float] = None
     expert_mib_per_token: Optional[float] = None
     peak_mib: Optional[float] = None
-    io_bound_tok_s: Optional[float] = None  # disk bandwidth at the run's readers / bytes read per token
-    io_fraction: Optional[float] = None  # decode tok/s / io_bound_tok_s
+    # the I/O bound of decode: tokens / the time the engine's reader pool was busy with their reads
+    # ("engine reads": the bandwidth the engine's own read pattern got, so a run never exceeds it), or,
+    # without the engine's read timing (page-cache mode), disk-test bandwidth / bytes read per token
+    io_bound_tok_s: Optional[float] = None
+    io_fraction: Optional[float] = None  # decode tok/s / io_bound_tok_s: the share of decode time spent reading
     io_bound_qd: Optional[int] = None
+    io_bound_source: Optional[str] = None  # "engine reads" | "disk test"
+    disk_bound_tok_s: Optional[float] = None  # the disk test's bound, for comparison
+    read_mb_s: Optional[float] = None  # bandwidth of the engine's reads while the pool was busy
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -61,7 +67,13 @@ def run_metrics(rec: RunRecord, streaming: bool, readers: int, disk: Optional[Di
         per_tok = c.bytes_read / n if has_cache and c.bytes_read else dec.disk_read_bytes / n
         bw, m.io_bound_qd = disk_bw_for(disk, readers)
         if bw and per_tok > 0:
-            m.io_bound_tok_s = bw / per_tok
+            m.disk_bound_tok_s = bw / per_tok
+        if has_cache and c.read_wall_s > 0 and c.bytes_read > 0:
+            m.io_bound_tok_s, m.io_bound_source = n / c.read_wall_s, "engine reads"
+            m.read_mb_s = c.bytes_read / c.read_wall_s / 1e6
+        elif m.disk_bound_tok_s:
+            m.io_bound_tok_s, m.io_bound_source = m.disk_bound_tok_s, "disk test"
+        if m.io_bound_tok_s:
             m.io_fraction = rep.decode_tok_s / m.io_bound_tok_s
     return m
 
