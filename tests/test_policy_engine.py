@@ -88,3 +88,24 @@ def test_grouped_layout_pins_dense_in_one_range(tiny_models, tmp_path):
             counts[path] = e.info["n_lock_ranges"]
     assert counts[out] == 1
     assert counts[src] > 1
+
+
+def test_pinned_ranges_in_several_buffers_lock(tmp_path):
+    """With llama.cpp's CPU repacking on, a model's Q4_K dense weights live in repack buffers
+    (anonymous memory) and its F32 norms on the file mapping: pinned ranges come from several
+    buffers and are merged only inside each one (merging across buffers would mlock the unmapped
+    gap between them and fail the load)."""
+    from gguf_tools.synth import make_spec, synth_model
+
+    path = str(tmp_path / "q4k-dense.gguf")
+    spec = make_spec("qwen3moe", preset="tiny", seed=5, dense_type="Q4_K")
+    synth_model(path, spec, progress=False)
+    res = _resolve("stream", path)
+    s = res.engine_settings()
+    assert s.runtime.use_extra_bufts  # the stream policy repacks
+    with Engine(path, settings=s) as e:
+        info = e.info
+        assert info["n_lock_ranges"] >= 2, info
+        pinned = res.bytes_by_placement.get("pin", 0)
+        assert info["locked_bytes"] >= pinned * 0.9, (info["locked_bytes"], pinned)
+        assert len(e.generate("lock check", 4, stop_at_eos=False).tokens) == 4
