@@ -232,9 +232,9 @@ def plan_layout(tensor_devices: Dict[str, str], tensor_layers: Dict[str, Optiona
         if dev in lay.ranges and lay.ranges[dev][1] != il - 1:
             a, b = lay.ranges[dev]
             other = lay.layer_device[il - 1]
-            name = next((n for n, d in tensor_devices.items() if d == dev and tensor_layers.get(n) == il), None)
+            culprit = next((n for n, d in tensor_devices.items() if d == dev and tensor_layers.get(n) == il), None)
             raise LayoutError(f"{dev} holds layers {a}-{b} and layer {il} with {other}'s layers between them: llama.cpp "
-                              "gives each device one range of consecutive layers", name)
+                              "gives each device one range of consecutive layers", culprit)
         if dev not in lay.ranges:
             lay.order.append(dev)
             lay.ranges[dev] = (il, il)
@@ -297,7 +297,7 @@ def probe(name: str, ep: Endpoint, timeout: float = 10.0) -> Tuple[int, int, int
     except socket.gaierror as e:
         raise FlashMoEError(f"{who}: cannot resolve host {ep.host!r} ({e.strerror})") from None
     try:
-        s = socket.create_connection(addrs[0][4], timeout=timeout)
+        s = socket.create_connection((str(addrs[0][4][0]), ep.port), timeout=timeout)
     except ConnectionRefusedError:
         raise FlashMoEError(f"{who}: no RPC worker listens at {ep.address} (connection refused); {hint}") from None
     except socket.timeout:
@@ -478,10 +478,22 @@ def lost_worker_message(ggml_message: str, workers: Dict[str, Tuple[str, Endpoin
         except OSError:
             gone.append(f"{name} ({ep.url})")
     reason = ggml_message.split(": ", 1)[-1].strip() if ": " in ggml_message else ggml_message.strip()
-    who = ("lost RPC worker " + ", ".join(gone)) if gone else "lost the connection to an RPC worker"
-    if not workers:
+    if gone:
+        who = "lost RPC worker " + ", ".join(gone)
+    elif workers:
+        names = ", ".join(f"{n} ({ep.url})" for n, ep in workers.values())
+        who = (f"an RPC worker stopped answering ({names}: no reply within FLASHMOE_RPC_TIMEOUT="
+               f"{_timeout_text()}, or the connection broke)")
+    else:
         who = "the RPC backend failed"
     return f"error: {who} during the run: {reason}; the run cannot continue (restart the worker and run again)"
+
+
+def _timeout_text() -> str:
+    try:
+        return f"{worker_timeout():g} s"
+    except FlashMoEError:
+        return "?"
 
 
 def install_abort_handler() -> None:
@@ -509,10 +521,8 @@ _TCP_INFO_LEN = 232
 _BYTES_ACKED = 120  # struct tcp_info: tcpi_bytes_acked (u64), then tcpi_bytes_received (u64); Linux >= 4.1
 
 
-def connection_bytes(addresses: Iterable[str]) -> Dict[str, Tuple[int, int]]:
-    """{``HOST:PORT``: (bytes sent, bytes received)} over this process's open TCP connections to those addresses
-    (the kernel's per-socket counters: sent = acknowledged by the peer). Linux only; {} elsewhere. Counters of
-    connections closed in between are lost: compare readings taken while a model stays loaded."""
+def _worker_sockets(addresses: Iterable[str]) -> List[Tuple[str, int]]:
+    """(address, fd) of this process's open IPv4 TCP connections to ``HOST:PORT`` addresses (Linux: /proc/self/fd)."""
     want: Dict[Tuple[str, int], str] = {}
     for a in addresses:
         host, port = a.rsplit(":", 1)
@@ -521,9 +531,7 @@ def connection_bytes(addresses: Iterable[str]) -> Dict[str, Tuple[int, int]]:
                 want[(str(info[4][0]), int(port))] = a
         except OSError:
             continue
-    out: Dict[str, Tuple[int, int]] = {a: (0, 0) for a in set(want.values())}
-    if not hasattr(socket, "TCP_INFO"):
-        return out
+    out: List[Tuple[str, int]] = []
     try:
         fds = os.listdir("/proc/self/fd")
     except OSError:
@@ -533,27 +541,81 @@ def connection_bytes(addresses: Iterable[str]) -> Dict[str, Tuple[int, int]]:
         try:
             if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
                 continue
-            dup = os.dup(fd)
+            s = socket.socket(fileno=os.dup(fd))
         except OSError:
             continue
-        s = socket.socket(fileno=dup)
         try:
-            if s.family != socket.AF_INET or s.type != socket.SOCK_STREAM:
-                continue
-            peer = s.getpeername()
-            key = want.get((peer[0], peer[1]))
-            if key is None:
-                continue
+            if s.family == socket.AF_INET and s.type == socket.SOCK_STREAM:
+                key = want.get(tuple(s.getpeername()))  # type: ignore[arg-type]
+                if key is not None:
+                    out.append((key, fd))
+        except OSError:
+            pass
+        finally:
+            s.close()
+    return out
+
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def worker_timeout() -> float:
+    """Seconds a worker may take to answer before the run fails (FLASHMOE_RPC_TIMEOUT, default 300; 0 = wait
+    forever). A killed worker fails the run at once; this bounds a stopped or unreachable one."""
+    raw = os.environ.get("FLASHMOE_RPC_TIMEOUT", "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        v = float(raw)
+    except ValueError:
+        raise FlashMoEError(f"FLASHMOE_RPC_TIMEOUT must be a number of seconds, not {raw!r}") from None
+    if v < 0:
+        raise FlashMoEError(f"FLASHMOE_RPC_TIMEOUT must be 0 (no limit) or more, not {raw!r}")
+    return v
+
+
+def arm_timeouts(addresses: Iterable[str], seconds: float) -> int:
+    """Sets receive and send timeouts on this process's connections to the workers (llama.cpp's RPC client
+    waits forever otherwise: a stopped worker or a cut link would hang the run). A timed-out call fails like
+    a lost worker. Returns the number of connections armed."""
+    if seconds <= 0:
+        return 0
+    tv = struct.pack("ll", int(seconds), int((seconds - int(seconds)) * 1e6))
+    n = 0
+    for _, fd in _worker_sockets(addresses):
+        s = socket.socket(fileno=os.dup(fd))
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+            n += 1
+        except OSError:
+            pass
+        finally:
+            s.close()
+    return n
+
+
+def connection_bytes(addresses: Iterable[str]) -> Dict[str, Tuple[int, int]]:
+    """{``HOST:PORT``: (bytes sent, bytes received)} over this process's open TCP connections to those addresses
+    (the kernel's per-socket counters: sent = acknowledged by the peer). Linux only; {} elsewhere. Counters of
+    connections closed in between are lost: compare readings taken while a model stays loaded."""
+    addresses = list(addresses)
+    out: Dict[str, Tuple[int, int]] = {a: (0, 0) for a in addresses}
+    if not hasattr(socket, "TCP_INFO"):
+        return out
+    for key, fd in _worker_sockets(addresses):
+        s = socket.socket(fileno=os.dup(fd))
+        try:
             raw = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-            if len(raw) < _BYTES_ACKED + 16:
-                continue
-            sent, received = struct.unpack_from("<QQ", raw, _BYTES_ACKED)
-            a, b = out[key]
-            out[key] = (a + sent, b + received)
         except OSError:
             continue
         finally:
             s.close()
+        if len(raw) < _BYTES_ACKED + 16:
+            continue
+        sent, received = struct.unpack_from("<QQ", raw, _BYTES_ACKED)
+        a, b = out[key]
+        out[key] = (a + sent, b + received)
     return out
 
 
@@ -658,6 +720,10 @@ class EnginePlan:
     @property
     def addresses(self) -> List[str]:
         return [w.endpoint.address for w in self.workers.values()]
+
+    def after_load(self) -> None:
+        """Once the model is loaded (the connections are open): bound how long a worker may take to answer."""
+        arm_timeouts(self.addresses, worker_timeout())
 
     def describe(self) -> str:
         parts = []

@@ -29,9 +29,10 @@ NATIVE = ["-DGGML_NATIVE=ON"]
 NO_AMX = ["-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
           "-DCMAKE_C_FLAGS=-march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
           "-DCMAKE_CXX_FLAGS=-march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"]
-CPU = ["-DGGML_METAL=OFF", "-DGGML_CUDA=OFF"]
-CUDA = ["-DGGML_CUDA=ON", "-DGGML_METAL=OFF"]
-METAL = ["-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"]
+RPC = ["-DGGML_RPC=ON", "-DGGML_RPC_RDMA=OFF"]  # every build: the RPC backend (remote devices, docs/rpc.md)
+CPU = ["-DGGML_METAL=OFF", "-DGGML_CUDA=OFF"] + RPC
+CUDA = ["-DGGML_CUDA=ON", "-DGGML_METAL=OFF"] + RPC
+METAL = ["-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"] + RPC
 
 MATRIX = [
     # (platform, requested backend, resolved backend, expected flags)
@@ -165,3 +166,21 @@ def test_installed_libraries_export_no_cxx_runtime(llama_cpp):
     lib_dir = Path(lc._lib._name).parent
     assert list(lib_dir.glob("libggml*.so")), lib_dir
     assert B.exported_runtime_symbols(lib_dir) == {}
+
+
+@pytest.mark.parametrize("plat,backend", [(LINUX_X86, "cpu"), (MAC_ARM, "metal"), (CUDA_BOX, "cuda"), (LINUX_X86_AMX, "cpu")])
+def test_rpc_is_on_by_default_and_can_be_turned_off(plat, backend):
+    """RPC on (with its RDMA transport off) unless --no-rpc; the two builds never share a cache key."""
+    on, off = B.cmake_args(backend, plat), B.cmake_args(backend, plat, rpc=False)
+    assert B.has_rpc(on) and not B.has_rpc(off)
+    assert "-DGGML_RPC_RDMA=OFF" in on and "-DGGML_RPC=OFF" in off and not any("RDMA" in a for a in off)
+    assert [a for a in on if "RPC" not in a] == [a for a in off if "RPC" not in a]
+    assert B.build_key(backend, on) != B.build_key(backend, off)
+    assert "-norpc-" in B.build_key(backend, off)
+
+
+def test_build_cli_prints_the_rpc_choice():
+    for flag, want in (("--rpc", "-DGGML_RPC=ON"), ("--no-rpc", "-DGGML_RPC=OFF")):
+        p = subprocess.run([sys.executable, "-m", "flashmoe", "build", "--backend", "cpu", flag, "--print-cmake-args"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and want in p.stdout, p.stderr
