@@ -1,5 +1,7 @@
-"""The reference run that "identical" compares with: stock llama.cpp, weight repacking off,
-unconfined, the same routing; cached per model, trace, workload and llama.cpp library under
+"""The reference runs that "identical" compares with: stock llama.cpp, unconfined, the same routing,
+with llama.cpp's CPU weight repacking as the compared run has it (a streamed run with repacking on
+uses the repacked kernels for its experts too, so it matches stock with repacking on; one without
+matches stock without); cached per model, trace, workload, repacking and llama.cpp library under
 ``~/.cache/flashmoe/bench/`` (``$XDG_CACHE_HOME``)."""
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ from flashmoe.bench.runner import run_worker
 from flashmoe.settings import EngineSettings, RuntimeSettings, StreamSettings
 
 REFERENCE_DESC = "stock llama.cpp, weight repacking off, unconfined, same routing"
+REFERENCE_DESC_REPACK = "stock llama.cpp, weight repacking on, unconfined, same routing"
+
+
+def reference_desc(repack: bool) -> str:
+    return REFERENCE_DESC_REPACK if repack else REFERENCE_DESC
 _CACHED = ("tokens", "mode_line", "created", "decode_tok_s")
 
 
@@ -43,8 +50,8 @@ class Reference:
         return d
 
 
-def reference_settings(n_ctx: int, threads: Optional[int]) -> EngineSettings:
-    rt = RuntimeSettings(n_ctx=n_ctx, n_threads=threads, use_extra_bufts=False, load_mode="mmap")
+def reference_settings(n_ctx: int, threads: Optional[int], repack: bool = False) -> EngineSettings:
+    rt = RuntimeSettings(n_ctx=n_ctx, n_threads=threads, use_extra_bufts=repack, load_mode="mmap")
     return EngineSettings(policy_name="reference", stream=StreamSettings(mode="off"), runtime=rt)
 
 
@@ -121,26 +128,28 @@ def _write_cached(path: Path, key: Dict[str, Any], ref: Reference) -> Optional[s
 
 
 def run_reference(opts: BenchOptions, model_files: List[str], trace_sha: Optional[str],
-                  measure: bool, log: Callable[[str], None]) -> Reference:
+                  measure: bool, log: Callable[[str], None], repack: bool = False) -> Reference:
     """The reference's tokens: from the cache when a run with the same key is there, else run now."""
-    settings = reference_settings(opts.n_ctx, opts.threads)
+    settings = reference_settings(opts.n_ctx, opts.threads, repack)
+    desc = reference_desc(repack)
     key = _cache_key(opts, model_files, trace_sha, settings)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir() / f"reference-{digest}.json"
     if opts.reference_cache and path.is_file():
         ref = _read_cached(path, key)
         if ref is not None:
-            log(f"reference ({REFERENCE_DESC}): cached in {path}")
+            log(f"reference ({desc}): cached in {path}")
+            ref.description = desc
             return ref
-    log(f"reference ({REFERENCE_DESC}) ...")
+    log(f"reference ({desc}) ...")
     rec = run_worker(opts.worker_spec(settings), None, opts.run_timeout, measure=measure)
     if not rec.ok:
         log(f"    reference run {rec.status}: {rec.detail or ''}")
-        return Reference(rec.status, cached=False, detail=rec.detail)
+        return Reference(rec.status, cached=False, detail=rec.detail, description=desc)
     res = rec.result
     ref = Reference("ok", cached=False, file=str(path), tokens=res.tokens, mode_line=res.mode_line,
                     created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                    decode_tok_s=res.report.decode_tok_s)
+                    decode_tok_s=res.report.decode_tok_s, description=desc)
     log(f"    ok: {len(res.tokens)} tokens, decode {res.report.decode_tok_s:.2f} tok/s")
     if opts.reference_cache:
         why = _write_cached(path, key, ref)

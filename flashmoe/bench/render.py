@@ -106,12 +106,13 @@ def _disk_and_reference_lines(doc: Dict[str, Any]) -> List[str]:
                    f"{d['method']}: " + ", ".join(f"QD{x['qd']} {x['bytes_per_s'] / 1e9:.2f} GB/s" for x in d["depths"]))
     elif d:
         out.append(f"- disk: not measured ({d.get('reason')})")
-    ref = doc.get("reference") or {}
-    if ref.get("status") == "ok":
-        out.append(f"- reference for 'identical': {ref['description']}: {len(ref['tokens'])} tokens"
-                   + (" (cached)" if ref.get("cached") else ""))
-    elif ref.get("status") != "skipped":
-        out.append(f"- reference for 'identical': {ref.get('status')}: {ref.get('detail')}")
+    refs = list((doc.get("references") or {}).values()) or [doc.get("reference") or {}]
+    for ref in refs:
+        if ref.get("status") == "ok":
+            out.append(f"- reference for 'identical': {ref['description']}: {len(ref['tokens'])} tokens"
+                       + (" (cached)" if ref.get("cached") else ""))
+        elif ref.get("status") != "skipped":
+            out.append(f"- reference for 'identical': {ref.get('status')}: {ref.get('detail')}")
     return out
 
 

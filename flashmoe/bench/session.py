@@ -137,7 +137,7 @@ class Rounds:
     opts: BenchOptions
     setup: Setup
     disk: Optional[DiskMeasurement]
-    reference: Reference
+    references: Dict[bool, Reference]  # by the compared run's weight repacking
     page_cache: PageCache
     measure: bool  # a cgroup measures the peak of unconfined runs
     log: Log
@@ -162,8 +162,9 @@ class Rounds:
             return run
         run.metrics = run_metrics(rec, p.settings.stream.mode != "off", p.settings.stream.readers, self.disk)
         run.mode_line = rec.result.mode_line
-        if self.reference.tokens is not None:
-            run.first_difference = first_difference(run.tokens, self.reference.tokens)
+        ref = self.references.get(p.settings.runtime.use_extra_bufts)
+        if ref is not None and ref.tokens is not None:
+            run.first_difference = first_difference(run.tokens, ref.tokens)
             run.identical = run.first_difference is None
         mm = run.metrics
         self.log(f"    ok: decode {mm.decode_tok_s:.2f} tok/s, prefill {mm.prefill_tok_s:.1f} tok/s, "
@@ -179,11 +180,13 @@ def run_bench(opts: BenchOptions, log: Log = _stderr) -> Dict[str, Any]:
     page_cache = PageCache(opts.drop_caches, setup.model_files, log)
     machine = machine_facts(opts.model)
     disk = measure_the_disk(opts, log)
-    reference = Reference("skipped")
-    if opts.reference:  # unconfined, repacking off, same routing; once per model and trace
+    references: Dict[bool, Reference] = {}
+    if opts.reference:  # unconfined, same routing, repacking as each run has it; once per model and trace
         trace_sha = setup.trace_info["sha256"] if setup.trace_info else None
-        reference = run_reference(opts, setup.model_files, trace_sha, backend is not None, log)
-    runs = Rounds(opts, setup, disk, reference, page_cache, backend is not None, log).run_all()
+        for repack in sorted({p.settings.runtime.use_extra_bufts for p in setup.plans if p.runnable}):
+            references[repack] = run_reference(opts, setup.model_files, trace_sha, backend is not None, log, repack)
+    reference = references.get(False) or references.get(True) or Reference("skipped")
+    runs = Rounds(opts, setup, disk, references, page_cache, backend is not None, log).run_all()
     summary = [summarize(p, [r for r in runs if r.config == p.config.name and r.budget == p.budget],
                          opts.routing_trace, setup.n_expert_used) for p in setup.plans]
     notes = []
@@ -199,6 +202,7 @@ def run_bench(opts: BenchOptions, log: Log = _stderr) -> Dict[str, Any]:
         "bench": _settings_section(opts, setup, backend, page_cache),
         "disk": disk.to_dict() if disk is not None else None,
         "reference": reference.to_dict(),
+        "references": {("repack" if k else "no-repack"): v.to_dict() for k, v in references.items()},
         "configs": [c.to_dict() for c in setup.configs],
         "plans": [p.to_dict() for p in setup.plans],
         "runs": [r.to_dict() for r in runs],
