@@ -398,18 +398,29 @@ def test_auto_cache_from_budget(tmp_path, views):
     assert n_layers == mv.n_layer
     one_expert = [t for t in mv.tensors if t.layer == 0 and EXPERT_RE.match(t.name)]
     assert per_slot == n_layers * sum(t.nbytes // mv.n_expert for t in one_expert)
-    rest = base.memory.weights + base.memory.runtime
+    from flashmoe.policy.cache import page_cache_reserve
+
+    reserve = 128 * MiB  # what `auto` leaves free of a small budget (8%, at least 128 MiB) ...
+    rest = base.memory.weights + base.memory.runtime + reserve
     for want in (mv.n_expert_used, mv.n_expert_used + 1, mv.n_expert - 1):
         budget = rest + want * per_slot + per_slot // 2
-        res = load_policy("stream").resolve(mv, budget=budget, machine=machine())
+        assert page_cache_reserve(budget) == reserve
+        # ... when a cgroup limit is the budget (it counts the page cache with the process)
+        res = load_policy("stream").resolve(mv, budget=budget, machine=machine(cgroup_limit=budget))
         assert not res.errors, res.errors
-        assert res.cache.slots == want  # slots = (budget - weights - runtime) / (layers * expert bytes)
+        assert res.memory.reserve == reserve
+        # slots = (budget - weights - runtime - reserve) / (layers * expert bytes)
+        assert res.cache.slots == want
         es = res.engine_settings()
         assert es.stream.cache_slots == want and es.stream.cache_bytes == want * per_slot
         assert es.memory_budget == budget
         assert res.memory.total <= budget
+    # with RAM beyond the budget, that RAM is the reserve: the cache takes the budget's rest
+    res = load_policy("stream").resolve(mv, budget=rest + per_slot + per_slot // 2, machine=machine())
+    assert res.memory.reserve == 0
+    assert res.cache.slots == min(mv.n_expert, (reserve + per_slot + per_slot // 2) // per_slot)
     # too small for experts-used slots: an error that says why
-    res = load_policy("stream").resolve(mv, budget=rest + per_slot, machine=machine())
+    res = load_policy("stream").resolve(mv, budget=rest + per_slot, machine=machine(cgroup_limit=rest + per_slot))
     assert res.errors and f"but a token needs {mv.n_expert_used}" in res.errors[0]
     # more than enough: capped at the number of experts
     assert base.cache.slots == mv.n_expert

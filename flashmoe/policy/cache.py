@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Dict, List, Tuple
 
 from flashmoe.policy.model import unloaded_layers
 from flashmoe.policy.schema import DEFAULT_BUDGET_PERCENT, DEFAULT_READERS, PolicyError, plural, where
-from flashmoe.sizes import format_size
+from flashmoe.sizes import MiB, format_size
 
 if TYPE_CHECKING:  # annotations only: resolve.py imports this module
     from flashmoe.policy.resolve import Resolution
@@ -44,6 +44,22 @@ class CachePlan:
     @property
     def bytes_per_slot_all_layers(self) -> int:
         return sum(self.slot_bytes_by_layer.values())
+
+
+def page_cache_reserve(budget: int) -> int:
+    """What `cache_size: auto` leaves free of a budget: 8%, at least 128 MiB and at most 2 GiB (the page
+    cache and file-backed pages that a cgroup counts with the process; docs/BENCHMARKS.md has the B1 runs
+    that set it)."""
+    return int(min(2048 * MiB, max(128 * MiB, 0.08 * budget)))
+
+
+def _reserve(res: "Resolution", budget: int) -> int:
+    """The page-cache reserve that the memory holding the process leaves beyond the budget does not
+    already give: all of it when a cgroup limit is the budget, none when 90% of a machine's RAM is."""
+    m = res.machine
+    holder = m.cgroup_limit if m.cgroup_limit is not None else (m.physical_ram or m.ram_bytes)
+    beyond = max(0, holder - budget) if holder else 0
+    return max(0, page_cache_reserve(budget) - beyond)
 
 
 def plan_cache(res: "Resolution", budget_where: str, below_pinned: bool) -> bool:
@@ -151,15 +167,18 @@ def _auto_slots(res: "Resolution", budget_where: str, below_pinned: bool, need_s
     else:
         c.requested = f"auto: budget {format_size(auto_budget)} minus the rest"
     per_slot = c.bytes_per_slot_all_layers
-    avail = max(auto_budget - mem.weights - mem.runtime, 0)
+    mem.reserve = _reserve(res, auto_budget)
+    avail = max(auto_budget - mem.weights - mem.runtime - mem.reserve, 0)
     slots = avail // per_slot if per_slot else 0
     if slots >= need_slots or below_pinned:
         return slots, False
     res.errors.append(
         auto_where
         + f"{format_size(auto_budget)} leaves {format_size(avail)} for the expert cache after the "
-        f"resident weights ({format_size(mem.weights)}) and runtime buffers ({format_size(mem.runtime)}): "
-        f"{plural(slots, 'slot')} per layer, but a token needs {need_slots} (experts per token; one "
+        + (f"resident weights ({format_size(mem.weights)}), runtime buffers ({format_size(mem.runtime)}) and the "
+           f"page-cache reserve ({format_size(mem.reserve)}): " if mem.reserve else
+           f"resident weights ({format_size(mem.weights)}) and runtime buffers ({format_size(mem.runtime)}): ")
+        + f"{plural(slots, 'slot')} per layer, but a token needs {need_slots} (experts per token; one "
         f"slot in each of the {len(c.streamed_layers)} streamed layers takes {format_size(per_slot)}); "
         "raise the budget, pin fewer tensors (mmap them), lower n_ctx, or use cache mode pagecache"
     )

@@ -38,6 +38,10 @@ class MemoryEstimate:
     recurrent_state: int = 0
     compute: int = 0
     overhead: int = 0
+    # left free by `cache_size: auto` under a budget: the cgroup (or the machine) also holds page cache and
+    # file-backed pages (library code, mapped tensors, the model's reads at load); a process that fills its
+    # budget with anonymous memory makes the kernel evict and re-read those on every token
+    reserve: int = 0
     budget: Optional[int] = None
     budget_source: str = ""  # "policy", "--budget", "" (none)
     machine_ram: Optional[int] = None
@@ -58,7 +62,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.weights + self.cache + self.runtime
+        return self.weights + self.cache + self.runtime + self.reserve
 
 
 # --------------------------------------------------------------------------------------------

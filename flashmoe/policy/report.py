@@ -88,8 +88,9 @@ def _device_table(res: Resolution) -> str:
                 where += f" ({format_size(d['not_resident'])} of it streamed or mmap'd from disk)"
         else:
             where = f"{d['url']} (RPC worker: weights, KV cache and compute of its layers)"
-        rows.append((name, layers, d["tensors"], format_size(d["bytes"]), where))
-    return text_table(("device", "layers", "tensors", "bytes", "where"), rows, right=(2, 3))
+        cache = format_size(d["expert_cache"]) if d["expert_cache"] else "-"
+        rows.append((name, layers, d["tensors"], format_size(d["bytes"]), cache, where))
+    return text_table(("device", "layers", "tensors", "bytes", "expert cache", "where"), rows, right=(2, 3, 4))
 
 
 def _memory_table(res: Resolution) -> str:
@@ -114,6 +115,8 @@ def _memory_table(res: Resolution) -> str:
         rows.append(("recurrent state", format_size(mem.recurrent_state), "hybrid layers, f32"))
     rows.append(("compute buffer", format_size(mem.compute), f"estimate, n_ubatch {pol.runtime.n_ubatch}"))
     rows.append(("overhead", format_size(mem.overhead), "process, libraries (runtime.overhead)"))
+    if mem.reserve:
+        rows.append(("reserve", format_size(mem.reserve), "left free for page cache and file-backed pages (cache_size auto)"))
     rows.append(("total", format_size(mem.total), "not counting mmap'd tensors (page cache, evictable)"))
     if mem.budget is not None:
         src = "--budget" if mem.budget_source == "--budget" else f"budget: {pol.budget.text}"

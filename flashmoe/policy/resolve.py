@@ -133,26 +133,34 @@ class Resolution:
 
     def devices_plan(self) -> Dict[str, dict]:
         """Per device ("local", then the remote devices in layer order): its URL, the layers it runs (first,
-        last or None), its tensors and their bytes, and for local the bytes that stay on disk or the mapping
-        (stream, mmap). Only "local" when the policy has no remote device."""
+        last or None), its tensors and their bytes, for local the bytes that stay on disk or the mapping
+        (stream, mmap), and the expert cache of the streamed layers it runs (a remote layer's cache slots
+        live on its worker; the experts are read here and sent). Only "local" when the policy has no remote
+        device."""
         lay = self.layout
         out: Dict[str, dict] = {}
         n = self.model.n_layer
         remote_layers = set(lay.layer_device) if lay else set()
         local_layers = [il for il in range(n) if il not in remote_layers]
         out["local"] = {"url": None, "layers": [local_layers[0], local_layers[-1]] if local_layers else None,
-                        "tensors": 0, "bytes": 0, "not_resident": 0}
+                        "tensors": 0, "bytes": 0, "not_resident": 0, "expert_cache": 0}
         names = (lay.order + lay.extra) if lay else sorted(set(self.tensor_devices.values()))
         for d in names:
             rng = lay.ranges.get(d) if lay else None
             out[d] = {"url": self.policy.devices[d].url if d in self.policy.devices else None,
-                      "layers": list(rng) if rng else None, "tensors": 0, "bytes": 0, "not_resident": 0}
+                      "layers": list(rng) if rng else None, "tensors": 0, "bytes": 0, "not_resident": 0,
+                      "expert_cache": 0}
         for t in self.model.tensors:
             d = self.tensor_devices.get(t.name, "local")
             out[d]["tensors"] += 1
             out[d]["bytes"] += t.nbytes
             if d == "local" and self.placements[t.name] in ("stream", "mmap"):
                 out[d]["not_resident"] += t.nbytes
+        c = self.cache
+        if c.mode == "cache":
+            for il in c.streamed_layers:
+                d = lay.layer_device.get(il, "local") if lay else "local"
+                out[d]["expert_cache"] += c.slots_of(il) * c.slot_bytes_by_layer.get(il, 0)
         return out
 
     # -- reporting ----------------------------------------------------------------------------
