@@ -8,7 +8,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from flashmoe import llama as llama_api
 from flashmoe.errors import FlashMoEError
 from flashmoe.metrics import ProcessCounters, peak_rss_bytes
 from flashmoe.settings import EngineSettings, StreamSettings
+
+if TYPE_CHECKING:
+    from flashmoe.rpc import EnginePlan
 
 # Placement of every tensor for "streaming on, nothing else said": experts streamed, the rest resident.
 _EXPERT_SUFFIXES = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_up_exps.weight")
@@ -104,7 +107,7 @@ class Engine:
             # (a dense model: below, after the streaming check that names its real problem)
             if m.is_moe:
                 require_loadable(m, n_expert_used=runtime_overrides.get("n_expert_used"))
-            self.model_facts = {
+            self.model_facts: Dict[str, Any] = {
                 "arch": m.arch,
                 "n_layer": m.n_layer,
                 "n_expert": m.n_expert,
@@ -154,7 +157,7 @@ class Engine:
         self._load(verbose=verbose, chat_format=chat_format)
 
     # ------------------------------------------------------------------ load
-    def _load(self, verbose: bool, chat_format: Optional[str]):
+    def _load(self, verbose: bool, chat_format: Optional[str]) -> None:
         llama_api.lowlevel()  # a clear error when llama-cpp-python is missing
         s, rt = self.settings, self.settings.runtime
         # Load mode: "ram" tensors are read into anonymous memory (llama.cpp's load mode none); then
@@ -164,17 +167,42 @@ class Engine:
         placements = {n: ("default" if (p == "mmap" and use_mmap) or p == "remote" else p)
                       for n, p in s.placements.items()}
         self.hook_placements = placements
-        # remote devices (a policy's `devices`: llama.cpp's RPC backend): workers checked and connected, layers
-        # split between this host and them, tensors kept elsewhere than their layer's device overridden
-        self.remote = None
-        if s.tensor_devices:
-            from flashmoe import rpc
+        self.remote = self._connect_remote()
+        hooked = bool(s.stream.mode != "off" or any(p not in ("default", "gpu") for p in placements.values())
+                      or self.routing_trace or self.record_trace)
+        self._configure_hook(placements, hooked)
+        # `gpu` placements: every layer offloaded, the tensors placed elsewhere kept in host memory
+        from flashmoe import gpu
 
-            self.remote = rpc.engine_plan(self.model_path, s.placements, s.tensor_devices, s.devices,
-                                          custom_ops=bool(s.stream.mode != "off" or self.routing_trace
-                                                          or self.record_trace))
-        hooked = (s.stream.mode != "off" or any(p not in ("default", "gpu") for p in placements.values())
-                  or self.routing_trace or self.record_trace)
+        self.n_gpu_layers, keep_host = gpu.plan(s.placements)
+        n_batch, n_ubatch = self._batch_sizes()
+        overrides, self._override_patterns = gpu.host_overrides(keep_host) if self.n_gpu_layers else (None, [])
+        if self.remote is not None:
+            overrides, self._override_patterns = self.remote.overrides, self.remote.patterns
+        self._counters_load = ProcessCounters.now()
+        t0 = time.perf_counter()
+        self.llama = self._create_llama(use_mmap, overrides, n_batch, n_ubatch, hooked, verbose, chat_format)
+        self.load_s = time.perf_counter() - t0
+        if self.remote is not None:
+            self.remote.after_load()
+        self._load_counters = ProcessCounters.now().minus(self._counters_load)
+        self._model_ptr = llama_api.model_ptr(self.llama)
+        self._check_attached(hooked)
+
+    def _connect_remote(self) -> Optional[EnginePlan]:
+        """Remote devices (a policy's `devices`: llama.cpp's RPC backend): workers checked and connected, layers
+        split between this host and them, tensors kept elsewhere than their layer's device overridden."""
+        s = self.settings
+        if not s.tensor_devices:
+            return None
+        from flashmoe import rpc
+
+        return rpc.engine_plan(self.model_path, s.placements, s.tensor_devices, s.devices,
+                               custom_ops=bool(s.stream.mode != "off" or self.routing_trace or self.record_trace))
+
+    def _configure_hook(self, placements: Dict[str, str], hooked: bool) -> None:
+        """The hook's configuration for this load (or none, so that a stock load stays stock)."""
+        s = self.settings
         if hooked:
             hook.configure(
                 mode=s.stream.mode,
@@ -183,7 +211,7 @@ class Engine:
                 readers=s.stream.readers,
                 direct_io=s.stream.direct_io,
                 prefetch=s.stream.prefetch if s.stream.mode == "cache" else "off",
-                repack_slots=bool(rt.use_extra_bufts),
+                repack_slots=bool(s.runtime.use_extra_bufts),
                 layer_slots=s.stream.layer_slots,
                 record_trace=self.record_trace,
                 placements=placements,
@@ -191,33 +219,37 @@ class Engine:
             )
         elif hook.available():
             hook.reset_config()
-        kv = {}
-        if rt.n_expert_used:
-            kv[f"{self.model_facts['arch']}.expert_used_count"] = int(rt.n_expert_used)
-        # `gpu` placements: every layer offloaded, the tensors placed elsewhere kept in host memory
-        from flashmoe import gpu
 
-        self.n_gpu_layers, keep_host = gpu.plan(s.placements)
+    def _batch_sizes(self) -> Tuple[int, int]:
+        """(n_batch, n_ubatch): the runtime's, the ubatch lowered for a device expert cache (says why in
+        ``gpu_ubatch_note``)."""
+        s, rt = self.settings, self.settings.runtime
         n_batch, n_ubatch = rt.n_batch, rt.n_ubatch
-        self.gpu_ubatch_note = None
+        self.gpu_ubatch_note: Optional[str] = None
         if self.n_gpu_layers and s.stream.mode == "cache" and s.stream.cache_slots > 0:
             # prefill waves (a ubatch touching more experts than the cache has slots) fail on CUDA (an
             # illegal memory access in mul_mat_id, seen on the H200; not fixed yet): ubatches small enough
             # that every expert they touch fits the device cache run in one wave
-            k = max(1, int(self.settings.runtime.n_expert_used or self.model_facts["n_expert_used"] or 1))
+            k = max(1, int(rt.n_expert_used or self.model_facts["n_expert_used"] or 1))
             n_exp = int(self.model_facts["n_expert"] or 0)
             if n_exp and s.stream.cache_slots < n_exp and n_ubatch * k > s.stream.cache_slots:
                 n_ubatch = max(1, s.stream.cache_slots // k)
                 n_batch = max(n_batch, n_ubatch)
                 self.gpu_ubatch_note = (f"prefill ubatch lowered to {n_ubatch} so that each fits the device expert "
                                         f"cache in one wave (GPU prefill waves are not supported yet)")
-        overrides, self._override_patterns = gpu.host_overrides(keep_host) if self.n_gpu_layers else (None, [])
-        if self.remote is not None:
-            overrides, self._override_patterns = self.remote.overrides, self.remote.patterns
-        self._counters_load = ProcessCounters.now()
-        t0 = time.perf_counter()
+        return n_batch, n_ubatch
+
+    def _create_llama(self, use_mmap: bool, overrides: Any, n_batch: int, n_ubatch: int, hooked: bool,
+                      verbose: bool, chat_format: Optional[str]) -> Any:
+        """llama.cpp's load (the ``Llama``); a FlashMoEError with the hook's reason when it fails."""
+        from flashmoe import gpu
+
+        s, rt, remote = self.settings, self.settings.runtime, self.remote
+        kv = {}
+        if rt.n_expert_used:
+            kv[f"{self.model_facts['arch']}.expert_used_count"] = int(rt.n_expert_used)
         try:
-            self.llama = llama_api.load(
+            return llama_api.load(
                 self.model_path,
                 use_extra_bufts=rt.use_extra_bufts,
                 lazy_mode=rt.lazy_mode,
@@ -237,20 +269,19 @@ class Engine:
                 verbose=verbose,
                 chat_format=chat_format,
                 lora_path=self.lora_path,
-                n_gpu_layers=self.remote.n_gpu_layers if self.remote else self.n_gpu_layers,
-                devices=self.remote.devices if self.remote else None,
-                tensor_split=self.remote.tensor_split if self.remote and any(self.remote.tensor_split) else None,
+                n_gpu_layers=remote.n_gpu_layers if remote else self.n_gpu_layers,
+                devices=remote.devices if remote else None,
+                tensor_split=remote.tensor_split if remote and any(remote.tensor_split) else None,
             )
         except ValueError as e:
             err = hook.last_error() if hook.available() else ""
             if hooked:
                 hook.reset_config()
             raise FlashMoEError(f"llama.cpp could not load {self.model_path}: {err or e}")
-        self.load_s = time.perf_counter() - t0
-        if self.remote is not None:
-            self.remote.after_load()
-        self._load_counters = ProcessCounters.now().minus(self._counters_load)
-        self._model_ptr = llama_api.model_ptr(self.llama)
+
+    def _check_attached(self, hooked: bool) -> None:
+        """After the load: the hook's configuration cleared; closed with the hook's error when it failed to attach."""
+        s = self.settings
         err = hook.last_error() if hook.available() else ""
         if hooked:
             hook.reset_config()  # the configuration is for this load only
@@ -289,8 +320,9 @@ class Engine:
                 line += "; " + self.gpu_ubatch_note
         elif any(p == "gpu" for p in self.settings.placements.values()):
             line += "; gpu placement ignored (CPU build)"
-        if getattr(self, "remote", None) is not None:
-            line += "; " + self.remote.describe()
+        remote = getattr(self, "remote", None)
+        if remote is not None:
+            line += "; " + remote.describe()
         return line
 
     def stats(self) -> dict:
@@ -300,16 +332,18 @@ class Engine:
         layers = hook.layer_stats(self._model_ptr)
         if not layers:
             return {}
-        tot = {k: 0 for k in ("hits", "misses", "evictions", "bytes_read", "n_waves", "n_predicted", "n_predicted_right",
-                              "n_prefetched", "n_prefetch_used", "prefetch_wasted_bytes")}
-        tot.update(read_s=0.0, stall_s=0.0, prefetch_wait_s=0.0, read_wall_s=0.0)
+        sums: Dict[str, float] = {k: 0 for k in ("hits", "misses", "evictions", "bytes_read", "n_waves", "n_predicted",
+                                                 "n_predicted_right", "n_prefetched", "n_prefetch_used",
+                                                 "prefetch_wasted_bytes")}
+        sums.update(read_s=0.0, stall_s=0.0, prefetch_wait_s=0.0, read_wall_s=0.0)
         for l in layers:
-            for k in tot:
-                tot[k] += l[k]
-        acc = tot["hits"] + tot["misses"]
-        tot["hit_rate"] = (tot["hits"] / acc) if acc else 0.0
+            for k in sums:
+                sums[k] += l[k]
+        tot: Dict[str, Optional[float]] = dict(sums)
+        acc = sums["hits"] + sums["misses"]
+        tot["hit_rate"] = (sums["hits"] / acc) if acc else 0.0
         # of the experts the next layer's router (or the trace) predicted, the share the layer used
-        tot["prediction_accuracy"] = tot["n_predicted_right"] / tot["n_predicted"] if tot["n_predicted"] else None
+        tot["prediction_accuracy"] = sums["n_predicted_right"] / sums["n_predicted"] if sums["n_predicted"] else None
         info = hook.model_info(self._model_ptr) or {}
         return {"total": tot, "layers": layers, "info": info}
 
@@ -372,34 +406,52 @@ class Engine:
         stop_at_eos: bool = True,
     ) -> Generation:
         """Generates from a fresh context: prefill the prompt, then n_tokens decode steps."""
-        if n_tokens < 1:
-            raise FlashMoEError("the number of tokens to generate must be at least 1")
-        L = self.llama
-        toks = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        n_ctx = min(L.n_ctx(), len(L.input_ids))
-        if len(toks) + n_tokens > n_ctx:
-            raise FlashMoEError(f"prompt ({len(toks)} tokens) + {n_tokens} new tokens exceed the context size {n_ctx}")
+        toks = self._prompt_tokens(prompt, n_tokens)
         if self.routing_trace:
             self.rewind_trace()
         self.reset_stats()
         self.clear_error()
-        eos = L.token_eos()
+        eos = self.llama.token_eos()
         sampling = llama_api.Sampling(temperature=max(0.0, float(temp)), top_k=40, top_p=0.95, min_p=0.05,
                                       seed=(self.seed if seed is None else seed) if (seed is not None or temp > 0) else None)
         c0 = ProcessCounters.now()
         t0 = time.perf_counter()
-        t_prefill = None
-        out: List[int] = []
-        logits = [] if return_logits else None
-        t_first = None
+        logits: Optional[List[np.ndarray]] = [] if return_logits else None
         decoder = _Utf8Stream(self)
-        steps = llama_api.tokens(L, toks, sampling, with_logits=return_logits)
+        out, t_first = self._decode(toks, n_tokens, sampling, eos, stop_at_eos, on_token, decoder, logits)
+        t_prefill = (t_first - t0) if t_first is not None else time.perf_counter() - t0
+        t_end = time.perf_counter()
+        if on_token:
+            rest = decoder.flush()
+            if rest:
+                on_token(rest)
+        counters = ProcessCounters.now().minus(c0)
+        rep = self._run_report(len(toks), len(out), t0, t_first, t_prefill, t_end, counters)
+        return Generation(text=self.detokenize(out), tokens=out, report=rep, logits=logits)
+
+    def _prompt_tokens(self, prompt: Union[str, List[int]], n_tokens: int) -> List[int]:
+        """The prompt's tokens; a FlashMoEError when they and n_tokens new ones do not fit the context."""
+        if n_tokens < 1:
+            raise FlashMoEError("the number of tokens to generate must be at least 1")
+        toks = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        n_ctx = min(self.llama.n_ctx(), len(self.llama.input_ids))
+        if len(toks) + n_tokens > n_ctx:
+            raise FlashMoEError(f"prompt ({len(toks)} tokens) + {n_tokens} new tokens exceed the context size {n_ctx}")
+        return toks
+
+    def _decode(self, toks: List[int], n_tokens: int, sampling: llama_api.Sampling, eos: int, stop_at_eos: bool,
+                on_token: Optional[Callable[[str], None]], decoder: "_Utf8Stream",
+                logits: Optional[List[np.ndarray]]) -> Tuple[List[int], Optional[float]]:
+        """The token loop: (the tokens generated, perf_counter() when the first was picked)."""
+        L = self.llama
+        out: List[int] = []
+        t_first = None
+        steps = llama_api.tokens(L, toks, sampling, with_logits=logits is not None)
         try:
             for st in steps:
                 if t_first is None:
                     t_first = st.t
-                    t_prefill = st.t - t0
-                if return_logits:
+                if logits is not None and st.logits is not None:  # with_logits: every step has them
                     logits.append(st.logits)
                 tok = st.token
                 if stop_at_eos and (tok == eos or llama_api.is_eog(L, tok)):
@@ -415,22 +467,19 @@ class Engine:
             raise self.decode_error(e) from None
         finally:
             steps.close()
-        t_prefill = t_prefill if t_prefill is not None else time.perf_counter() - t0
-        t_end = time.perf_counter()
-        if on_token:
-            rest = decoder.flush()
-            if rest:
-                on_token(rest)
-        counters = ProcessCounters.now().minus(c0)
-        n_gen = len(out)
+        return out, t_first
+
+    def _run_report(self, n_prompt: int, n_gen: int, t0: float, t_first: Optional[float], t_prefill: float,
+                    t_end: float, counters: ProcessCounters) -> RunReport:
+        """The report of one generation: timings, I/O counters, cache statistics, notes."""
         decode_s = t_end - (t_first or t_end)
         rep = RunReport(
             mode=self.mode_line(),
             model=self.model_path,
             load_s=self.load_s,
-            prompt_tokens=len(toks),
+            prompt_tokens=n_prompt,
             prefill_s=t_prefill,
-            prefill_tok_s=len(toks) / t_prefill if t_prefill > 0 else 0.0,
+            prefill_tok_s=n_prompt / t_prefill if t_prefill > 0 else 0.0,
             ttft_s=(t_first - t0) if t_first else 0.0,
             generated_tokens=n_gen,
             decode_s=decode_s,
@@ -446,7 +495,7 @@ class Engine:
                              f"(model: {self.model_facts['n_expert_used']}): output differs from the model's")
         if self.routing_trace:
             rep.notes.append(f"routing forced from {self.routing_trace}")
-        return Generation(text=self.detokenize(out), tokens=out, report=rep, logits=logits)
+        return rep
 
 
 class _Utf8Stream:

@@ -29,12 +29,15 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from flashmoe import llama as llama_api
 from flashmoe.errors import FlashMoEError, UsageError
+
+if TYPE_CHECKING:
+    from flashmoe.engine import Engine
 
 DEFAULT_CTX = 512
 # rows x vocab floats handled at once when computing log-softmax / KL (bounds the temporary arrays)
@@ -58,7 +61,7 @@ def default_text_path() -> str:
 def load_text(path: Optional[str] = None) -> Tuple[str, str]:
     """(text, label). The packaged text's header (leading '#' lines: its source) is left out."""
     packaged = path is None
-    p = default_text_path() if packaged else os.fspath(path)
+    p = default_text_path() if path is None else os.fspath(path)
     try:
         with open(p, "r", encoding="utf-8") as f:
             text = f.read()
@@ -93,7 +96,7 @@ class _Runner:
 
         self.path = path
         self.policy = policy
-        self.engine = Engine(path, policy=policy, n_ctx=n_ctx, n_batch=min(n_ctx, 512),
+        self.engine: Optional[Engine] = Engine(path, policy=policy, n_ctx=n_ctx, n_batch=min(n_ctx, 512),
                              n_ubatch=min(n_ctx, 512),
                              n_threads=threads, use_extra_bufts=use_extra_bufts, n_expert_used=experts_per_token,
                              verbose=verbose)
@@ -107,9 +110,14 @@ class _Runner:
             self.close()
             raise FlashMoEError(f"{os.path.basename(path)}: the context holds {L.n_ctx()} tokens, less than {n_ctx}")
 
+    def _open(self) -> Engine:
+        if self.engine is None:
+            raise FlashMoEError(f"{os.path.basename(self.path)}: the model was closed")
+        return self.engine
+
     @property
     def mode(self) -> str:
-        return self.engine.mode_line()
+        return self._open().mode_line()
 
     def tokenize(self, text: str) -> List[int]:
         return list(self.L.tokenize(text.encode("utf-8"), add_bos=False, special=False))
@@ -128,7 +136,7 @@ class _Runner:
             try:
                 rows = llama_api.decode_rows(self.L, tokens[s:e], s, lambda i: first <= i < last)
             except RuntimeError as err:
-                raise self.engine.decode_error(err) from None
+                raise self._open().decode_error(err) from None
             if rows is not None:
                 yield max(s, first), rows
         self.L.n_tokens = 0
@@ -222,6 +230,42 @@ def _stderr(x: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------ measure
 
 
+@dataclass
+class _Chunks:
+    """The text cut into chunks of n_ctx tokens (the first replaced by BOS when the vocabulary adds one),
+    and which positions of each are scored."""
+
+    tokens: List[int]  # the whole text's
+    chunks: List[List[int]]
+    first: int  # the first scored position of a chunk
+    per_chunk: int  # scored positions per chunk
+
+    @property
+    def n_scored(self) -> int:
+        return len(self.chunks) * self.per_chunk
+
+
+@dataclass
+class _Reference:
+    """The reference run's scores: log-probabilities (a memory-mapped file), next-token NLL, top token."""
+
+    lp: np.memmap  # [n_scored, n_vocab] float32
+    nll: np.ndarray
+    top: np.ndarray
+    mode: str
+    tmp_bytes: int
+
+
+@dataclass
+class _Candidate:
+    """The candidate run's scores, against the reference's."""
+
+    nll: np.ndarray
+    kl: np.ndarray
+    same: np.ndarray  # both rank the same token first
+    mode: str
+
+
 def measure_quality(
     reference: str,
     candidate: Optional[str] = None,
@@ -247,82 +291,24 @@ def measure_quality(
     say = log or (lambda s: None)
     reference = os.fspath(reference)
     candidate = os.fspath(candidate) if candidate else reference
-    for p in (reference, candidate):
-        if not os.path.exists(p):
-            raise FlashMoEError(f"no such file: {p}")
-    if n_ctx < 8:
-        raise UsageError(f"--ctx {n_ctx} is too small (at least 8 tokens)")
-    if n_tokens < 0:
-        raise UsageError("--tokens must be 0 (all of the text) or more")
-    if text is None:
-        text, label = load_text(text_path)
-    else:
-        label = "(given text)"
+    _check_request(reference, candidate, n_ctx, n_tokens)
+    text, label = load_text(text_path) if text is None else (text, "(given text)")
     notes: List[str] = []
     if candidate == reference and (vs_policy or None) == (policy or None) and experts_per_token == vs_experts_per_token:
         notes.append("the candidate is the reference itself (same file, same policy): the KL divergence "
                      "should be 0 and the top-1 agreement 100%")
-
-    # --- reference
     t0 = time.monotonic()
     ref = _Runner(reference, policy, n_ctx, threads, use_extra_bufts, experts_per_token)
     tmp_folder = None
     try:
-        tokens = ref.tokenize(text)
-        avail = len(tokens)
-        want = avail if n_tokens == 0 else min(n_tokens, avail)
-        n_chunks = want // n_ctx
-        if n_chunks < 1:
-            raise FlashMoEError(f"the text has {avail} tokens" + (f" (--tokens {n_tokens})" if n_tokens else "")
-                                + f": not one chunk of --ctx {n_ctx}; lower --ctx or give a longer --text")
-        if n_tokens > avail:
-            notes.append(f"--tokens {n_tokens}: the text has only {avail} tokens")
-        first = n_ctx // 2
-        per_chunk = n_ctx - 1 - first
-        n_scored = n_chunks * per_chunk
-        V = ref.n_vocab
-        chunks = []
-        for c in range(n_chunks):
-            ch = tokens[c * n_ctx:(c + 1) * n_ctx]
-            if ref.add_bos:
-                ch = [ref.bos] + ch[1:]
-            chunks.append(ch)
-        tmp_bytes = n_scored * V * 4
-        from gguf_tools.atomic import check_free_space, human_bytes
-
+        ch = _cut(ref, ref.tokenize(text), n_ctx, n_tokens, notes)
         tmp_folder = tempfile.mkdtemp(prefix="flashmoe-quality-", dir=tmp_dir)
-        check_free_space(os.path.join(tmp_folder, "x"), tmp_bytes, margin=16 << 20)
-        if tmp_bytes >= (64 << 20):
-            say(f"reference log-probabilities: {human_bytes(tmp_bytes)} in {tmp_folder}")
-        ref_lp = np.lib.format.open_memmap(os.path.join(tmp_folder, "reference-logprobs.npy"), mode="w+",
-                                           dtype=np.float32, shape=(n_scored, V))
-        ref_nll = np.empty(n_scored, dtype=np.float64)
-        ref_top = np.empty(n_scored, dtype=np.int64)
-        ref_mode = ref.mode
-        _run(ref, chunks, first, per_chunk, "reference", progress, say,
-             lambda k, lp, nxt: _take_ref(k, lp, nxt, ref_lp, ref_nll, ref_top))
-        ref_lp.flush()
-        ref.close()
+        refs = _run_reference(ref, ch, tmp_folder, progress, say)
         t_ref = time.monotonic() - t0
-
-        # --- candidate
         t1 = time.monotonic()
         cand = _Runner(candidate, vs_policy, n_ctx, threads, use_extra_bufts, vs_experts_per_token)
         try:
-            if cand.n_vocab != V:
-                raise FlashMoEError(f"the candidate's vocabulary has {cand.n_vocab} tokens, the reference's {V}: "
-                                    "comparing next-token distributions needs the same tokenizer")
-            if cand.tokenize(text) != tokens:
-                raise FlashMoEError("the candidate tokenizes the text differently from the reference: comparing "
-                                    "next-token distributions needs the same tokenizer")
-            if cand.add_bos != ref.add_bos or (cand.add_bos and cand.bos != ref.bos):
-                raise FlashMoEError("the candidate's BOS token differs from the reference's")
-            cand_nll = np.empty(n_scored, dtype=np.float64)
-            kl = np.empty(n_scored, dtype=np.float64)
-            same = np.empty(n_scored, dtype=bool)
-            cand_mode = cand.mode
-            _run(cand, chunks, first, per_chunk, "candidate", progress, say,
-                 lambda k, lp, nxt: _take_cand(k, lp, nxt, ref_lp, ref_top, cand_nll, kl, same))
+            cands = _run_candidate(cand, ref, text, ch, refs, progress, say)
         finally:
             cand.close()
         t_cand = time.monotonic() - t1
@@ -330,20 +316,96 @@ def measure_quality(
         ref.close()
         if tmp_folder:
             shutil.rmtree(tmp_folder, ignore_errors=True)
-
-    d = cand_nll - ref_nll
-    ppl_r, ppl_c = math.exp(ref_nll.mean()), math.exp(cand_nll.mean())
     return QualityReport(
         reference=reference, candidate=candidate, reference_policy=policy, candidate_policy=vs_policy,
-        reference_mode=ref_mode, candidate_mode=cand_mode, text=label, n_ctx=n_ctx, n_chunks=n_chunks,
-        n_tokens=n_chunks * n_ctx, n_scored=n_scored,
-        ppl_reference=float(ppl_r), ppl_reference_err=float(ppl_r) * _stderr(ref_nll),
-        ppl_candidate=float(ppl_c), ppl_candidate_err=float(ppl_c) * _stderr(cand_nll),
+        reference_mode=refs.mode, candidate_mode=cands.mode, text=label, n_ctx=n_ctx, n_chunks=len(ch.chunks),
+        n_tokens=len(ch.chunks) * n_ctx, n_scored=ch.n_scored, **_scores(refs, cands),
+        reference_seconds=t_ref, candidate_seconds=t_cand, tmp_bytes=refs.tmp_bytes, notes=notes,
+    )
+
+
+def _check_request(reference: str, candidate: str, n_ctx: int, n_tokens: int) -> None:
+    for p in (reference, candidate):
+        if not os.path.exists(p):
+            raise FlashMoEError(f"no such file: {p}")
+    if n_ctx < 8:
+        raise UsageError(f"--ctx {n_ctx} is too small (at least 8 tokens)")
+    if n_tokens < 0:
+        raise UsageError("--tokens must be 0 (all of the text) or more")
+
+
+def _cut(ref: _Runner, tokens: List[int], n_ctx: int, n_tokens: int, notes: List[str]) -> _Chunks:
+    """The chunks of the text's first ``n_tokens`` tokens (0: all of them); a FlashMoEError when not one fits."""
+    avail = len(tokens)
+    want = avail if n_tokens == 0 else min(n_tokens, avail)
+    n_chunks = want // n_ctx
+    if n_chunks < 1:
+        raise FlashMoEError(f"the text has {avail} tokens" + (f" (--tokens {n_tokens})" if n_tokens else "")
+                            + f": not one chunk of --ctx {n_ctx}; lower --ctx or give a longer --text")
+    if n_tokens > avail:
+        notes.append(f"--tokens {n_tokens}: the text has only {avail} tokens")
+    first = n_ctx // 2
+    chunks = []
+    for c in range(n_chunks):
+        ch = tokens[c * n_ctx:(c + 1) * n_ctx]
+        if ref.add_bos:
+            ch = [ref.bos] + ch[1:]
+        chunks.append(ch)
+    return _Chunks(tokens, chunks, first, n_ctx - 1 - first)
+
+
+def _run_reference(ref: _Runner, ch: _Chunks, tmp_folder: str, progress: bool,
+                   say: Callable[[str], None]) -> _Reference:
+    """Runs the reference; its log-probabilities go to a file in tmp_folder. The reference is closed after."""
+    from gguf_tools.atomic import check_free_space, human_bytes
+
+    n_scored, V = ch.n_scored, ref.n_vocab
+    tmp_bytes = n_scored * V * 4
+    check_free_space(os.path.join(tmp_folder, "x"), tmp_bytes, margin=16 << 20)
+    if tmp_bytes >= (64 << 20):
+        say(f"reference log-probabilities: {human_bytes(tmp_bytes)} in {tmp_folder}")
+    lp_file = np.lib.format.open_memmap(os.path.join(tmp_folder, "reference-logprobs.npy"), mode="w+",
+                                        dtype=np.float32, shape=(n_scored, V))
+    out = _Reference(lp_file, np.empty(n_scored, dtype=np.float64), np.empty(n_scored, dtype=np.int64), ref.mode,
+                     tmp_bytes)
+    _run(ref, ch.chunks, ch.first, ch.per_chunk, "reference", progress, say,
+         lambda k, lp, nxt: _take_ref(k, lp, nxt, out.lp, out.nll, out.top))
+    out.lp.flush()
+    ref.close()
+    return out
+
+
+def _run_candidate(cand: _Runner, ref: _Runner, text: str, ch: _Chunks, refs: _Reference, progress: bool,
+                   say: Callable[[str], None]) -> _Candidate:
+    """Runs the candidate over the same chunks (after checking it has the reference's tokenizer) and compares."""
+    if cand.n_vocab != ref.n_vocab:
+        raise FlashMoEError(f"the candidate's vocabulary has {cand.n_vocab} tokens, the reference's {ref.n_vocab}: "
+                            "comparing next-token distributions needs the same tokenizer")
+    if cand.tokenize(text) != ch.tokens:
+        raise FlashMoEError("the candidate tokenizes the text differently from the reference: comparing "
+                            "next-token distributions needs the same tokenizer")
+    if cand.add_bos != ref.add_bos or (cand.add_bos and cand.bos != ref.bos):
+        raise FlashMoEError("the candidate's BOS token differs from the reference's")
+    n = ch.n_scored
+    out = _Candidate(np.empty(n, dtype=np.float64), np.empty(n, dtype=np.float64), np.empty(n, dtype=bool),
+                     cand.mode)
+    _run(cand, ch.chunks, ch.first, ch.per_chunk, "candidate", progress, say,
+         lambda k, lp, nxt: _take_cand(k, lp, nxt, refs.lp, refs.top, out.nll, out.kl, out.same))
+    return out
+
+
+def _scores(r: _Reference, c: _Candidate) -> Dict[str, Any]:
+    """The report's figures: perplexities, their log ratio, the KL divergence's distribution, top-1 agreement."""
+    d = c.nll - r.nll
+    kl, same = c.kl, c.same
+    ppl_r, ppl_c = math.exp(r.nll.mean()), math.exp(c.nll.mean())
+    return dict(
+        ppl_reference=float(ppl_r), ppl_reference_err=float(ppl_r) * _stderr(r.nll),
+        ppl_candidate=float(ppl_c), ppl_candidate_err=float(ppl_c) * _stderr(c.nll),
         ln_ppl_ratio=float(d.mean()), ln_ppl_ratio_err=_stderr(d),
         kl_mean=float(kl.mean()), kl_mean_err=_stderr(kl), kl_median=float(np.median(kl)),
         kl_p90=float(np.percentile(kl, 90)), kl_p99=float(np.percentile(kl, 99)), kl_max=float(kl.max()),
         top1_agreement=float(same.mean()), top1_same=int(same.sum()),
-        reference_seconds=t_ref, candidate_seconds=t_cand, tmp_bytes=tmp_bytes, notes=notes,
     )
 
 

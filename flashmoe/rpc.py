@@ -408,7 +408,8 @@ def connect(name: str, ep: Endpoint, timeout: float = 10.0) -> Worker:
     Installs the lost-worker handler first."""
     lib = _lib()
     install_abort_handler()
-    probe(name, ep, timeout)
+    if not _worker_sockets([ep.address]):  # connected already (another model of this process): llama.cpp reuses it
+        probe(name, ep, timeout)
     _workers[ep.address] = (name, ep)
     reg = lib.add_server(ep.address.encode())
     if not reg:
@@ -595,12 +596,15 @@ def arm_timeouts(addresses: Iterable[str], seconds: float) -> int:
     return n
 
 
-def connection_bytes(addresses: Iterable[str]) -> Dict[str, Tuple[int, int]]:
-    """{``HOST:PORT``: (bytes sent, bytes received)} over this process's open TCP connections to those addresses
-    (the kernel's per-socket counters: sent = acknowledged by the peer). Linux only; {} elsewhere. Counters of
-    connections closed in between are lost: compare readings taken while a model stays loaded."""
+_SEGS = 152  # tcpi_data_segs_in (u32), then tcpi_data_segs_out (u32); Linux >= 4.6
+
+
+def connection_stats(addresses: Iterable[str]) -> Dict[str, Dict[str, int]]:
+    """{``HOST:PORT``: {sent, received, segments_in, segments_out}} over this process's open TCP connections to
+    those addresses, from the kernel's per-socket counters (``TCP_INFO``: bytes acknowledged by the peer, bytes
+    received, data segments each way). Zeros where the kernel or the platform has no such counters."""
     addresses = list(addresses)
-    out: Dict[str, Tuple[int, int]] = {a: (0, 0) for a in addresses}
+    out = {a: {"sent": 0, "received": 0, "segments_in": 0, "segments_out": 0} for a in addresses}
     if not hasattr(socket, "TCP_INFO"):
         return out
     for key, fd in _worker_sockets(addresses):
@@ -611,12 +615,23 @@ def connection_bytes(addresses: Iterable[str]) -> Dict[str, Tuple[int, int]]:
             continue
         finally:
             s.close()
-        if len(raw) < _BYTES_ACKED + 16:
-            continue
-        sent, received = struct.unpack_from("<QQ", raw, _BYTES_ACKED)
-        a, b = out[key]
-        out[key] = (a + sent, b + received)
+        d = out[key]
+        if len(raw) >= _BYTES_ACKED + 16:
+            sent, received = struct.unpack_from("<QQ", raw, _BYTES_ACKED)
+            d["sent"] += sent
+            d["received"] += received
+        if len(raw) >= _SEGS + 8:
+            seg_in, seg_out = struct.unpack_from("<II", raw, _SEGS)
+            d["segments_in"] += seg_in
+            d["segments_out"] += seg_out
     return out
+
+
+def connection_bytes(addresses: Iterable[str]) -> Dict[str, Tuple[int, int]]:
+    """{``HOST:PORT``: (bytes sent, bytes received)} over this process's open TCP connections to those addresses
+    (:func:`connection_stats`; sent = acknowledged by the peer). Counters of connections closed in between are
+    lost: compare readings taken while a model stays loaded."""
+    return {a: (d["sent"], d["received"]) for a, d in connection_stats(addresses).items()}
 
 
 class NetworkCounter:
@@ -775,8 +790,7 @@ def engine_plan(model_path: str, placements: Dict[str, str], tensor_devices: Dic
     for name, place in placements.items():
         if place == "stream":
             continue  # lazy: on the file mapping wherever its layer runs; the hook puts the layer's cache slots there
-        want: Optional[str] = tensor_devices.get(name) if place == "remote" else (
-            "gpu" if place == "gpu" and local_gpu else None)
+        want: Optional[str] = tensor_devices.get(name) or ("gpu" if place == "gpu" and local_gpu else None)
         il = layers.get(name)
         if il is None:
             il = _block_of(name)
@@ -801,3 +815,69 @@ def engine_plan(model_path: str, placements: Dict[str, str], tensor_devices: Dic
 def _block_of(name: str) -> Optional[int]:
     m = _BLOCK_RE.match(name)
     return int(m.group(1)) if m else None
+
+
+# --------------------------------------------------------------------------------------------- measuring a run
+
+
+def measure(engine, prompt: Sequence[int], n_tokens: int) -> dict:
+    """One greedy generation on a loaded Engine (from an empty context, the routing trace rewound), timed per
+    phase, with the bytes exchanged with its workers: prefill (the prompt, up to the first token) and decode
+    (the next ``n_tokens - 1`` tokens, each evaluated by llama.cpp's own loop), per token, from the kernel's
+    per-connection counters of this process (:func:`connection_stats`), and the data segments received from
+    the workers per token (about the replies waited for: each costs a network round trip). Also the machine-wide loopback
+    counter over the decode (an upper bound when other programs use loopback) and the expert cache figures.
+    """
+    import time
+
+    from flashmoe import llama as llama_api
+
+    if n_tokens < 2:
+        raise FlashMoEError("measure needs at least 2 tokens (the first one ends the prefill)")
+    addrs = engine.remote.addresses if getattr(engine, "remote", None) else []
+    if engine.routing_trace:
+        engine.rewind_trace()
+    engine.reset_stats()
+    engine.clear_error()
+
+    def net() -> Tuple[int, int, int]:
+        c = connection_stats(addrs)
+        return (sum(v["sent"] for v in c.values()), sum(v["received"] for v in c.values()),
+                sum(v["segments_in"] for v in c.values()))
+
+    n0 = net()
+    t0 = time.perf_counter()
+    steps = llama_api.tokens(engine.llama, list(prompt), llama_api.Sampling(temperature=0.0))
+    toks: List[int] = []
+    try:
+        toks.append(next(steps).token)  # evaluates the prompt
+        t1, n1, lo1 = time.perf_counter(), net(), loopback_bytes()
+        read1 = engine.stats().get("total", {}).get("bytes_read", 0)
+        for _ in range(n_tokens - 1):
+            toks.append(next(steps).token)  # evaluates the previous token
+        t2, n2, lo2 = time.perf_counter(), net(), loopback_bytes()
+    except RuntimeError as e:
+        raise engine.decode_error(e) from None
+    finally:
+        steps.close()
+    n_dec = n_tokens - 1
+    stats = engine.stats().get("total", {})
+    return {
+        "prompt_tokens": len(prompt),
+        "generated_tokens": len(toks),
+        "tokens": toks,
+        "prefill_s": t1 - t0,
+        "prefill_tok_s": len(prompt) / (t1 - t0) if t1 > t0 else 0.0,
+        "decode_s": t2 - t1,
+        "decode_tok_s": n_dec / (t2 - t1) if t2 > t1 else 0.0,
+        "prefill_net_sent": n1[0] - n0[0],
+        "prefill_net_received": n1[1] - n0[1],
+        "decode_net_sent_per_token": (n2[0] - n1[0]) / n_dec,
+        "decode_net_received_per_token": (n2[1] - n1[1]) / n_dec,
+        # data segments from the workers: about the replies this host waited for (one per reply on a LAN/loopback)
+        "decode_segments_in_per_token": (n2[2] - n1[2]) / n_dec,
+        "decode_loopback_per_token": ((lo2 - lo1) / n_dec) if lo1 is not None and lo2 is not None else None,
+        "hit_rate": stats.get("hit_rate"),
+        "decode_expert_read_per_token": (stats.get("bytes_read", 0) - read1) / n_dec,
+        "workers": {w.endpoint.address: w.name for w in engine.remote.workers.values()} if addrs else {},
+    }

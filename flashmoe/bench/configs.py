@@ -108,6 +108,13 @@ class Plan:
     def runnable(self) -> bool:
         return self.settings is not None and self.error is None
 
+    @property
+    def run_settings(self) -> EngineSettings:
+        """The settings of a runnable plan (a ValueError for one that cannot run)."""
+        if self.settings is None or self.error is not None:
+            raise ValueError(f"{self.key} cannot run: {self.error or 'not applicable'}")
+        return self.settings
+
     def to_dict(self) -> Dict[str, Any]:
         return {"config": self.config.name, "budget": self.budget, "error": self.error, "resolution": self.resolution,
                 "settings": asdict(self.settings) if self.settings is not None else None}
@@ -184,24 +191,27 @@ def plan(config: Config, model: GGUFModel, budget: Optional[int], n_ctx: int, th
         return p
     if config.kind == "policy":
         pol = copy.deepcopy(config.policy)
+        if pol is None:  # pragma: no cover - policy configurations are made with their policy
+            raise ValueError(f"configuration {config.name}: no policy")
         pol.runtime.n_ctx = n_ctx  # the context the runs use: the memory plan (cache: auto) must see it
         if threads:
             pol.runtime.threads = threads
         try:
             res = pol.resolve(model, budget=budget)
             p.resolution = _resolution_dict(res)
-            p.settings = res.engine_settings()
+            settings = res.engine_settings()
         except FlashMoEError as e:
             p.error = str(e)
             return p
     else:
         rt = RuntimeSettings(n_ctx=n_ctx, n_threads=threads, **config.stock)
-        p.settings = EngineSettings(policy_name=config.name, stream=StreamSettings(mode="off"), runtime=rt,
-                                    placements=dict(config.placements or {}))
-    p.settings.runtime.n_ctx = n_ctx
-    p.settings.runtime.n_threads = threads
+        settings = EngineSettings(policy_name=config.name, stream=StreamSettings(mode="off"), runtime=rt,
+                                  placements=dict(config.placements or {}))
+    p.settings = settings
+    settings.runtime.n_ctx = n_ctx
+    settings.runtime.n_threads = threads
     if config.kind == "stock":
-        p.settings.policy_name = "stock"  # not a policy: the engine's mode line then says "stock llama.cpp (...)"
+        settings.policy_name = "stock"  # not a policy: the engine's mode line then says "stock llama.cpp (...)"
     return p
 
 

@@ -146,11 +146,11 @@ def run_reference(opts: BenchOptions, model_files: List[str], trace_sha: Optiona
     if not rec.ok:
         log(f"    reference run {rec.status}: {rec.detail or ''}")
         return Reference(rec.status, cached=False, detail=rec.detail, description=desc)
-    res = rec.result
+    res, rep = rec.ok_result, rec.ok_report
     ref = Reference("ok", cached=False, file=str(path), tokens=res.tokens, mode_line=res.mode_line,
                     created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                    decode_tok_s=res.report.decode_tok_s, description=desc)
-    log(f"    ok: {len(res.tokens)} tokens, decode {res.report.decode_tok_s:.2f} tok/s")
+                    decode_tok_s=rep.decode_tok_s, description=desc)
+    log(f"    ok: {len(res.tokens)} tokens, decode {rep.decode_tok_s:.2f} tok/s")
     if opts.reference_cache:
         why = _write_cached(path, key, ref)
         if why:

@@ -164,7 +164,8 @@ def plot_sweep(doc: Dict[str, Any], path: str) -> None:
     for name in names:
         pts = sorted((s for s in doc["summary"] if s["config"] == name and s["budget"] is not None),
                      key=lambda s: s["budget"])
-        done = [(s["budget"] / unit, _med(s, "decode_tok_s")) for s in pts if _med(s, "decode_tok_s") is not None]
+        meds = [(s["budget"] / unit, _med(s, "decode_tok_s")) for s in pts]
+        done = [(x, y) for x, y in meds if y is not None]
         failed = [s["budget"] / unit for s in pts if _med(s, "decode_tok_s") is None and s["status"] != "n/a"]
         if not done and not failed:
             continue

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 
 from flashmoe.bench.configs import Plan, budget_text, planned_mode_line
 from flashmoe.bench.disk import DiskMeasurement, disk_bw_for
-from flashmoe.bench.runner import RunRecord
+from flashmoe.bench.runner import OfRecord, RunRecord
 from flashmoe.sizes import MiB
 
 METRICS = ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "disk_mib_per_token", "major_faults_per_token",
@@ -48,8 +48,7 @@ class RunMetrics:
 
 def run_metrics(rec: RunRecord, streaming: bool, readers: int, disk: Optional[DiskMeasurement]) -> RunMetrics:
     """The figures of a completed run; the I/O bound of a streaming run from the disk measurement."""
-    res = rec.result
-    rep, dec = res.report, res.decode
+    rep, dec = rec.ok_report, rec.ok_result.decode
     n = max(1, dec.tokens)
     c = dec.cache
     acc = c.hits + c.misses
@@ -86,7 +85,7 @@ def first_difference(a: List[int], b: List[int]) -> Optional[int]:
 
 
 @dataclass
-class BenchRun:
+class BenchRun(OfRecord):
     """One run of the bench: the worker's record, where it stands in the alternation, its figures and
     whether its output equals the reference's."""
 
@@ -102,10 +101,6 @@ class BenchRun:
     first_difference: Optional[int] = None
 
     @property
-    def status(self) -> str:
-        return self.record.status
-
-    @property
     def tokens(self) -> List[int]:
         return self.record.result.tokens if self.record.result is not None else []
 
@@ -115,8 +110,8 @@ class BenchRun:
         if not self.record.ok:
             d["mode_line"] = self.mode_line
             return d
-        d.update(metrics=self.metrics.to_dict(), tokens=self.tokens, mode_line=self.mode_line,
-                 identical=self.identical)
+        d.update(metrics=self.metrics.to_dict() if self.metrics is not None else None, tokens=self.tokens,
+                 mode_line=self.mode_line, identical=self.identical)
         if self.identical is not None:
             d["first_difference"] = self.first_difference
         return d
@@ -139,9 +134,10 @@ def _failures(s: Dict[str, Any], bad: List[BenchRun]) -> None:
     """The summary's detail, partial decode rate and peak from the runs that did not complete."""
     s["detail"] = "; ".join(f"run #{r.seq}: {r.status}: {r.record.detail or ''}" for r in bad[:3]) + (
         f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
-    to = [r for r in bad if r.status == "TIMEOUT" and r.record.progress.partial_decode_tok_s]
+    partial = [r.record.progress.partial_decode_tok_s for r in bad if r.status == "TIMEOUT"]
+    to = [x for x in partial if x]
     if to:
-        s["partial_decode_tok_s"] = statistics.median(r.record.progress.partial_decode_tok_s for r in to)
+        s["partial_decode_tok_s"] = statistics.median(to)
     s["peak_mib_failed"] = aggregate([r.record.peak_bytes / MiB if r.record.peak_bytes else None for r in bad])
 
 
@@ -169,7 +165,8 @@ def summarize(p: Plan, runs: List[BenchRun], routing_trace: Optional[str], n_exp
     idents = [r.identical for r in ok]
     if any(i is False for i in idents):
         s["identical"] = False
-        s["first_difference"] = min(r.first_difference for r in ok if r.identical is False)
+        s["first_difference"] = min(r.first_difference for r in ok
+                                    if r.identical is False and r.first_difference is not None)
     elif ok and all(i is True for i in idents):
         s["identical"] = True
     bad = [r for r in runs if not r.record.ok]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from flashmoe.cgroup import LimitedResult, run_limited
+from flashmoe.engine import RunReport
 from flashmoe.sizes import format_size
 from flashmoe.worker import PROGRESS_TAG, RESULT_TAG, WorkerResult, WorkerSpec
 
@@ -92,6 +93,21 @@ class RunRecord:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def ok_result(self) -> WorkerResult:
+        """What the worker reported, of a completed run (a ValueError for one that did not complete)."""
+        if self.result is None or not self.result.ok:
+            raise ValueError(f"the run did not complete ({self.status}): it has no result")
+        return self.result
+
+    @property
+    def ok_report(self) -> RunReport:
+        """The engine's report of a completed run (a ValueError for one that did not complete)."""
+        rep = self.ok_result.report
+        if rep is None:  # pragma: no cover - a successful worker result always has its report
+            raise ValueError("a successful worker result has no report")
+        return rep
+
     def to_dict(self) -> Dict[str, Any]:
         d: Dict[str, Any] = {"returncode": self.returncode, "wall_s": self.wall_s, "peak_bytes": self.peak_bytes,
                              "peak_source": self.peak_source, "oom_killed": self.oom_killed,
@@ -103,6 +119,16 @@ class RunRecord:
         if self.stderr_tail is not None:
             d["stderr_tail"] = self.stderr_tail
         return d
+
+
+class OfRecord:
+    """What wraps a run's record (a bench run, a tuner's validation run): its status is the record's."""
+
+    record: RunRecord
+
+    @property
+    def status(self) -> str:
+        return self.record.status
 
 
 def worker_env() -> Dict[str, str]:
@@ -159,7 +185,7 @@ def run_worker(spec: WorkerSpec, limit: Optional[int], timeout: float, measure: 
     if result is not None and result.ok:
         rec.status, rec.result = "ok", result
         if rec.peak_bytes is None:
-            rec.peak_bytes, rec.peak_source = result.report.peak_rss_bytes, "rss"
+            rec.peak_bytes, rec.peak_source = rec.ok_report.peak_rss_bytes, "rss"
     elif r.timed_out:
         rec.status, rec.detail = "TIMEOUT", f"killed after {timeout:g} s " + how_far
     elif limit is not None and r.oom:

@@ -152,17 +152,18 @@ class Rounds:
         return self.runs
 
     def run_one(self, p: Plan, rnd: int, seq: int, total: int) -> BenchRun:
+        s = p.run_settings
         act = self.page_cache.prepare(p.budget)
         self.log(f"[{seq}/{total}] {p.config.name} at {budget_text(p.budget)} (round {rnd}/{self.opts.repeat}) ...")
-        rec = run_worker(self.opts.worker_spec(p.settings), p.budget, self.opts.run_timeout, measure=self.measure)
+        rec = run_worker(self.opts.worker_spec(s), p.budget, self.opts.run_timeout, measure=self.measure)
         run = BenchRun(rec, seq, rnd, p.config.name, p.budget, act)
         if not rec.ok:
-            run.mode_line = planned_mode_line(p.settings, self.opts.routing_trace, self.setup.n_expert_used)
+            run.mode_line = planned_mode_line(s, self.opts.routing_trace, self.setup.n_expert_used)
             self.log(f"    {rec.status}: {rec.detail or ''}")
             return run
-        run.metrics = run_metrics(rec, p.settings.stream.mode != "off", p.settings.stream.readers, self.disk)
-        run.mode_line = rec.result.mode_line
-        ref = self.references.get(p.settings.runtime.use_extra_bufts)
+        run.metrics = run_metrics(rec, s.stream.mode != "off", s.stream.readers, self.disk)
+        run.mode_line = rec.ok_result.mode_line
+        ref = self.references.get(s.runtime.use_extra_bufts)
         if ref is not None and ref.tokens is not None:
             run.first_difference = first_difference(run.tokens, ref.tokens)
             run.identical = run.first_difference is None
@@ -183,7 +184,7 @@ def run_bench(opts: BenchOptions, log: Log = _stderr) -> Dict[str, Any]:
     references: Dict[bool, Reference] = {}
     if opts.reference:  # unconfined, same routing, repacking as each run has it; once per model and trace
         trace_sha = setup.trace_info["sha256"] if setup.trace_info else None
-        for repack in sorted({p.settings.runtime.use_extra_bufts for p in setup.plans if p.runnable}):
+        for repack in sorted({p.run_settings.runtime.use_extra_bufts for p in setup.plans if p.runnable}):
             references[repack] = run_reference(opts, setup.model_files, trace_sha, backend is not None, log, repack)
     reference = references.get(False) or references.get(True) or Reference("skipped")
     runs = Rounds(opts, setup, disk, references, page_cache, backend is not None, log).run_all()

@@ -131,7 +131,7 @@ def constant_trace(path: str, mf: ModelFacts, k: int, n_tokens: int) -> None:
 
 def _per_token(rec: RunRecord) -> Tuple[Dict[str, float], Dict[str, Any]]:
     """A calibration run's compute per decode and prefill token (its stalls taken out), and its row."""
-    rep, dec = rec.result.report, rec.result.decode
+    rep, dec = rec.ok_report, rec.ok_result.decode
     tot = (rep.cache or {}).get("total") or {}
     dstall = dec.cache.stall_s
     pstall = max(0.0, tot.get("stall_s", 0.0) - dstall)
@@ -169,7 +169,7 @@ def calibrate_compute(settings_for: Callable[[Candidate], EngineSettings], mf: M
             break
         got[k], row = _per_token(rec)
         cm.runs.append({"k": k, **row})
-        rep = rec.result.report
+        rep = rec.ok_report
         cm.startup_s = max(cm.startup_s, rec.wall_s - rep.prefill_s - rep.decode_s)
         if rep.peak_rss_bytes:
             cm.non_cache_rss = max(cm.non_cache_rss or 0, rep.peak_rss_bytes - cand.slots * mf.bytes_per_slot)

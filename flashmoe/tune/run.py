@@ -161,10 +161,11 @@ class Tune:
         if not rec.ok:
             raise FlashMoEError(f"recording the routing failed: {rec.detail}")
         tr = read_trace(path)
-        P, G = rec.result.report.prompt_tokens, opts.gen_tokens
+        rep = rec.ok_report
+        P, G = rep.prompt_tokens, opts.gen_tokens
         src = {"source": "recorded", "prompt": "--prompt " + opts.prompt_file if opts.prompt_file
                else "default prompt", "prompt_tokens": P, "gen_tokens": G,
-               "decode_tok_s": rec.result.report.decode_tok_s}
+               "decode_tok_s": rep.decode_tok_s}
         self.clock.log(f"  recorded {tr.n_tokens} tokens ({P}-token prompt)")
         return tr, path, P, G, src
 

@@ -106,7 +106,7 @@ def working_set(trace: Trace, ubatches: Sequence[Ubatch], mf: ModelFacts, window
     cols = rows_per_layer(trace, ubatches, mf.last_layer)
     out = {}
     for li, il in enumerate(trace.layers):
-        rows = [cols[li][u] for u, ub in enumerate(ubatches) if ub.phase == "decode" and cols[li][u] is not None]
+        rows = [r for r, ub in zip(cols[li], ubatches) if ub.phase == "decode" and r is not None]
         if not rows:
             rows = [r for r in cols[li] if r is not None]
         seq = [set(int(x) for x in r.ravel()) for r in rows]

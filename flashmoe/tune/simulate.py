@@ -183,7 +183,7 @@ def rows_per_layer(trace: Trace, ubatches: Sequence[Ubatch],
     cols = []
     for li, il in enumerate(trace.layers):
         cursor = 0
-        per = []
+        per: List[Optional[np.ndarray]] = []
         for ub in ubatches:
             if last_layer is not None and il == last_layer:
                 n_comp = min(ub.n_outputs, ub.n_tokens)

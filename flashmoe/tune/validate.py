@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from flashmoe import cgroup
 from flashmoe.bench.disk import evict_file
 from flashmoe.bench.results import RunMetrics, run_metrics
-from flashmoe.bench.runner import RunRecord, run_worker
+from flashmoe.bench.runner import OfRecord, RunRecord, run_worker
 from flashmoe.errors import FlashMoEError
 from flashmoe.policy import Policy
 from flashmoe.settings import EngineSettings
@@ -29,7 +29,7 @@ def fmt(x: Optional[float], f: str = "{:.2f}") -> str:
 
 
 @dataclass
-class ValidationRun:
+class ValidationRun(OfRecord):
     """One validation run (the worker's record, its result dropped) and its figures."""
 
     record: RunRecord
@@ -40,10 +40,6 @@ class ValidationRun:
     decode_hits: Optional[int] = None
     decode_misses: Optional[int] = None
     decode_hit_rate: Optional[float] = None
-
-    @property
-    def status(self) -> str:
-        return self.record.status
 
     @property
     def detail(self) -> Optional[str]:
@@ -58,7 +54,7 @@ class ValidationRun:
         v = cls(rec, rnd, confined, model_evicted)
         if rec.ok:
             v.metrics = run_metrics(rec, True, readers, None)
-            dc = rec.result.decode.cache
+            dc = rec.ok_result.decode.cache
             acc = dc.hits + dc.misses
             v.decode_hits, v.decode_misses = dc.hits, dc.misses
             v.decode_hit_rate = dc.hits / acc if acc else None
@@ -103,10 +99,10 @@ def pick_for_validation(cands: List[Candidate], n: int) -> List[Candidate]:
 
 
 def _medians(c: Candidate) -> Optional[Dict[str, Any]]:
-    ok = [r.metrics for r in c.runs if r.status == "ok"]
+    runs = [r for r in c.runs if r.status == "ok"]
+    ok = [r.metrics for r in runs if r.metrics is not None]  # every completed run has its figures
     if not ok:
         return None
-    runs = [r for r in c.runs if r.status == "ok"]
     dec = [m.decode_tok_s for m in ok]
     return {
         "runs": len(ok),
@@ -225,9 +221,16 @@ def _no_winner_measured(validated: List[Candidate], cands: List[Candidate]) -> T
     return w, why
 
 
+def _measured(c: Candidate) -> Dict[str, Any]:
+    """The medians of a candidate that completed validation runs (a ValueError for one that did not)."""
+    if c.measured is None:
+        raise ValueError(f"{c.name} has no completed validation run")
+    return c.measured
+
+
 def _against(w: Candidate, o: Candidate) -> str:
     """Why w beat o, in a few words."""
-    wm, om = w.measured, o.measured
+    wm, om = _measured(w), _measured(o)
     d = wm["decode_tok_s"] / om["decode_tok_s"] - 1 if om["decode_tok_s"] else 0
     hw, ho = wm["decode_hit_rate"], om["decode_hit_rate"]
     reason = []
@@ -254,16 +257,18 @@ def choose_winner(validated: List[Candidate], cands: List[Candidate]) -> Tuple[C
     ok = [c for c in validated if c.measured]
     if not ok:
         return _no_winner_measured(validated, cands)
-    ok.sort(key=lambda c: c.measured["decode_tok_s"], reverse=True)
+    ok.sort(key=lambda c: _measured(c)["decode_tok_s"], reverse=True)
     best = ok[0]
-    tied = [c for c in ok if c.measured["decode_tok_s"] >= best.measured["decode_tok_s"] * (1 - TIE_FRACTION)]
-    w = max(tied, key=lambda c: c.measured["prefill_tok_s"])
-    parts = [f"{w.name} had the best measured decode speed: {w.measured['decode_tok_s']:.2f} tok/s "
-             f"(median of {w.measured['runs']})"]
+    bm = _measured(best)
+    tied = [c for c in ok if _measured(c)["decode_tok_s"] >= bm["decode_tok_s"] * (1 - TIE_FRACTION)]
+    w = max(tied, key=lambda c: _measured(c)["prefill_tok_s"])
+    wm = _measured(w)
+    parts = [f"{w.name} had the best measured decode speed: {wm['decode_tok_s']:.2f} tok/s "
+             f"(median of {wm['runs']})"]
     if w is not best:
         parts[0] = (f"{w.name} and {best.name} decoded within {100 * TIE_FRACTION:.0f}% of each other "
-                    f"({w.measured['decode_tok_s']:.2f} and {best.measured['decode_tok_s']:.2f} tok/s); {w.name} "
-                    f"prefilled faster ({w.measured['prefill_tok_s']:.1f} vs {best.measured['prefill_tok_s']:.1f} tok/s)")
+                    f"({wm['decode_tok_s']:.2f} and {bm['decode_tok_s']:.2f} tok/s); {w.name} "
+                    f"prefilled faster ({wm['prefill_tok_s']:.1f} vs {bm['prefill_tok_s']:.1f} tok/s)")
     parts += [_against(w, o) for o in ok if o is not w]
     for c in [c for c in validated if c.failed]:
         parts.append(f"{c.name} did not complete ({c.runs[0].status}: {c.runs[0].detail or ''})")
