@@ -32,6 +32,42 @@ def _writable_dir(p: Path) -> bool:
     return p.is_dir() and os.access(p, os.W_OK)
 
 
+def _can_limit(parent: Path, kind: str) -> bool:
+    """Whether a child cgroup of ``parent`` takes a memory limit: a directory that can be made is not
+    enough (a v2 parent whose subtree_control lacks the memory controller makes children without
+    memory.max). Makes a probe child, writes a no-op limit, removes it."""
+    probe = parent / f"flashmoe-probe-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        probe.mkdir()
+    except OSError:
+        return False
+    try:
+        if kind == "v2":
+            (probe / "memory.max").write_text("max")
+        else:
+            (probe / "memory.limit_in_bytes").write_text(str(1 << 62))
+        return True
+    except OSError:
+        return False
+    finally:
+        try:
+            probe.rmdir()
+        except OSError:
+            pass
+
+
+def _enable_memory_v2(parent: Path) -> None:
+    """Best effort: let children of ``parent`` have the memory controller (fails, harmlessly, when the
+    parent has processes of its own: cgroup v2's no-internal-processes rule)."""
+    sub = parent / "cgroup.subtree_control"
+    if "memory" in (machine.read_text(sub) or "").split():
+        return
+    try:
+        sub.write_text("+memory")
+    except OSError:
+        pass
+
+
 @dataclass
 class Backend:
     kind: str  # "v2", "v1", "systemd"
@@ -51,12 +87,14 @@ def detect(root: Optional[PathLike] = None, proc: Optional[PathLike] = None, sys
         parent = root / own2.lstrip("/")
         ctrls = (machine.read_text(parent / "cgroup.controllers") or "").split()
         if "memory" in ctrls and _writable_dir(parent):
-            return Backend("v2", parent)
+            _enable_memory_v2(parent)
+            if _can_limit(parent, "v2"):
+                return Backend("v2", parent)
     # v1
     own1 = _own_path("memory", proc)
     if own1 is not None:
         parent = root / "memory" / own1.lstrip("/")
-        if _writable_dir(parent) and (parent / "memory.limit_in_bytes").exists():
+        if _writable_dir(parent) and (parent / "memory.limit_in_bytes").exists() and _can_limit(parent, "v1"):
             return Backend("v1", parent)
     if systemd and shutil.which("systemd-run"):
         for user in (["--user"], []):

@@ -143,6 +143,16 @@ def test_split_across_two_workers_matches_one_process(tiny_model, workers, tmp_p
     assert all(s > 0 and r > 0 for s, r in net.by_worker.values())
 
 
+@pytest.mark.parametrize("arch", ["qwen2moe", "qwen35moe"])
+def test_split_other_families(tiny_models, workers, tmp_path, arch):
+    """Shared experts (qwen2moe) and hybrid recurrent layers (qwen35moe, their state on the worker): exact."""
+    ref, _, _ = _run(tiny_models[arch], _local_policy(tmp_path, name=f"local-{arch}"))
+    got, _, _ = _run(tiny_models[arch], _split_policy(tmp_path, workers.urls(), name=f"split-{arch}"))
+    assert got.tokens == ref.tokens
+    for a, b in zip(got.logits, ref.logits):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_split_with_repacking_keeps_the_tokens(tiny_model, workers, tmp_path):
     """With llama.cpp's CPU repacking on, this host's layers use repacked kernels and the workers' layers do not:
     same tokens, logits equal to float rounding."""
@@ -174,6 +184,20 @@ def test_split_with_streamed_experts(tiny_model, workers, tmp_path, stream_remot
     assert got.tokens == ref.tokens
     for a, b in zip(got.logits, ref.logits):
         np.testing.assert_array_equal(a, b)
+
+
+def test_two_models_of_one_process_share_the_workers(tiny_model, workers, tmp_path):
+    """A worker serves one connection; a second model of the same process uses llama.cpp's open one (the
+    handshake check is skipped for it: it would wait behind this process's own connection)."""
+    from flashmoe.engine import Engine
+    from flashmoe.policy import load_policy
+
+    settings = load_policy(_split_policy(tmp_path, workers.urls(), name="twice")).resolve(tiny_model)
+    with Engine(tiny_model, settings=settings.engine_settings()) as a, \
+            Engine(tiny_model, settings=settings.engine_settings()) as b:
+        ta = a.generate(PROMPT, 8, stop_at_eos=False).tokens
+        tb = b.generate(PROMPT, 8, stop_at_eos=False).tokens
+    assert ta == tb
 
 
 def test_policy_show_prints_the_plan_per_device(tiny_model, workers, tmp_path, run_cli):

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# B1 on the lent GPU machine (issue 13): the patched CUDA build (scripts/device_run.sh's build step, no RPC),
+# the B1 model and a uniform routing trace written there, then `flashmoe bench` of
+#   gpu-b1          dense weights on the GPU, routed experts streamed from disk into a VRAM cache
+#                   (policy configs/gpu-dense.yaml with GPU_B1_SLOTS slots per layer: well under half the model)
+#   stock-n-cpu-moe llama.cpp's `-ot exps=CPU`: experts in host RAM on the mmap, the rest on the GPU
+#   all-gpu         every weight on the GPU (it fits an H200)
+#   stock-mmap      llama.cpp on the CPU (no GPU placement), weights on the mmap
+# all under the same trace, unconfined (the machine has 128 GiB), 64-token prompt, 128 generated tokens.
+#   run('bash scripts/gpu_b1.sh', carry=['.device-kit'])     (STAGE=build|bench to split it over two calls)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export FLASHMOE_CACHE=${FLASHMOE_CACHE:-/tmp/fmc}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$FLASHMOE_CACHE/sdist" "$OUT"
+export PYTHONPATH=/tmp/site:$PWD
+STAGE=${STAGE:-all}
+SLOTS=${GPU_B1_SLOTS:-40}
+t0=$(date +%s)
+log() { echo "[gpu-b1 $(( $(date +%s) - t0 ))s] $*"; }
+if [[ $STAGE == all || $STAGE == build ]]; then
+  cp -n .device-kit/sdist/*.tar.gz "$FLASHMOE_CACHE/sdist/" 2>/dev/null || true
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device-kit/wheels/*.whl
+  FLASHMOE_CUDA_ARCHITECTURES=90 FLASHMOE_CUDA_FA=0 python3 -m flashmoe build --backend cuda --no-rpc 2>&1 | tail -2
+  python3 -m flashmoe build --info | head -8 | tee "$OUT/build-info.txt"
+  log "built"
+  [[ -f /tmp/b1.gguf ]] || python3 -m flashmoe synth --arch qwen3moe --preset bench --seed 0 -o /tmp/b1.gguf | tail -1
+  python3 -m flashmoe trace gen -m /tmp/b1.gguf --kind uniform --tokens 512 --seed 0 -o /tmp/b1-uniform.trace
+  log "model and trace written"
+fi
+if [[ $STAGE == all || $STAGE == bench ]]; then
+  sed "s/^name: gpu-dense$/name: gpu-b1/; s/^  cache_size: auto.*/  cache_slots: $SLOTS/" configs/gpu-dense.yaml > /tmp/gpu-b1.yaml
+  printf 'version: 1\nname: all-gpu\nrules:\n  - match: "*"\n    place: gpu\nruntime:\n  repack: false\n' > /tmp/all-gpu.yaml
+  python3 -m flashmoe policy show /tmp/gpu-b1.yaml -m /tmp/b1.gguf 2>&1 | tail -25 | tee "$OUT/policy-gpu-b1.txt"
+  nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+  python3 -m flashmoe bench -m /tmp/b1.gguf --policy /tmp/gpu-b1.yaml --policy /tmp/all-gpu.yaml \
+      --vs stock-n-cpu-moe --vs stock-mmap -p 64 -n 128 --repeat "${GPU_B1_REPEAT:-1}" --threads 16 \
+      --routing-trace /tmp/b1-uniform.trace --run-timeout 200 --json-out "$OUT/b1-gpu.json" | tee "$OUT/b1-gpu.md"
+  log "bench done"
+fi
