@@ -315,7 +315,8 @@ class Engine:
         )
         if getattr(self, "n_gpu_layers", 0):
             line += "; gpu placement: layers offloaded" + (
-                ", expert cache in device memory" if self.settings.stream.mode == "cache" else "")
+                ", expert cache in device memory" if self.settings.stream.mode == "cache" else "") + (
+                ", reads staged in page-locked memory" if self.info and self.info.get("pinned_staging") else "")
             if self.gpu_ubatch_note:
                 line += "; " + self.gpu_ubatch_note
         elif any(p == "gpu" for p in self.settings.placements.values()):

@@ -75,6 +75,7 @@ class ModelInfo(ctypes.Structure):
         ("n_pin_tensors", ctypes.c_int64),
         ("n_mmap_tensors", ctypes.c_int64),
         ("n_repacked_tensors", ctypes.c_int64),
+        ("pinned_staging", ctypes.c_int64),
     ]
 
 
