@@ -16,20 +16,21 @@ mkdir -p "$FLASHMOE_CACHE/sdist" "$OUT"
 export PYTHONPATH=/tmp/site:$PWD
 STAGE=${STAGE:-all}
 SLOTS=${GPU_B1_SLOTS:-40}
+READERS=${GPU_B1_READERS:-4}
 t0=$(date +%s)
 log() { echo "[gpu-b1 $(( $(date +%s) - t0 ))s] $*"; }
 if [[ $STAGE == all || $STAGE == build ]]; then
   cp -n .device-kit/sdist/*.tar.gz "$FLASHMOE_CACHE/sdist/" 2>/dev/null || true
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .device-kit/wheels/*.whl
   FLASHMOE_CUDA_ARCHITECTURES=90 FLASHMOE_CUDA_FA=0 python3 -m flashmoe build --backend cuda --no-rpc 2>&1 | tail -2
-  python3 -m flashmoe build --info | head -8 | tee "$OUT/build-info.txt"
+  python3 -m flashmoe build --info > "$OUT/build-info.txt" || true
   log "built"
   [[ -f /tmp/b1.gguf ]] || python3 -m flashmoe synth --arch qwen3moe --preset bench --seed 0 -o /tmp/b1.gguf | tail -1
   python3 -m flashmoe trace gen -m /tmp/b1.gguf --kind uniform --tokens 512 --seed 0 -o /tmp/b1-uniform.trace
   log "model and trace written"
 fi
 if [[ $STAGE == all || $STAGE == bench ]]; then
-  sed "s/^name: gpu-dense$/name: gpu-b1/; s/^  cache_size: auto.*/  cache_slots: $SLOTS/" configs/gpu-dense.yaml > /tmp/gpu-b1.yaml
+  sed "s/^name: gpu-dense$/name: gpu-b1/; s/^  cache_size: auto.*/  cache_slots: $SLOTS/; s/^  readers: 4/  readers: $READERS/" configs/gpu-dense.yaml > /tmp/gpu-b1.yaml
   printf 'version: 1\nname: all-gpu\nrules:\n  - match: "*"\n    place: gpu\nruntime:\n  repack: false\n' > /tmp/all-gpu.yaml
   python3 -m flashmoe policy show /tmp/gpu-b1.yaml -m /tmp/b1.gguf 2>&1 | tail -25 | tee "$OUT/policy-gpu-b1.txt"
   nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"

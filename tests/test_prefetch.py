@@ -150,3 +150,46 @@ def test_trace_v2_round_trip_and_refusals(tmp_path, tiny_models):
         # the hook refuses it too (its own reader, before a load)
         with pytest.raises(FlashMoEError):
             Engine(tiny_models["qwen3moe"], routing_trace=str(q))
+
+
+ALL_FAMILIES = ["qwen3moe", "qwen2moe", "qwen35moe", "deepseek2", "glm4moe", "gpt-oss", "llama", "llama4", "olmoe",
+                "granitemoe"]
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    from gguf_tools.synth import make_spec, synth_model
+
+    d = tmp_path_factory.mktemp("families")
+    out = {}
+    for arch in ALL_FAMILIES:
+        p = str(d / f"tiny-{arch}.gguf")
+        synth_model(p, make_spec(arch, "tiny", seed=11), progress=False)
+        out[arch] = p
+    return out
+
+
+@pytest.mark.parametrize("arch", ALL_FAMILIES)
+def test_prefetch_is_exact_on_every_family(family_models, tmp_path, arch, llama_cpp):
+    """Every MoE family: reads ahead with mispredictions (forced routing, predicted sets at accuracy 0.5)
+    and with the model's own routers (random weights: their predictions are mostly wrong), prefill waves
+    and evictions happening: the streamed run gives the in-RAM run's tokens and logits exactly."""
+    path = family_models[arch]
+    base = trace_for_model(path, "uniform", 512, seed=4)
+    pred = _write(tmp_path, "pred", draw_predictions(base, 0.5, seed=2))
+    from gguf_tools.reader import open_model
+
+    with open_model(path) as m:
+        k = m.n_expert_used
+    stream = StreamSettings(mode="cache", cache_slots=max(2, k), readers=2, prefetch="next-layer")
+    for trace in (pred, None):
+        ref, _, _ = _run(path, n=24, routing_trace=trace)
+        got, st, _ = _run(path, n=24, routing_trace=trace, stream=stream)
+        assert got.tokens == ref.tokens, (arch, trace)
+        assert _max_diff(ref, got) == 0.0, (arch, trace)
+        t = st["total"]
+        assert t["evictions"] > 0 and t["n_waves"] > len(st["layers"]) * 24, (arch, t)
+        if len(st["layers"]) > 1:  # a layer before another: something was predicted and read ahead
+            assert t["n_predicted"] > 0 and t["n_prefetched"] > 0, (arch, t)
+        if trace is not None:
+            assert 0 < t["n_prefetch_used"] < t["n_prefetched"], (arch, t)  # right and wrong ones
