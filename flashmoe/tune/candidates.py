@@ -24,7 +24,7 @@ class Candidate:
     readers: int = 4
     direct_io: bool = True
     per_layer: Optional[Dict[int, int]] = None  # slots per layer (cache_slots: {default: N, "a-b": M})
-    prefetch: bool = True  # reads ahead of the next layer's predicted experts (modelled when the trace has them)
+    prefetch: bool = False  # reads ahead of the next layer's predicted experts (modelled when the trace has them)
     overhead: Optional[int] = None  # runtime.overhead written in the policy (None: the base policy's)
     supported: bool = True
     note: str = ""
@@ -49,7 +49,7 @@ class Candidate:
         sl = (f"per-layer slots {min(self.per_layer.values())}-{max(self.per_layer.values())}" if self.per_layer
               else f"{self.slots} slots/layer")
         return f"expert cache {sl}, {self.eviction.upper()}, {self.readers} readers, " \
-               f"{'direct I/O' if self.direct_io else 'buffered I/O'}"
+               f"{'direct I/O' if self.direct_io else 'buffered I/O'}" + (", reads ahead" if self.prefetch else "")
 
     def to_dict(self) -> Dict[str, Any]:
         d = {"name": self.name, "family": self.family, "description": self.describe(), "mode": self.mode,

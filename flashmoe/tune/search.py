@@ -233,11 +233,17 @@ class _Inputs:
     disk: DiskModel
     cm: ComputeModel
 
-    def sim(self, slots: Union[int, Dict[int, int]], eviction: str) -> SimResult:
-        # reads ahead happen where the trace has predicted sets (recorded with the real routers, or
-        # drawn by `trace gen --predict-accuracy`): the engine reads nothing ahead otherwise
+    def sim(self, slots: Union[int, Dict[int, int]], eviction: str, prefetch: bool = False) -> SimResult:
+        # reads ahead can be modelled where the trace has predicted sets (recorded with the real
+        # routers, or drawn by `trace gen --predict-accuracy`)
         return simulate(self.trace, self.ubs, slots, eviction, last_layer=self.mf.last_layer,
-                        expert_bytes=self.mf.expert_bytes, prefetch=self.trace.pred is not None)
+                        expert_bytes=self.mf.expert_bytes, prefetch=prefetch and self.trace.pred is not None)
+
+    @property
+    def prefetch_choices(self) -> Tuple[bool, ...]:
+        """Reads ahead off, and on when the trace says what would be predicted: the tuner keeps the one
+        predicted faster (wasted reads ahead cost disk time that an I/O-bound run does not have)."""
+        return (False, True) if self.trace.pred is not None else (False,)
 
     def predicted(self, c: Candidate, sim: SimResult) -> Candidate:
         c.prediction = predict(sim, c, self.mf, self.disk, self.cm)
@@ -265,12 +271,15 @@ def _uniform_candidates(x: _Inputs, curves: Dict[str, Dict[int, SimResult]], mp:
     out = []
     for slots, ov, note in _cache_sizes(mp, x.mf.n_used, sizing):
         for ev in EVICTIONS:
-            for d in io_modes:
-                for r in readers:
-                    name = f"{ev}-{slots}-r{r}{'' if d else '-buffered'}{'-tight' if ov else ''}"
-                    c = Candidate(name, "cache", slots=slots, eviction=ev, readers=r, direct_io=d, overhead=ov,
-                                  note=note)
-                    out.append(x.predicted(c, curves[ev][slots]))
+            for pf in x.prefetch_choices:
+                sim = x.sim(slots, ev, True) if pf else curves[ev][slots]
+                for d in io_modes:
+                    for r in readers:
+                        name = (f"{ev}-{slots}-r{r}{'' if d else '-buffered'}{'-tight' if ov else ''}"
+                                f"{'-prefetch' if pf else ''}")
+                        c = Candidate(name, "cache", slots=slots, eviction=ev, readers=r, direct_io=d, overhead=ov,
+                                      note=note, prefetch=pf)
+                        out.append(x.predicted(c, sim))
     return out
 
 
@@ -318,8 +327,5 @@ def search(trace: Trace, ubs: List[Ubatch], mf: ModelFacts, mp: MemoryPlan, sizi
     per_layer = (_per_layer_candidates(x, curves, ws, mp.max_slots * mp.bytes_per_slot, readers[-1])
                  if mp.max_slots >= K else [])
     cands += per_layer
-    has_pred = trace.pred is not None
-    for c in cands:
-        c.prefetch = has_pred and c.mode == "cache"
     cands.sort(key=_rank_key, reverse=True)
     return Search(grid, curves, pc_sim, ws, cands, per_layer)
