@@ -28,8 +28,8 @@ class StreamSettings:
     readers: reader threads.
     direct_io: O_DIRECT on Linux / F_NOCACHE on macOS.
     prefetch: "next-layer" (while a layer computes, read the experts the next layer's router predicts
-              from this layer's input, or a routing trace's predicted sets) or "off". Only what is
-              cached changes, never the output.
+              from this layer's input, or a routing trace's predicted sets) or "off" (the default).
+              Only what is cached changes, never the output.
     layer_slots: {model layer: slots} for layers that differ from cache_slots.
     """
 
@@ -39,7 +39,7 @@ class StreamSettings:
     eviction: str = "lru"
     readers: int = 4
     direct_io: bool = False
-    prefetch: str = "next-layer"
+    prefetch: str = "off"
     layer_slots: Dict[int, int] = field(default_factory=dict)  # per-layer slot counts over cache_slots
 
     def to_dict(self):

@@ -64,7 +64,8 @@ def test_prefetch_with_the_real_routers_is_exact(llama_cpp, slots, eviction):
 def test_repacked_slots_equal_stock_with_repacking(llama_cpp, real_q4k):
     ref, _, ref_info = _run(real_q4k, repack=True)
     assert ref_info is None
-    got, st, info = _run(real_q4k, repack=True, stream=StreamSettings(mode="cache", cache_slots=6, readers=2))
+    got, st, info = _run(real_q4k, repack=True, stream=StreamSettings(mode="cache", cache_slots=6, readers=2,
+                                                                      prefetch="next-layer"))
     # the Q4_K expert tensors take the fast layout (the quantizer kept a fallback type for matrices whose
     # rows are not a multiple of 256: those stay in the file's layout, as in the stock run)
     assert 0 < info["n_repacked_tensors"] <= info["n_stream_tensors"]
@@ -92,7 +93,8 @@ def test_trace_predictions_at_any_accuracy_are_exact(tiny_models, tmp_path, arch
         assert prediction_accuracy(tr) == pytest.approx(acc, abs=0.1)
         p = _write(tmp_path, f"acc{acc}", tr)
         assert read_trace(p).pred is not None
-        got, st, _ = _run(path, routing_trace=p, stream=StreamSettings(mode="cache", cache_slots=4, readers=2))
+        got, st, _ = _run(path, routing_trace=p, stream=StreamSettings(mode="cache", cache_slots=4, readers=2,
+                                                                        prefetch="next-layer"))
         assert got.tokens == ref.tokens, acc
         assert _max_diff(ref, got) == 0.0, acc
         seen[acc] = st

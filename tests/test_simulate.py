@@ -42,7 +42,7 @@ def _engine_counters(path, slots, eviction, prompt, n_gen, trace=None, record=No
     from flashmoe.engine import Engine
     from flashmoe.settings import StreamSettings
 
-    e = Engine(path, stream=StreamSettings(mode="cache", cache_slots=slots, eviction=eviction),
+    e = Engine(path, stream=StreamSettings(mode="cache", cache_slots=slots, eviction=eviction, prefetch="next-layer"),
                routing_trace=trace, record_trace=record is not None, n_threads=1, **rt)
     try:
         e.generate(prompt, n_gen, stop_at_eos=False)

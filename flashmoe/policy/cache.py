@@ -35,7 +35,7 @@ class CachePlan:
     eviction: str = "lru"
     readers: int = DEFAULT_READERS
     direct_io: bool = False
-    prefetch: str = "next-layer"
+    prefetch: str = "off"
     layer_slots: Dict[int, int] = field(default_factory=dict)  # streamed layers whose slots differ from `slots`
 
     def slots_of(self, layer: int) -> int:

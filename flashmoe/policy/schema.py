@@ -114,7 +114,7 @@ class CacheSpec:
     eviction: str = "lru"
     readers: int = DEFAULT_READERS
     direct_io: bool = False
-    prefetch: str = "next-layer"  # read the next layer's predicted experts while a layer computes, or "off"
+    prefetch: str = "off"  # "next-layer": read the next layer's predicted experts while a layer computes
     # cache_slots given as a mapping: (layers, slots, line) per entry besides `default` (= slots)
     layer_slots: List[Tuple[List[int], int, int]] = field(default_factory=list)
     line: Optional[int] = None  # of the expert_cache section
