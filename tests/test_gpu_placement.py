@@ -4,9 +4,7 @@ accepts it (the real load, overriding tensors to the CPU buffer type). The GPU r
 docs/runs/ (scripts/device_run.sh on the lent H200)."""
 from __future__ import annotations
 
-import ctypes
 
-import pytest
 
 from flashmoe import gpu
 from flashmoe import llama as llama_api

@@ -13,7 +13,6 @@ import pytest
 
 from conftest import write_uniform_traces
 
-from flashmoe import hook
 from flashmoe.engine import Engine
 from flashmoe.errors import FlashMoEError
 from flashmoe.metrics import ProcessCounters

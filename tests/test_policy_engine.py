@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 
-from flashmoe import hook
 from flashmoe.engine import Engine
 from flashmoe.policy import load_policy
 from gguf_tools.reader import open_model

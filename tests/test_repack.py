@@ -470,7 +470,9 @@ def _start(src, out, extra_env=None):
     env["FLASHMOE_REPACK_TEST_DELAY"] = "0.05"  # ~50 tensors: a few seconds of writing
     env.update(extra_env or {})
     return subprocess.Popen([sys.executable, "-m", "flashmoe", "repack", str(src), "-o", str(out), "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT,
+                            # Ctrl-C must reach Python's handler even if this test process ignores SIGINT
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_temp(folder, proc, timeout=60):
@@ -498,7 +500,7 @@ def test_interrupted_repack_leaves_no_target_and_input_intact(tiny_models, tmp_p
     _wait_for_temp(str(outdir), p)
     p.send_signal(sig)
     _, err = p.communicate(timeout=60)
-    assert p.returncode != 0
+    assert p.returncode != 0, err
     assert not out.exists()
     assert sha(src) == before
     left = os.listdir(outdir)

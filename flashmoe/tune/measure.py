@@ -4,6 +4,7 @@ the dense part and of one expert), and the models the predictions use."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -19,6 +20,9 @@ from flashmoe.tune.options import Clock
 from flashmoe.worker import WorkerSpec
 
 CAL_PROMPT = 32  # tokens of the compute calibration runs
+# tests only (tests/test_tune.py's Ctrl-C test): seconds the tuner sleeps after announcing a calibration run,
+# so that a signal finds it in its own code and not in a child that may already have finished
+TEST_PAUSE_ENV = "FLASHMOE_TUNE_TEST_PAUSE"
 CAL_GEN = 24
 
 
@@ -162,6 +166,8 @@ def calibrate_compute(settings_for: Callable[[Candidate], EngineSettings], mf: M
         spec = WorkerSpec(mf.path, s, prompt_tokens=CAL_PROMPT, gen_tokens=CAL_GEN, threads=threads,
                           n_ctx=n_ctx, routing_trace=tpath)
         clock.log(f"compute: warm-cache run with {k} expert{'s' if k > 1 else ''} per token ...")
+        if os.environ.get(TEST_PAUSE_ENV):  # tests only: a fixed point where the tuner itself is busy
+            time.sleep(float(os.environ[TEST_PAUSE_ENV]))
         rec = run_worker(spec, None, max(3.0, min(timeout, clock.left - 5)), measure=False)
         if not rec.ok:
             cm.note = f"calibration run with k={k} {rec.status}: {rec.detail or ''}"
