@@ -47,6 +47,10 @@ class RunReport:
     major_faults: int = 0
     cache: Dict = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    # streamed runs: the expert bytes the prompt read, as a multiple of all streamed experts (a ubatch of a
+    # long prompt touches nearly every expert of a layer: about one full read per ubatch)
+    prefill_expert_reads: Optional[float] = None
+    n_ubatch: int = 0
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -448,10 +452,12 @@ class Engine:
         out: List[int] = []
         t_first = None
         steps = llama_api.tokens(L, toks, sampling, with_logits=logits is not None)
+        self._prefill_bytes = 0
         try:
             for st in steps:
                 if t_first is None:
                     t_first = st.t
+                    self._prefill_bytes = self._expert_bytes_read()
                 if logits is not None and st.logits is not None:  # with_logits: every step has them
                     logits.append(st.logits)
                 tok = st.token
@@ -469,6 +475,12 @@ class Engine:
         finally:
             steps.close()
         return out, t_first
+
+    def _expert_bytes_read(self) -> int:
+        """Expert bytes read so far (since the last stats reset), 0 without the hook."""
+        if not hook.available() or self.llama is None or self.info is None:
+            return 0
+        return sum(int(l["bytes_read"]) for l in hook.layer_stats(self._model_ptr))
 
     def _run_report(self, n_prompt: int, n_gen: int, t0: float, t_first: Optional[float], t_prefill: float,
                     t_end: float, counters: ProcessCounters) -> RunReport:
@@ -491,6 +503,10 @@ class Engine:
             major_faults=counters.major_faults,
             cache=self.stats(),
         )
+        rep.n_ubatch = llama_api.n_ubatch(self.llama)
+        streamed = (self.info or {}).get("streamed_bytes") or 0
+        if streamed and self.settings.stream.mode != "off":
+            rep.prefill_expert_reads = getattr(self, "_prefill_bytes", 0) / streamed
         if self.settings.runtime.n_expert_used:
             rep.notes.append(f"experts per token overridden to {self.settings.runtime.n_expert_used} "
                              f"(model: {self.model_facts['n_expert_used']}): output differs from the model's")

@@ -108,6 +108,12 @@ def vocab_ptr(llama) -> int:
 # ------------------------------------------------------------------------------------------ vocabulary
 
 
+def n_ubatch(llm: Any) -> int:
+    """The context's physical batch (llama.cpp's n_ubatch, as llama-cpp-python capped it at n_batch)."""
+    cp = getattr(llm, "context_params", None)
+    return int(getattr(cp, "n_ubatch", 0) or 0)
+
+
 def is_eog(llama, tok: int) -> bool:
     return bool(lowlevel().llama_vocab_is_eog(vocab_ptr(llama), int(tok)))
 

@@ -40,6 +40,10 @@ def format_run_report(r) -> str:
             rows.append(("prefetch", f"prediction right {100 * c['prediction_accuracy']:.1f}% of {c['n_predicted']}; "
                                      f"{c['n_prefetched']} read ahead, {c['n_prefetch_used']} used, "
                                      f"{fmt_bytes(c['prefetch_wasted_bytes'])} wasted, waited {c['prefetch_wait_s']:.3f} s"))
+    if r.prefill_expert_reads is not None:
+        rows.append(("prompt reads", f"the prompt read the streamed experts {r.prefill_expert_reads:.2f} times "
+                                     f"({r.prompt_tokens} tokens in ubatches of {r.n_ubatch}: each ubatch of a long "
+                                     "prompt touches nearly every expert)"))
     for n in r.notes:
         rows.append(("note", n))
     w = max(len(k) for k, _ in rows)

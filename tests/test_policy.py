@@ -857,3 +857,34 @@ def test_per_layer_cache_slots_errors_name_the_line(views, slots, msg):
         pol = parse_policy(PER_LAYER.replace("{SLOTS}", slots), source="inline")
         pol.resolve(views["qwen3moe"], machine=machine()).check()
     assert "inline:9" in str(ei.value)
+
+
+def test_n_ubatch_auto(views, big_model):
+    """`n_ubatch: auto`: streamed models take the largest ubatch whose compute buffer grows by at most 4%
+    of the budget over a 512-token one (fewer full expert reads per long prompt); others take 512."""
+    from flashmoe.policy.memory import UBATCH_SHARE
+
+    text = PER_LAYER.replace("cache_slots: {SLOTS}", "cache_size: auto").replace("  prefetch: off\n", "") + \
+        "runtime:\n  n_ctx: 8192\n  n_ubatch: auto\n"
+    pol = parse_policy(text, source="inline")
+    assert pol.runtime.n_ubatch_auto
+    big = pol.resolve(big_model, budget="64GiB", machine=machine(ram_bytes=64 * GiB))
+    small = pol.resolve(big_model, budget="8GiB", machine=machine(ram_bytes=64 * GiB))
+    assert not big.errors
+    assert big.policy.runtime.n_ubatch == big.policy.runtime.n_batch == 4096
+    assert 512 <= small.policy.runtime.n_ubatch < 4096
+    assert small.memory.compute - _compute_at(small, 512) <= UBATCH_SHARE * 8 * GiB
+    assert pol.runtime.n_ubatch_auto and pol.runtime.n_ubatch == 512  # the policy itself is not changed
+    assert big.engine_settings().runtime.n_ubatch == 4096
+    # nothing streamed: 512
+    ram = parse_policy("rules:\n  - {match: '*', place: ram}\nruntime: {n_ubatch: auto}\n", source="inline")
+    assert ram.resolve(views["qwen3moe"], machine=machine()).policy.runtime.n_ubatch == 512
+
+
+def _compute_at(res, ub):
+    import dataclasses
+
+    from flashmoe.policy.memory import _compute_buffer
+
+    rt = dataclasses.replace(res.policy.runtime, n_ubatch=ub, n_batch=ub)
+    return _compute_buffer(res.model, rt, res.experts_used)

@@ -195,3 +195,21 @@ def test_prefetch_is_exact_on_every_family(family_models, tmp_path, arch, llama_
             assert t["n_predicted"] > 0 and t["n_prefetched"] > 0, (arch, t)
         if trace is not None:
             assert 0 < t["n_prefetch_used"] < t["n_prefetched"], (arch, t)  # right and wrong ones
+
+
+def test_report_says_how_often_a_prompt_read_the_experts(tiny_models):
+    """A ubatch of a long prompt touches nearly every expert: smaller ubatches read the experts more
+    often, and the report says how often."""
+    path = tiny_models["qwen3moe"]
+    prompt = "The quick brown fox jumps over the lazy dog. " * 20
+    reads = {}
+    for ub in (32, 512):
+        with Engine(path, use_extra_bufts=False, n_ctx=1024, n_batch=512, n_ubatch=ub,
+                    stream=StreamSettings(mode="cache", cache_slots=2, readers=2)) as e:
+            rep = e.generate(prompt, 4, stop_at_eos=False).report
+        assert rep.n_ubatch == ub
+        reads[ub] = rep.prefill_expert_reads
+        assert "the prompt read the streamed experts" in rep.format()
+    assert reads[32] > 2 * reads[512] > 0, reads
+    with Engine(path, use_extra_bufts=False, n_ctx=256) as e:  # nothing streamed: no such figure
+        assert e.generate("hi", 2).report.prefill_expert_reads is None

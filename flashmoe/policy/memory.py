@@ -231,9 +231,41 @@ def _compute_buffer(model: GGUFModel, rt: RuntimeSpec, experts_used: int) -> int
 # The plan
 
 
+UBATCH_CHOICES = (512, 1024, 2048, 4096)
+UBATCH_SHARE = 0.04  # of the budget that `n_ubatch: auto` may give the compute buffer beyond a 512-token ubatch
+
+
+def choose_ubatch(res: "Resolution", budget_override: Optional[int]) -> None:
+    """``n_ubatch: auto``. A ubatch of a long prompt touches nearly every expert of a layer, so a streamed
+    prompt reads the experts about once per ubatch: the larger the ubatch, the fewer full reads (a 2048-token
+    prompt: 4 with 512, 1 with 2048). The price is the compute buffer, which grows with the ubatch. Streamed
+    models take the largest of 512, 1024, 2048, 4096 (not above n_ctx) whose compute buffer exceeds the
+    512-token one by at most 4% of the budget (of RAM without one); others take 512. n_batch follows."""
+    rt = res.policy.runtime
+    streamed = res.bytes_by_placement.get("stream", 0) > 0 and res.policy.expert_cache.mode != "off"
+    budget = budget_override if budget_override is not None else res.policy.budget.resolve(res.machine.ram_bytes)
+    budget = budget or res.machine.ram_bytes or 0
+    n_ctx = rt.n_ctx or arch_int(res.model, "context_length") or 4096
+    chosen = 512
+    if streamed and budget:
+        rt.n_ubatch = rt.n_batch = 512
+        base = _compute_buffer(res.model, rt, res.experts_used)
+        for ub in UBATCH_CHOICES:
+            if ub > max(512, n_ctx):
+                break
+            rt.n_ubatch = rt.n_batch = ub
+            if _compute_buffer(res.model, rt, res.experts_used) - base <= UBATCH_SHARE * budget:
+                chosen = ub
+    rt.n_ubatch = rt.n_batch = chosen
+    rt.n_ubatch_note = (f"n_ubatch auto: {chosen}" + (" (experts read about once per ubatch of a streamed prompt)"
+                                                        if streamed else " (nothing streamed)"))
+
+
 def plan_memory(res: "Resolution", budget_override: Optional[int]) -> None:
     """Fill ``res.memory`` and ``res.cache``: weights, runtime buffers, the budget, the expert
     cache; then check the total against the budget and the machine."""
+    if res.policy.runtime.n_ubatch_auto:
+        choose_ubatch(res, budget_override)
     _count_weights_and_runtime(res)
     budget_where = _set_budget(res, budget_override)
     mem = res.memory

@@ -427,6 +427,9 @@ def _parse_runtime(ck: _Checker, data: LineMap, warnings: List[str]) -> RuntimeS
             rt.threads = ck.integer_or_null(m, "threads", section, minimum=1)
     for key, minimum in (("n_ctx", 0), ("n_batch", 1), ("n_ubatch", 1)):
         if key in m:
+            if key == "n_ubatch" and isinstance(m[key], str) and m[key].strip().lower() == "auto":
+                rt.n_ubatch_auto = True
+                continue
             setattr(rt, key, ck.integer(m, key, section, minimum=minimum))
     if "experts_per_token" in m:
         rt.experts_per_token = ck.integer_or_null(m, "experts_per_token", section, minimum=1)

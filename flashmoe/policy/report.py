@@ -113,7 +113,8 @@ def _memory_table(res: Resolution) -> str:
     rows.append(("KV cache", format_size(mem.kv_cache), mem.kv_note or f"n_ctx {mem.n_ctx}, f16"))
     if mem.recurrent_state:
         rows.append(("recurrent state", format_size(mem.recurrent_state), "hybrid layers, f32"))
-    rows.append(("compute buffer", format_size(mem.compute), f"estimate, n_ubatch {pol.runtime.n_ubatch}"))
+    rows.append(("compute buffer", format_size(mem.compute), f"estimate, n_ubatch {pol.runtime.n_ubatch}"
+                 + (" (auto)" if pol.runtime.n_ubatch_auto else "")))
     rows.append(("overhead", format_size(mem.overhead), "process, libraries (runtime.overhead)"))
     if mem.reserve:
         rows.append(("reserve", format_size(mem.reserve), "left free for page cache and file-backed pages (cache_size auto)"))

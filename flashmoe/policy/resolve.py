@@ -7,6 +7,8 @@ A Resolution gives the engine its settings and ``policy show`` its report.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
@@ -29,6 +31,8 @@ class Resolution:
     """A policy applied to one model."""
 
     def __init__(self, policy: Policy, model: GGUFModel, machine: MachineInfo):
+        if policy.runtime.n_ubatch_auto:  # the choice belongs to this resolution, not to the policy
+            policy = dataclasses.replace(policy, runtime=dataclasses.replace(policy.runtime))
         self.policy = policy
         self.model = model
         self.machine = machine

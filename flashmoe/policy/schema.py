@@ -155,13 +155,16 @@ class RuntimeSpec:
     experts_per_token_line: Optional[int] = None
     repack: bool = True
     overhead: int = DEFAULT_OVERHEAD
+    # `n_ubatch: auto`: the resolution picks n_ubatch (and n_batch) for streamed prompts (policy/memory.py)
+    n_ubatch_auto: bool = False
+    n_ubatch_note: str = ""  # how auto chose
 
     def to_dict(self) -> dict:
         return {
             "threads": self.threads,
             "n_ctx": self.n_ctx,
             "n_batch": self.n_batch,
-            "n_ubatch": self.n_ubatch,
+            "n_ubatch": "auto" if self.n_ubatch_auto else self.n_ubatch,
             "experts_per_token": self.experts_per_token,
             "repack": self.repack,
             "overhead": self.overhead,
