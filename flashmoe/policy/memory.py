@@ -83,7 +83,8 @@ def estimate_runtime(model: GGUFModel, rt: RuntimeSpec, experts_used: int) -> Tu
     kv = kv_cache_estimate(model, n_ctx, n_batch=rt.n_batch, n_ubatch=rt.n_ubatch)
     ssm_inner = arch_int(model, "ssm.inner_size")
     n_rec = archs.for_model(model.arch).model_n_run(model) - len(kv.attention_layers) if ssm_inner else 0
-    return kv.bytes, _recurrent_state(model, n_rec, ssm_inner), _compute_buffer(model, rt, experts_used), n_ctx
+    return (kv.bytes, _recurrent_state(model, n_rec, ssm_inner),
+            _compute_buffer(model, rt, experts_used, _pad(max(1, n_ctx))), n_ctx)
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def _recurrent_state(model: GGUFModel, n_rec: int, ssm_inner: int) -> int:
     return n_rec * (conv + state)
 
 
-def _compute_buffer(model: GGUFModel, rt: RuntimeSpec, experts_used: int) -> int:
+def _compute_buffer(model: GGUFModel, rt: RuntimeSpec, experts_used: int, kv_cells: int = 0) -> int:
     n_embd, n_head, n_head_kv, head_k, head_v = _attention_dims(model)
     n_vocab = 0
     for t in model.tensors:
@@ -222,7 +223,10 @@ def _compute_buffer(model: GGUFModel, rt: RuntimeSpec, experts_used: int) -> int
     n_ff_exp = arch_int(model, "expert_feed_forward_length")
     n_ff_sh = arch_int(model, "expert_shared_feed_forward_length")
     logits = n_vocab * ub * F32
-    attn = (n_head * head_k + 2 * n_head_kv * head_k) * ub * F32 * 3 + n_head * head_v * ub * F32
+    # without flash attention llama.cpp materializes the attention scores, f32 [kv cells, n_ubatch, n_head]:
+    # with a long context the largest tensor of the graph (B1, 2304 cells: 144 MiB of a 178.5 MiB buffer)
+    attn = (n_head * head_k + 2 * n_head_kv * head_k) * ub * F32 * 3 + n_head * head_v * ub * F32 \
+        + n_head * kv_cells * ub * F32
     moe = ub * experts_used * n_ff_exp * F32 * 3 + ub * max(model.n_expert, 1) * F32 * 3 + ub * n_ff_sh * F32 * 3
     return max(logits, attn, moe) + n_embd * ub * F32 * 4
 
@@ -247,14 +251,15 @@ def choose_ubatch(res: "Resolution", budget_override: Optional[int]) -> None:
     budget = budget or res.machine.ram_bytes or 0
     n_ctx = rt.n_ctx or arch_int(res.model, "context_length") or 4096
     chosen = 512
+    cells = _pad(max(1, n_ctx))
     if streamed and budget:
         rt.n_ubatch = rt.n_batch = 512
-        base = _compute_buffer(res.model, rt, res.experts_used)
+        base = _compute_buffer(res.model, rt, res.experts_used, cells)
         for ub in UBATCH_CHOICES:
             if ub > max(512, n_ctx):
                 break
             rt.n_ubatch = rt.n_batch = ub
-            if _compute_buffer(res.model, rt, res.experts_used) - base <= UBATCH_SHARE * budget:
+            if _compute_buffer(res.model, rt, res.experts_used, cells) - base <= UBATCH_SHARE * budget:
                 chosen = ub
     rt.n_ubatch = rt.n_batch = chosen
     rt.n_ubatch_note = (f"n_ubatch auto: {chosen}" + (" (experts read about once per ubatch of a streamed prompt)"
