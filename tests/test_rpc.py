@@ -165,21 +165,14 @@ def test_split_with_repacking_keeps_the_tokens(tiny_model, workers, tmp_path):
 
 @pytest.mark.parametrize("stream_remote", [False, True], ids=["local-layers-streamed", "all-layers-streamed"])
 def test_split_with_streamed_experts(tiny_model, workers, tmp_path, stream_remote):
-    """Streamed experts with remote layers: the same tokens and logits as streaming in one process, when the
-    build's RPC backend keeps flashmoe's custom ops on this host; otherwise a clear refusal before anything
-    is sent (the workers would crash on them)."""
+    """Streamed experts with remote layers: the same tokens and logits as streaming in one process. The
+    patched ggml-rpc keeps flashmoe's custom ops on this host (patches/0001); a build without that change is
+    refused before anything is sent (flashmoe.rpc.custom_ops_stay_local: the workers would crash on them)."""
     ref, _, _ = _run(tiny_model, _local_policy(tmp_path, stream=True, name="local-stream"))
     policy = _split_policy(tmp_path, workers.urls(), stream=True, stream_remote=stream_remote,
                            name=f"split-stream-{stream_remote}")
-    from flashmoe.engine import Engine
-    from flashmoe.policy import load_policy
-
-    settings = load_policy(policy).resolve(tiny_model).engine_settings()
     probe = rpc.connect("w1", rpc.parse_url(workers.urls()[0]))
-    if not rpc.custom_ops_stay_local(probe.dev):
-        with pytest.raises(FlashMoEError, match="custom ops on this host"):
-            Engine(tiny_model, settings=settings)
-        return
+    assert rpc.custom_ops_stay_local(probe.dev), "the patched ggml-rpc must refuse custom ops (patches/0001)"
     got, _, _ = _run(tiny_model, policy)
     assert got.tokens == ref.tokens
     for a, b in zip(got.logits, ref.logits):
