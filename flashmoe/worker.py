@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from flashmoe.engine import Engine, RunReport
@@ -29,8 +29,6 @@ from flashmoe.settings import EngineSettings, RuntimeSettings, StreamSettings
 
 RESULT_TAG = "@@FLASHMOE_RESULT@@"
 PROGRESS_TAG = "@@FLASHMOE_PROGRESS@@"
-_CACHE_KEYS = ("hits", "misses", "evictions", "bytes_read", "read_s", "stall_s", "read_wall_s", "n_prefetched",
-               "n_prefetch_used", "n_predicted", "n_predicted_right")
 _T0 = time.perf_counter()  # wall_s and the progress lines' times count from here (the imports done)
 
 
@@ -87,6 +85,9 @@ class CacheTotals:
 
     def minus(self, other: "CacheTotals") -> "CacheTotals":
         return CacheTotals(**{k: getattr(self, k) - getattr(other, k) for k in _CACHE_KEYS})
+
+
+_CACHE_KEYS = tuple(f.name for f in fields(CacheTotals))  # the counters summed over layers, as Engine.stats() names them
 
 
 @dataclass

@@ -46,6 +46,18 @@ class CachePlan:
         return sum(self.slot_bytes_by_layer.values())
 
 
+def layer_runs(layer_slots: Dict[int, int]) -> List[Tuple[int, int, int]]:
+    """Per-layer slot counts as runs of consecutive layers with one count: [(first, last, slots)]."""
+    runs: List[Tuple[int, int, int]] = []
+    for il in sorted(layer_slots):
+        n = layer_slots[il]
+        if runs and runs[-1][1] + 1 == il and runs[-1][2] == n:
+            runs[-1] = (runs[-1][0], il, n)
+        else:
+            runs.append((il, il, n))
+    return runs
+
+
 def page_cache_reserve(budget: int) -> int:
     """What `cache_size: auto` leaves free of a budget: 8%, at least 128 MiB and at most 2 GiB (the page
     cache and file-backed pages that a cgroup counts with the process; docs/BENCHMARKS.md has the B1 runs

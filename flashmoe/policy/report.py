@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
+from flashmoe.policy.cache import layer_runs
 from flashmoe.policy.resolve import Resolution
 from flashmoe.policy.schema import PLACEMENT_HELP, plural
 from flashmoe.settings import PLACEMENTS
@@ -169,11 +170,5 @@ def _differ(c) -> str:
     """The layers whose slot count differs from the default, as ``; layers 0-3: 32``."""
     if not c.layer_slots:
         return ""
-    runs: List[Tuple[int, int, int]] = []  # (first, last, slots)
-    for l in sorted(c.layer_slots):
-        n = c.layer_slots[l]
-        if runs and runs[-1][1] + 1 == l and runs[-1][2] == n:
-            runs[-1] = (runs[-1][0], l, n)
-        else:
-            runs.append((l, l, n))
-    return "; " + ", ".join(f"layer{'s' if a != b else ''} {a}{'-' + str(b) if a != b else ''}: {n}" for a, b, n in runs)
+    return "; " + ", ".join(f"layer{'s' if a != b else ''} {a}{'-' + str(b) if a != b else ''}: {n}"
+                            for a, b, n in layer_runs(c.layer_slots))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from flashmoe.policy import DEFAULT_OVERHEAD, Policy, Resolution, parse_policy
+from flashmoe.policy.cache import layer_runs
 from flashmoe.sizes import GiB, KiB, MiB
 from gguf_tools.reader import GGUFModel
 
@@ -82,15 +83,7 @@ def slots_text(cand: Candidate) -> str:
     for n in cand.per_layer.values():
         counts[n] = counts.get(n, 0) + 1
     default = max(counts, key=lambda n: (counts[n], n))
-    runs: List[List[int]] = []  # [first, last, slots]
-    for il in sorted(cand.per_layer):
-        n = cand.per_layer[il]
-        if n == default:
-            continue
-        if runs and runs[-1][1] + 1 == il and runs[-1][2] == n:
-            runs[-1][1] = il
-        else:
-            runs.append([il, il, n])
+    runs = layer_runs({il: n for il, n in cand.per_layer.items() if n != default})
     parts = [f"default: {default}"] + [f'"{a}-{b}": {n}' if a != b else f'"{a}": {n}' for a, b, n in runs]
     return "{" + ", ".join(parts) + "}"
 

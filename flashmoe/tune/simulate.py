@@ -248,45 +248,57 @@ class _LayerCache:
         self.n_access = 0
         self.clock = 0
         self.age_every = n_slots * _AGE_FACTOR
+        self.in_wave = np.zeros(n_slots, dtype=bool)  # slot -> used by the current wave, or protected by a read ahead
         if self.lfru:
             self.freq = np.zeros(n_expert, dtype=np.int64)
             self.expert_in = np.full(n_slots, -1, dtype=np.int64)
             self.last_use = np.zeros(n_slots, dtype=np.int64)
-            self.in_wave = np.zeros(n_slots, dtype=bool)
-        else:
-            self.freq_py = [0] * n_expert  # counted but unused by LRU (kept for symmetry)
         self.n_used_slots = 0
 
-    def prefetch(self, predicted: Sequence[int]) -> Tuple[int, int]:
-        """Reads ahead of the distinct ``predicted`` experts (in order) -> (read ahead, evictions)."""
-        protected = {e for e in predicted if e in self.resident}
-        read = ev = 0
+    def _take_slot(self) -> Tuple[int, bool]:
+        """A slot for an expert that is not resident (the hook's pick_victim) -> (slot, an expert was evicted):
+        the lowest free slot, else the victim among slots not in use (``in_wave``): LRU = least recent use,
+        LFRU = lowest count, ties by least recent use."""
+        if self.n_used_slots < self.n_slots:
+            self.n_used_slots += 1
+            return self.n_used_slots - 1, False
         res = self.resident
+        if self.lfru:
+            key = self.freq[self.expert_in] * _BIG + self.last_use
+            key[self.in_wave] = np.iinfo(np.int64).max
+            s = int(np.argmin(key))
+            victim = int(self.expert_in[s])
+        else:
+            victim = next(v for v in res if not self.in_wave[res[v]])  # least recent use, not in use
+            s = res[victim]
+        del res[victim]
+        return s, True
+
+    def _place(self, e: int, s: int) -> None:
+        self.resident[e] = s
+        self.in_wave[s] = True
+        if self.lfru:
+            self.expert_in[s] = e
+            self.last_use[s] = self.clock
+
+    def prefetch(self, predicted: Sequence[int]) -> Tuple[int, int]:
+        """Reads ahead of the distinct ``predicted`` experts (in order) -> (read ahead, evictions). The resident
+        predicted experts are protected; each other one takes a slot as a miss would, without an access."""
+        res = self.resident
+        self.in_wave[:] = False
+        for e in predicted:
+            if e in res:
+                self.in_wave[res[e]] = True
+        read = ev = 0
         for e in predicted:
             if e in res:
                 continue
             self.clock += 1
-            if self.n_used_slots < self.n_slots:
-                s = self.n_used_slots
-                self.n_used_slots += 1
-            else:
-                if self.lfru:
-                    key = self.freq[self.expert_in] * _BIG + self.last_use
-                    for p in protected:
-                        key[res[p]] = np.iinfo(np.int64).max
-                    s = int(np.argmin(key))
-                    victim = int(self.expert_in[s])
-                else:
-                    victim = next(v for v in res if v not in protected)  # least recent, unprotected
-                    s = res[victim]
-                del res[victim]
-                ev += 1
-            res[e] = s
-            protected.add(e)
-            if self.lfru:
-                self.expert_in[s] = e
-                self.last_use[s] = self.clock
+            s, evicted = self._take_slot()
+            ev += evicted
+            self._place(e, s)
             read += 1
+        self.in_wave[:] = False
         return read, ev
 
     def ubatch(self, experts: Iterable[int]) -> Tuple[int, int, int, int]:
@@ -309,8 +321,7 @@ class _LayerCache:
     def _wave(self, experts: List[int]):
         hits = misses = ev = 0
         res = self.resident
-        if self.lfru:
-            self.in_wave[:] = False
+        self.in_wave[:] = False
         for e in experts:
             self.n_access += 1
             if self.lfru:
@@ -324,26 +335,9 @@ class _LayerCache:
                 res.move_to_end(e)
             else:
                 misses += 1
-                if self.n_used_slots < self.n_slots:
-                    s = self.n_used_slots  # the lowest free slot
-                    self.n_used_slots += 1
-                else:
-                    if self.lfru:
-                        key = self.freq[self.expert_in] * _BIG + self.last_use
-                        key[self.in_wave] = np.iinfo(np.int64).max
-                        s = int(np.argmin(key))
-                        victim = int(self.expert_in[s])
-                    else:
-                        victim = next(iter(res))  # least recent; never in this wave (see module doc)
-                        s = res[victim]
-                    del res[victim]
-                    ev += 1
-                res[e] = s
-                if self.lfru:
-                    self.expert_in[s] = e
-            if self.lfru:
-                self.last_use[s] = self.clock
-                self.in_wave[s] = True
+                s, evicted = self._take_slot()
+                ev += evicted
+            self._place(e, s)
         return hits, misses, ev
 
 
