@@ -423,7 +423,7 @@ class Engine:
         t0 = time.perf_counter()
         logits: Optional[List[np.ndarray]] = [] if return_logits else None
         decoder = _Utf8Stream(self)
-        out, t_first = self._decode(toks, n_tokens, sampling, eos, stop_at_eos, on_token, decoder, logits)
+        out, t_first, prefill_bytes = self._decode(toks, n_tokens, sampling, eos, stop_at_eos, on_token, decoder, logits)
         t_prefill = (t_first - t0) if t_first is not None else time.perf_counter() - t0
         t_end = time.perf_counter()
         if on_token:
@@ -431,7 +431,7 @@ class Engine:
             if rest:
                 on_token(rest)
         counters = ProcessCounters.now().minus(c0)
-        rep = self._run_report(len(toks), len(out), t0, t_first, t_prefill, t_end, counters)
+        rep = self._run_report(len(toks), len(out), t0, t_first, t_prefill, t_end, counters, prefill_bytes)
         return Generation(text=self.detokenize(out), tokens=out, report=rep, logits=logits)
 
     def _prompt_tokens(self, prompt: Union[str, List[int]], n_tokens: int) -> List[int]:
@@ -446,18 +446,19 @@ class Engine:
 
     def _decode(self, toks: List[int], n_tokens: int, sampling: llama_api.Sampling, eos: int, stop_at_eos: bool,
                 on_token: Optional[Callable[[str], None]], decoder: "_Utf8Stream",
-                logits: Optional[List[np.ndarray]]) -> Tuple[List[int], Optional[float]]:
-        """The token loop: (the tokens generated, perf_counter() when the first was picked)."""
+                logits: Optional[List[np.ndarray]]) -> Tuple[List[int], Optional[float], int]:
+        """The token loop: (the tokens generated, perf_counter() when the first was picked, the expert bytes
+        the prompt read)."""
         L = self.llama
         out: List[int] = []
         t_first = None
+        prefill_bytes = 0
         steps = llama_api.tokens(L, toks, sampling, with_logits=logits is not None)
-        self._prefill_bytes = 0
         try:
             for st in steps:
                 if t_first is None:
                     t_first = st.t
-                    self._prefill_bytes = self._expert_bytes_read()
+                    prefill_bytes = self._expert_bytes_read()
                 if logits is not None and st.logits is not None:  # with_logits: every step has them
                     logits.append(st.logits)
                 tok = st.token
@@ -474,7 +475,7 @@ class Engine:
             raise self.decode_error(e) from None
         finally:
             steps.close()
-        return out, t_first
+        return out, t_first, prefill_bytes
 
     def _expert_bytes_read(self) -> int:
         """Expert bytes read so far (since the last stats reset), 0 without the hook."""
@@ -483,7 +484,7 @@ class Engine:
         return sum(int(l["bytes_read"]) for l in hook.layer_stats(self._model_ptr))
 
     def _run_report(self, n_prompt: int, n_gen: int, t0: float, t_first: Optional[float], t_prefill: float,
-                    t_end: float, counters: ProcessCounters) -> RunReport:
+                    t_end: float, counters: ProcessCounters, prefill_bytes: int = 0) -> RunReport:
         """The report of one generation: timings, I/O counters, cache statistics, notes."""
         decode_s = t_end - (t_first or t_end)
         rep = RunReport(
@@ -506,7 +507,7 @@ class Engine:
         rep.n_ubatch = llama_api.n_ubatch(self.llama)
         streamed = (self.info or {}).get("streamed_bytes") or 0
         if streamed and self.settings.stream.mode != "off":
-            rep.prefill_expert_reads = getattr(self, "_prefill_bytes", 0) / streamed
+            rep.prefill_expert_reads = prefill_bytes / streamed
         if self.settings.runtime.n_expert_used:
             rep.notes.append(f"experts per token overridden to {self.settings.runtime.n_expert_used} "
                              f"(model: {self.model_facts['n_expert_used']}): output differs from the model's")

@@ -94,6 +94,13 @@ def lib():
         )
     vp = ctypes.c_void_p
     L.flashmoe_version.restype = ctypes.c_char_p
+    have = L.flashmoe_version().decode()
+    if have != f"flashmoe-patch/{PATCH_VERSION}":
+        # the structs and functions bound here are those of this version of include/flashmoe.h
+        raise FlashMoEError(
+            f"the installed llama.cpp library carries {have}, this flashmoe needs flashmoe-patch/{PATCH_VERSION}; "
+            "run `flashmoe build`"
+        )
     L.flashmoe_build_info.restype = ctypes.c_char_p
     L.flashmoe_last_error.restype = ctypes.c_char_p
     L.flashmoe_config_reset.restype = None
@@ -117,10 +124,6 @@ def lib():
     L.flashmoe_model_trace_save.restype = ctypes.c_int64
     L.flashmoe_model_tensor_placement.argtypes = [vp, ctypes.c_char_p]
     L.flashmoe_model_tensor_placement.restype = ctypes.c_int32
-    if not hasattr(L, "flashmoe_config_layer_slots"):
-        raise FlashMoEError(
-            "the installed llama.cpp library carries an older flashmoe patch; run `flashmoe build`"
-        )
     L.flashmoe_config_layer_slots.argtypes = [ctypes.c_int32, ctypes.c_int32]
     L.flashmoe_config_layer_slots.restype = None
     L.flashmoe_model_error.argtypes = [vp]
