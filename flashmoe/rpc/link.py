@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -211,12 +212,7 @@ _abort_state: Dict[str, object] = {}
 def lost_worker_message(ggml_message: str, workers: Dict[str, Tuple[str, Endpoint]]) -> str:
     """The one line printed when ggml-rpc aborts: which worker is gone (the ones that refuse a connection now),
     and ggml's own reason."""
-    gone = []
-    for address, (name, ep) in workers.items():
-        try:
-            socket.create_connection((ep.host, ep.port), timeout=1.0).close()
-        except OSError:
-            gone.append(f"{name} ({ep.url})")
+    gone = [f"{name} ({ep.url})" for name, ep in workers.values() if _refuses(ep)]
     reason = ggml_message.split(": ", 1)[-1].strip() if ": " in ggml_message else ggml_message.strip()
     if gone:
         who = "lost RPC worker " + ", ".join(gone)
@@ -227,6 +223,23 @@ def lost_worker_message(ggml_message: str, workers: Dict[str, Tuple[str, Endpoin
     else:
         who = "the RPC backend failed"
     return f"error: {who} during the run: {reason}; the run cannot continue (restart the worker and run again)"
+
+
+def _refuses(ep: Endpoint, tries: int = 4, pause: float = 0.25) -> bool:
+    """Whether a worker refuses connections now. A killed process's sockets are closed one by one as it exits:
+    the connection of the run may break before its listening socket goes, so one accepted probe right after the
+    break proves nothing; a few probes a moment apart do. Only a refusal counts: a stopped worker's kernel keeps accepting until its
+    backlog is full, and then stays silent."""
+    for i in range(tries):
+        try:
+            socket.create_connection((ep.host, ep.port), timeout=1.0).close()
+        except ConnectionRefusedError:
+            return True
+        except OSError:  # no answer at all (a full backlog, a stopped host): not a proof that it is gone
+            return False
+        if i + 1 < tries:
+            time.sleep(pause)
+    return False
 
 
 def _timeout_text() -> str:
