@@ -99,9 +99,11 @@ def validate_cmd(policies, as_json):
     help="Assume this GPU backend instead of asking the installed llama.cpp build.",
 )
 @click.option("--ram", type=SIZE, default=None, help="Assume a machine with this much RAM (plan for another machine).")
+@click.option("--gpu-memory", type=SIZE, default=None,
+              help="Assume a GPU with this much memory (with --gpu-backend gpu: plan the VRAM of another machine).")
 @click.option("-v", "--verbose", is_flag=True, help="List every tensor and where it goes.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def show_cmd(policy_name, model, budget, gpu_backend, ram, verbose, as_json):
+def show_cmd(policy_name, model, budget, gpu_backend, ram, gpu_memory, verbose, as_json):
     """Show where POLICY puts each tensor of MODEL and what memory it needs."""
     from flashmoe.policy import MachineInfo, load_policy
     from flashmoe.policy.report import render
@@ -114,6 +116,11 @@ def show_cmd(policy_name, model, budget, gpu_backend, ram, verbose, as_json):
         machine.ram_bytes, machine.physical_ram, machine.cgroup_limit = ram, ram, None
     if gpu_backend != "auto":
         machine.gpu_backend = None if gpu_backend == "none" else gpu_backend
+    if gpu_memory is not None:
+        if gpu_memory <= 0:
+            raise FlashMoEError("--gpu-memory must be more than 0 bytes")
+        machine.gpu()  # detect the backend first (it would set the detected GPU's memory)
+        machine.gpu_memory = gpu_memory
     res = pol.resolve(model, budget=budget, machine=machine)
 
     if as_json:

@@ -339,7 +339,7 @@ class Engine:
             return {}
         sums: Dict[str, float] = {k: 0 for k in ("hits", "misses", "evictions", "bytes_read", "n_waves", "n_predicted",
                                                  "n_predicted_right", "n_prefetched", "n_prefetch_used",
-                                                 "prefetch_wasted_bytes")}
+                                                 "prefetch_wasted_bytes", "n_prefetch_cancelled")}
         sums.update(read_s=0.0, stall_s=0.0, prefetch_wait_s=0.0, read_wall_s=0.0)
         for l in layers:
             for k in sums:

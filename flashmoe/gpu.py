@@ -95,6 +95,20 @@ def local_gpu_device() -> Optional[int]:
         GGML_BACKEND_DEVICE_TYPE_IGPU) or None
 
 
+def device_memory() -> Optional[Tuple[int, int]]:
+    """(free, total) bytes of the first local GPU device as its backend reports them (CUDA: the device's
+    memory; Metal: its recommended working set), or None on a build without one."""
+    dev = local_gpu_device()
+    if not dev:
+        return None
+    g = _ggml()
+    g.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    g.ggml_backend_dev_memory.restype = None
+    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    g.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+    return (int(free.value), int(total.value)) if total.value else None
+
+
 def device_buffer_type(dev: int) -> int:
     return int(_ggml().ggml_backend_dev_buffer_type(dev))
 

@@ -18,7 +18,7 @@ MODE_NAMES = {v: k for k, v in MODES.items()}
 EVICTIONS = {"lru": 0, "lfru": 1}
 EVICTION_NAMES = {v: k for k, v in EVICTIONS.items()}
 PREFETCH = {"off": 0, "next-layer": 1}
-PATCH_VERSION = 4  # include/flashmoe.h FLASHMOE_PATCH_VERSION: the structs above match it
+PATCH_VERSION = 5  # include/flashmoe.h FLASHMOE_PATCH_VERSION: the structs above match it
 
 
 class Params(ctypes.Structure):
@@ -53,6 +53,7 @@ class LayerStats(ctypes.Structure):
         ("prefetch_wasted_bytes", ctypes.c_int64),
         ("prefetch_wait_s", ctypes.c_double),
         ("read_wall_s", ctypes.c_double),
+        ("n_prefetch_cancelled", ctypes.c_int64),
     ]
 
 

@@ -39,6 +39,7 @@ def format_run_report(r) -> str:
         if c.get("n_predicted"):
             rows.append(("prefetch", f"prediction right {100 * c['prediction_accuracy']:.1f}% of {c['n_predicted']}; "
                                      f"{c['n_prefetched']} read ahead, {c['n_prefetch_used']} used, "
+                                     f"{c.get('n_prefetch_cancelled', 0)} dropped unstarted, "
                                      f"{fmt_bytes(c['prefetch_wasted_bytes'])} wasted, waited {c['prefetch_wait_s']:.3f} s"))
     if r.prefill_expert_reads is not None:
         rows.append(("prompt reads", f"the prompt read the streamed experts {r.prefill_expert_reads:.2f} times "

@@ -75,6 +75,7 @@ class CacheTotals:
     read_wall_s: float = 0.0  # wall time the reader pool was busy (its batches never overlap)
     n_prefetched: int = 0
     n_prefetch_used: int = 0
+    n_prefetch_cancelled: int = 0
     n_predicted: int = 0
     n_predicted_right: int = 0
 

@@ -8,6 +8,9 @@
 #   stock-mmap      llama.cpp on the CPU (no GPU placement), weights on the mmap
 # all under the same trace, unconfined (the machine has 128 GiB), 64-token prompt, 128 generated tokens.
 #   run('bash scripts/gpu_b1.sh', carry=['.device-kit'])     (STAGE=build|bench to split it over two calls)
+# GPU_B1_BUDGET=4GiB: gpu-b1 keeps `cache_size: auto` and sizes its VRAM cache from `gpu_budget` instead of
+# GPU_B1_SLOTS; GPU_B1_VS: the stock references (default "stock-n-cpu-moe stock-mmap"); GPU_B1_ALLGPU=0
+# leaves out all-gpu. nvidia-smi samples the device memory in use during the bench ($OUT/vram.csv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export FLASHMOE_CACHE=${FLASHMOE_CACHE:-/tmp/fmc}
@@ -30,12 +33,25 @@ if [[ $STAGE == all || $STAGE == build ]]; then
   log "model and trace written"
 fi
 if [[ $STAGE == all || $STAGE == bench ]]; then
-  sed "s/^name: gpu-dense$/name: gpu-b1/; s/^  cache_size: auto.*/  cache_slots: $SLOTS/; s/^  readers: 4/  readers: $READERS/" configs/gpu-dense.yaml > /tmp/gpu-b1.yaml
+  if [[ -n ${GPU_B1_BUDGET:-} ]]; then
+    sed "s/^name: gpu-dense$/name: gpu-b1/; s/^gpu_budget: .*/gpu_budget: $GPU_B1_BUDGET/; s/^  readers: 4/  readers: $READERS/" \
+      configs/gpu-dense.yaml > /tmp/gpu-b1.yaml
+  else
+    sed "s/^name: gpu-dense$/name: gpu-b1/; s/^  cache_size: auto.*/  cache_slots: $SLOTS/; s/^  readers: 4/  readers: $READERS/" \
+      configs/gpu-dense.yaml > /tmp/gpu-b1.yaml
+  fi
   printf 'version: 1\nname: all-gpu\nrules:\n  - match: "*"\n    place: gpu\nruntime:\n  repack: false\n' > /tmp/all-gpu.yaml
-  python3 -m flashmoe policy show /tmp/gpu-b1.yaml -m /tmp/b1.gguf 2>&1 | tail -25 | tee "$OUT/policy-gpu-b1.txt"
-  nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-  python3 -m flashmoe bench -m /tmp/b1.gguf --policy /tmp/gpu-b1.yaml --policy /tmp/all-gpu.yaml \
-      --vs stock-n-cpu-moe --vs stock-mmap -p 64 -n 128 --repeat "${GPU_B1_REPEAT:-1}" --threads 16 \
+  python3 -m flashmoe policy show /tmp/gpu-b1.yaml -m /tmp/b1.gguf 2>&1 | tail -40 | tee "$OUT/policy-gpu-b1.txt"
+  python3 -m flashmoe policy show /tmp/gpu-b1.yaml -m /tmp/b1.gguf --json > "$OUT/policy-gpu-b1.json" 2>&1 || true
+  python3 -m flashmoe policy show configs/gpu-dense.yaml -m /tmp/b1.gguf 2>&1 | tail -40 > "$OUT/policy-gpu-dense.txt" || true
+  nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv | tee "$OUT/gpu.txt"
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/vram.csv" 2>/dev/null &
+  SMI=$!
+  POLS=(--policy /tmp/gpu-b1.yaml)
+  [[ ${GPU_B1_ALLGPU:-1} == 1 ]] && POLS+=(--policy /tmp/all-gpu.yaml)
+  for v in ${GPU_B1_VS-stock-n-cpu-moe stock-mmap}; do POLS+=(--vs "$v"); done
+  python3 -m flashmoe bench -m /tmp/b1.gguf "${POLS[@]}" -p 64 -n 128 --repeat "${GPU_B1_REPEAT:-1}" --threads 16 \
       --routing-trace /tmp/b1-uniform.trace --run-timeout 200 --json-out "$OUT/b1-gpu.json" | tee "$OUT/b1-gpu.md"
+  kill $SMI 2>/dev/null || true
   log "bench done"
 fi

@@ -265,6 +265,98 @@ def test_gpu_dense_on_gpu_build(views):
     assert res_m.memory.gpu_host == res_m.bytes_by_placement["gpu"] > 0
 
 
+GPU_DENSE_SIZED = """
+    gpu_budget: {gpu_budget}
+    rules:
+      - match: "blk.*.ffn_{{gate,up,down}}_exps.weight"
+        place: stream
+      - match: "token_embd.weight"
+        place: pin
+      - match: "*"
+        place: gpu
+    expert_cache:
+      {size}
+"""
+
+
+def test_expert_cache_in_device_memory_is_sized_from_the_gpu_budget(views, tmp_path):
+    """A discrete GPU: the slots live in device memory (the hook allocates them on the layer's device), so
+    `cache_size: auto` sizes them from gpu_budget, not RAM; the KV cache and compute buffer are counted
+    there too, and host RAM holds only the host weights, the readers' page-locked staging and the rest."""
+    mv = views["qwen3moe"]
+    probe = load_policy(write(tmp_path, GPU_DENSE_SIZED.format(gpu_budget="4GiB", size="cache_slots: 8"))).resolve(
+        mv, machine=machine(gpu_backend="gpu", gpu_memory=80 * GiB))
+    mem, c = probe.memory, probe.cache
+    assert mem.on_device and mem.cache == 0 and mem.device_cache == c.bytes == 8 * c.bytes_per_slot_all_layers
+    assert mem.staging > 0 and mem.total == mem.weights + mem.compute + mem.overhead + mem.staging
+    assert mem.device_total == mem.gpu_device + mem.device_cache + mem.kv_cache + mem.compute + mem.device_overhead
+    fixed = mem.device_total - mem.device_cache
+    per_slot = c.bytes_per_slot_all_layers
+    # room for exactly 11.5 slots per layer: auto takes 11
+    budget = fixed + per_slot * 23 // 2
+    res = load_policy(write(tmp_path, GPU_DENSE_SIZED.format(gpu_budget=budget, size="cache_size: auto"))).resolve(
+        mv, machine=machine(gpu_backend="gpu", gpu_memory=80 * GiB))
+    assert not res.errors, res.errors
+    assert res.cache.slots == 11 and res.memory.gpu_budget == budget and res.memory.device_total <= budget
+    assert res.memory.gpu_budget_source == "policy"
+    # the default gpu_budget is 90% of the GPU's memory
+    res = load_policy(write(tmp_path, GPU_DENSE_SIZED.format(gpu_budget="null", size="cache_size: auto"))).resolve(
+        mv, machine=machine(gpu_backend="gpu", gpu_memory=fixed * 2))
+    assert res.memory.gpu_budget == int(fixed * 2 * 0.9) and res.memory.gpu_budget_source == "default"
+    assert res.cache.slots == min(res.cache.n_expert, (int(fixed * 1.8) - fixed) // per_slot)
+    # fixed slots over the budget: an error naming gpu_budget's line and what device memory must hold
+    res = load_policy(write(tmp_path, GPU_DENSE_SIZED.format(gpu_budget=budget, size="cache_slots: 12"))).resolve(
+        mv, machine=machine(gpu_backend="gpu", gpu_memory=80 * GiB))
+    assert len(res.errors) == 1 and re.match(r"policy\.yaml:1: gpu_budget .* is below what the policy needs in "
+                                             r"device memory .*expert cache", res.errors[0]), res.errors
+    with pytest.raises(FlashMoEError, match="gpu_budget"):
+        res.engine_settings()
+
+
+def test_gpu_budget_errors_and_unknown_gpu_memory(views, tmp_path):
+    mv = views["qwen3moe"]
+    gpu = machine(gpu_backend="gpu", gpu_memory=None)
+    # below the weights placed on the GPU
+    res = load_policy(write(tmp_path, GPU_DENSE_SIZED.format(gpu_budget="1KiB", size="cache_slots: 8"))).resolve(
+        mv, machine=gpu)
+    assert any(re.match(r"policy\.yaml:1: gpu_budget 1(\.0)? KiB is below the weights placed on the GPU", e)
+               for e in res.errors), res.errors
+    # auto with the GPU's memory unknown and no gpu_budget: say what to set
+    res = load_policy(write(tmp_path, GPU_DENSE_SIZED.format(gpu_budget="null", size="cache_size: auto"))).resolve(
+        mv, machine=gpu)
+    assert any("the GPU's memory is unknown: set gpu_budget" in e for e in res.errors), res.errors
+    # a percentage of a GPU of unknown size: a warning, and fixed slots still resolve
+    res = load_policy(write(tmp_path, GPU_DENSE_SIZED.format(gpu_budget="50%", size="cache_slots: 8"))).resolve(
+        mv, machine=gpu)
+    assert not res.errors and any("gpu_budget 50% of the GPU's memory: its size is unknown" in w for w in res.warnings)
+    # Metal (unified memory): the cache counts in RAM and gpu_budget is said to be unused
+    res = load_policy(write(tmp_path, GPU_DENSE_SIZED.format(gpu_budget="4GiB", size="cache_slots: 8"))).resolve(
+        mv, machine=machine(gpu_backend="metal"))
+    assert not res.memory.on_device and res.memory.cache == res.cache.bytes > 0
+    assert any("policy.yaml:1: gpu_budget is not used (unified memory" in w for w in res.warnings), res.warnings
+    # parse errors name the key and the line
+    for bad, msg in (("150%", r"gpu_budget: a percentage of the GPU's memory must be in \(0, 100\]"),
+                     ("0", "gpu_budget must be more than 0 bytes"), ("lots", "gpu_budget")):
+        with pytest.raises(PolicyError, match=r"policy\.yaml:1: " + msg):
+            load_policy(write(tmp_path, GPU_DENSE_SIZED.format(gpu_budget=bad, size="cache_slots: 8")))
+
+
+def test_policy_show_prints_the_vram_plan(models, tmp_path):
+    p = write(tmp_path, GPU_DENSE_SIZED.format(gpu_budget="2GiB", size="cache_size: auto"))
+    r = run_cli("policy", "show", str(p), "-m", models["qwen3moe"], "--gpu-backend", "gpu", "--gpu-memory", "24GiB")
+    assert r.exit_code == 0, r.output
+    vram = r.output[r.output.index("device memory (VRAM)"):]
+    for row in ("gpu weights", "expert cache", "KV cache", "compute buffer", "backend", "total", "gpu budget",
+                "GPU memory"):
+        assert row in vram, (row, vram)
+    assert "gpu_budget: 2GiB" in vram and "24 GiB" in vram
+    r = run_cli("policy", "show", str(p), "-m", models["qwen3moe"], "--gpu-backend", "gpu", "--gpu-memory", "24GiB",
+                "--json")
+    d = json.loads(r.output)["memory"]["device"]
+    assert d["gpu_budget"] == 2 * GiB and d["gpu_memory"] == 24 * GiB and d["expert_cache"] > 0
+    assert d["total"] == d["gpu_weights"] + d["expert_cache"] + d["kv_cache_and_compute"] + d["backend"] <= 2 * GiB
+
+
 def test_gpu_rule_on_cpu_build_warns_and_falls_through(views, tmp_path, models):
     mv = views["qwen3moe"]
     res = load_policy("gpu-dense").resolve(mv, machine=machine(gpu_backend=None))

@@ -107,6 +107,32 @@ def test_trace_predictions_at_any_accuracy_are_exact(tiny_models, tmp_path, arch
     assert seen[1.0]["total"]["misses"] < seen[0.5]["total"]["misses"] < seen[0.0]["total"]["misses"]
 
 
+def test_wrong_reads_ahead_are_dropped_on_a_slow_disk(tiny_models, tmp_path, monkeypatch):
+    """A disk that is behind (every read starts 3 ms late, one reader): once a layer's routing is known, the
+    reads ahead of experts it does not use that have not started are dropped and those experts leave the
+    cache. The output does not change; the bytes counted are the bytes read."""
+    path = tiny_models["qwen3moe"]
+    base = trace_for_model(path, "uniform", 512, seed=3)
+    ref, _, _ = _run(path, routing_trace=_write(tmp_path, "plain", base), n=16)
+    p = _write(tmp_path, "acc0.5", draw_predictions(base, 0.5, seed=1))
+    monkeypatch.setenv("FLASHMOE_FAULT_INJECT", "slow:3000")
+    runs = {}
+    for cancel in ("1", "0"):
+        monkeypatch.setenv("FLASHMOE_PREFETCH_CANCEL", cancel)
+        got, st, _ = _run(path, routing_trace=p, n=16, stream=StreamSettings(mode="cache", cache_slots=4, readers=1,
+                                                                              prefetch="next-layer"))
+        assert got.tokens == ref.tokens and _max_diff(ref, got) == 0.0, cancel
+        runs[cancel] = st
+    on, off = runs["1"]["total"], runs["0"]["total"]
+    assert off["n_prefetch_cancelled"] == 0
+    assert 0 < on["n_prefetch_cancelled"] <= on["n_prefetched"] - on["n_prefetch_used"], on
+    # a whole expert per read ahead or miss, less what was dropped (an expert may lose only some of its reads)
+    per_expert, rest = divmod(off["bytes_read"], off["misses"] + off["n_prefetched"])  # every layer's experts: one size
+    assert rest == 0
+    full = (on["misses"] + on["n_prefetched"]) * per_expert
+    assert full - on["n_prefetch_cancelled"] * per_expert <= on["bytes_read"] < full, (on, per_expert)
+
+
 def _write(tmp_path, name, tr):
     p = str(tmp_path / f"{name}.trace")
     write_trace(p, tr)

@@ -135,7 +135,10 @@ def _size_cache(res: "Resolution", budget_where: str, below_pinned: bool) -> boo
         )
     c.slots = slots
     c.bytes = sum(c.slots_of(l) * b for l, b in c.slot_bytes_by_layer.items())
-    res.memory.cache = c.bytes
+    if res.memory.on_device:  # the hook allocates the slots in the layer's device memory
+        res.memory.device_cache = c.bytes
+    else:
+        res.memory.cache = c.bytes
     return cache_error
 
 
@@ -160,11 +163,38 @@ def _layer_slots(res: "Resolution", need_slots: int) -> bool:
     return error
 
 
+def _auto_device_slots(res: "Resolution", need_slots: int) -> Tuple[int, bool]:
+    """``cache_size: auto`` with the slots in device memory: what the GPU budget leaves after the gpu weights,
+    the KV cache, the compute buffer and the backend's own share."""
+    pol, mem, c = res.policy, res.memory, res.cache
+    line = pol.expert_cache.size_line or pol.expert_cache.line
+    if mem.gpu_budget is None:
+        res.errors.append(where(pol.source, line) + "cache_size auto: the expert cache is in device memory and the "
+                          "GPU's memory is unknown: set gpu_budget (e.g. 20GiB) or cache_slots")
+        return 0, True
+    what = "gpu_budget" if mem.gpu_budget_source == "policy" else "90% of the GPU's memory"
+    c.requested = f"auto: {what} {format_size(mem.gpu_budget)} minus the rest"
+    per_slot = c.bytes_per_slot_all_layers
+    avail = max(mem.gpu_budget - mem.gpu_device - mem.device_runtime - mem.device_overhead, 0)
+    slots = avail // per_slot if per_slot else 0
+    if slots >= need_slots or mem.gpu_budget < mem.gpu_device:  # the latter is reported as such
+        return slots, False
+    res.errors.append(
+        where(pol.source, line) + f"cache_size auto: {what} {format_size(mem.gpu_budget)} leaves "
+        f"{format_size(avail)} of device memory for the expert cache after the gpu weights "
+        f"({format_size(mem.gpu_device)}), KV cache and compute ({format_size(mem.device_runtime)}) and the backend "
+        f"({format_size(mem.device_overhead)}): {plural(slots, 'slot')} per layer, but a token needs {need_slots}; "
+        "raise gpu_budget, place fewer tensors on gpu, or lower n_ctx")
+    return slots, True
+
+
 def _auto_slots(res: "Resolution", budget_where: str, below_pinned: bool, need_slots: int) -> Tuple[int, bool]:
     """``cache_size: auto``: the slots per layer that the budget (or 90% of RAM) leaves room for
     after the resident weights and runtime buffers; and whether that was too few (an error)."""
     pol, mem, c = res.policy, res.memory, res.cache
     spec = pol.expert_cache
+    if mem.on_device:
+        return _auto_device_slots(res, need_slots)
     auto_budget, auto_where = mem.budget, budget_where
     if auto_budget is None:
         if res.machine.ram_bytes is None:

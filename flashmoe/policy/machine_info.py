@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from flashmoe.gpu import offload_supported
+from flashmoe.gpu import device_memory, offload_supported
 from flashmoe.machine import cgroup_memory_limit, has_cap_ipc_lock, memlock_limit, physical_ram
 from flashmoe.sizes import format_size
 
@@ -37,6 +37,7 @@ class MachineInfo:
     memlock_limit: Optional[int] = None  # soft RLIMIT_MEMLOCK in bytes; None = unlimited
     can_lock_unlimited: bool = False  # CAP_IPC_LOCK (root in most setups)
     gpu_backend: Optional[str] = _DETECT  # None = CPU build, "metal", "gpu"; "detect" = ask llama_cpp
+    gpu_memory: Optional[int] = None  # the GPU's memory in bytes (None: unknown; detected with the backend)
 
     @classmethod
     def detect(cls) -> "MachineInfo":
@@ -48,6 +49,9 @@ class MachineInfo:
     def gpu(self) -> Optional[str]:
         if self.gpu_backend == _DETECT:
             self.gpu_backend = detect_gpu_backend()
+            if self.gpu_backend is not None and self.gpu_memory is None:
+                mem = device_memory()
+                self.gpu_memory = mem[1] if mem else None
         return self.gpu_backend
 
     def describe_ram(self) -> str:

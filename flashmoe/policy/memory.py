@@ -51,6 +51,16 @@ class MemoryEstimate:
     not_loaded: int = 0
     not_loaded_tensors: int = 0
     not_loaded_layers: List[int] = field(default_factory=list)
+    # a discrete GPU (tensors placed gpu, every layer offloaded): the expert cache's slots, the KV cache (and
+    # recurrent state) and the compute buffer are in device memory, with the gpu weights; the readers' bounce
+    # buffers are page-locked host memory
+    on_device: bool = False
+    device_cache: int = 0
+    device_overhead: int = 0  # the backend's context and libraries' workspaces
+    staging: int = 0  # host: the readers' page-locked bounce buffers (device slots are filled from them)
+    gpu_budget: Optional[int] = None
+    gpu_budget_source: str = ""  # "policy", "default" (90% of the GPU's memory), "" (none)
+    gpu_memory: Optional[int] = None
 
     @property
     def weights(self) -> int:
@@ -58,11 +68,24 @@ class MemoryEstimate:
 
     @property
     def runtime(self) -> int:
-        return self.kv_cache + self.recurrent_state + self.compute + self.overhead
+        """Host runtime buffers (the compute buffer is counted on the host also with a GPU: the CPU ops')."""
+        state = 0 if self.on_device else self.kv_cache + self.recurrent_state
+        return state + self.compute + self.overhead + self.staging
 
     @property
     def total(self) -> int:
         return self.weights + self.cache + self.runtime + self.reserve
+
+    @property
+    def device_runtime(self) -> int:
+        return self.kv_cache + self.recurrent_state + self.compute if self.on_device else 0
+
+    @property
+    def device_total(self) -> int:
+        """What the policy needs in device memory (0 without a discrete GPU)."""
+        if not self.on_device:
+            return 0
+        return self.gpu_device + self.device_cache + self.device_runtime + self.device_overhead
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,6 +258,10 @@ def _compute_buffer(model: GGUFModel, rt: RuntimeSpec, experts_used: int, kv_cel
 # The plan
 
 
+DEVICE_OVERHEAD = 512 * 1024 * 1024  # a GPU backend's context, kernels and library workspaces (CUDA: 300-500 MiB)
+DEFAULT_GPU_BUDGET_PERCENT = 90.0  # of the GPU's memory, when the policy has no gpu_budget
+STAGING_ALIGN = 4096  # the readers' bounce buffers: the largest expert tensor slice plus alignment
+
 UBATCH_CHOICES = (512, 1024, 2048, 4096)
 UBATCH_SHARE = 0.04  # of the budget that `n_ubatch: auto` may give the compute buffer beyond a 512-token ubatch
 
@@ -273,6 +300,7 @@ def plan_memory(res: "Resolution", budget_override: Optional[int]) -> None:
         choose_ubatch(res, budget_override)
     _count_weights_and_runtime(res)
     budget_where = _set_budget(res, budget_override)
+    _set_gpu_budget(res)
     mem = res.memory
     below_pinned = mem.budget is not None and mem.budget < mem.pinned
     if below_pinned:
@@ -289,6 +317,7 @@ def plan_memory(res: "Resolution", budget_override: Optional[int]) -> None:
             f"weights {format_size(mem.weights)}, expert cache {format_size(mem.cache)}, "
             f"runtime {format_size(mem.runtime)})"
         )
+    _check_device(res, cache_error)
     _check_machine(res, budget_where)
     _add_notes(res)
 
@@ -313,10 +342,63 @@ def _count_weights_and_runtime(res: "Resolution") -> None:
             mem.gpu_host = gpu_bytes  # unified memory: device buffers are RAM
         else:
             mem.gpu_device = gpu_bytes
+            mem.on_device = True
+            mem.device_overhead = DEVICE_OVERHEAD
     mem.kv_cache, mem.recurrent_state, mem.compute, mem.n_ctx = estimate_runtime(res.model, rt, res.experts_used)
     mem.kv_note = kv_cache_estimate(res.model, mem.n_ctx, n_batch=rt.n_batch, n_ubatch=rt.n_ubatch).describe()
     mem.overhead = rt.overhead
     mem.machine_ram = machine.ram_bytes
+    if mem.on_device and res.policy.expert_cache.mode == "cache":
+        strides = [t.expert_stride for t in res.model.tensors if res.placements.get(t.name) == "stream"]
+        if strides:
+            bounce = max(max(strides), 1 << 20) + 3 * STAGING_ALIGN  # as the hook's reader_pool sizes them
+            mem.staging = res.policy.expert_cache.readers * bounce
+
+
+def _set_gpu_budget(res: "Resolution") -> None:
+    """``res.memory.gpu_budget``: the policy's gpu_budget (a size, or a percentage of the GPU's memory), else
+    90% of the GPU's memory when it is known; only for a discrete GPU that holds something."""
+    mem, pol = res.memory, res.policy
+    mem.gpu_memory = res.machine.gpu_memory
+    gb = pol.gpu_budget
+    given = gb.bytes is not None or gb.percent is not None
+    if not mem.on_device:
+        if given and res.machine.gpu() is not None:  # (a CPU build already warns that gpu rules are ignored)
+            why = ("unified memory: GPU buffers are RAM and count in budget" if res.machine.gpu() == "metal"
+                   else "nothing is placed in device memory")
+            res.warnings.append(where(pol.source, gb.line) + f"gpu_budget is not used ({why})")
+        return
+    if given:
+        mem.gpu_budget, mem.gpu_budget_source = gb.resolve(mem.gpu_memory), "policy"
+        if mem.gpu_budget is None:
+            res.warnings.append(where(pol.source, gb.line) + f"gpu_budget {gb.text} of the GPU's memory: its size "
+                                "is unknown")
+    elif mem.gpu_memory:
+        mem.gpu_budget = int(mem.gpu_memory * DEFAULT_GPU_BUDGET_PERCENT / 100)
+        mem.gpu_budget_source = "default"
+
+
+def _check_device(res: "Resolution", cache_error: bool) -> None:
+    """Errors: a gpu_budget below the gpu weights, or below all that device memory must hold; a warning
+    when that is more than the GPU has."""
+    mem, pol = res.memory, res.policy
+    if not mem.on_device:
+        return
+    what = (where(pol.source, pol.gpu_budget.line) + "gpu_budget " if mem.gpu_budget_source == "policy"
+            else f"gpu_budget (default: {DEFAULT_GPU_BUDGET_PERCENT:g}% of the GPU's memory) ")
+    if mem.gpu_budget is not None:
+        if mem.gpu_budget < mem.gpu_device:
+            res.errors.append(what + f"{format_size(mem.gpu_budget)} is below the weights placed on the GPU "
+                              f"({format_size(mem.gpu_device)}): place fewer tensors on gpu or raise gpu_budget")
+        elif mem.device_total > mem.gpu_budget and not cache_error:
+            res.errors.append(
+                what + f"{format_size(mem.gpu_budget)} is below what the policy needs in device memory "
+                f"({format_size(mem.device_total)}: gpu weights {format_size(mem.gpu_device)}, expert cache "
+                f"{format_size(mem.device_cache)}, KV cache and compute {format_size(mem.device_runtime)}, backend "
+                f"{format_size(mem.device_overhead)}): lower cache_slots, n_ctx or n_ubatch, or use cache_size auto")
+    if mem.gpu_memory and mem.device_total > mem.gpu_memory:
+        res.warnings.append(f"the policy needs {format_size(mem.device_total)} of device memory, more than the GPU "
+                            f"has ({format_size(mem.gpu_memory)})")
 
 
 def _set_budget(res: "Resolution", budget_override: Optional[int]) -> str:
@@ -357,7 +439,8 @@ def _check_machine(res: "Resolution", budget_where: str) -> None:
 def _add_notes(res: "Resolution") -> None:
     mem, c = res.memory, res.cache
     if mem.gpu_device:
-        res.notes.append(f"{format_size(mem.gpu_device)} of weights in device memory (not counted in RAM)")
+        res.notes.append(f"{format_size(mem.gpu_device)} of weights in device memory (not counted in RAM)"
+                         + ("; the expert cache's slots too" if mem.device_cache else ""))
     if c.mode == "cache" and not res.policy.expert_cache.direct_io:
         res.notes.append(
             "direct_io is off: expert reads also fill the OS page cache, which competes with the cache for memory"

@@ -179,6 +179,8 @@ def parse_policy(text: str, source: str = "<string>", path: Optional[Path] = Non
     _parse_header(ck, data, pol)
     if "budget" in data and data["budget"] is not None:
         pol.budget = _parse_budget(ck, data)
+    if "gpu_budget" in data and data["gpu_budget"] is not None:
+        pol.gpu_budget = _parse_budget(ck, data, "gpu_budget", "the GPU's memory")
     if "devices" in data and data["devices"] is not None:
         pol.devices = _parse_devices(ck, data)
     pol.rules = _parse_rules(ck, data, pol.warnings, pol.devices)
@@ -222,22 +224,23 @@ def _parse_header(ck: _Checker, data: LineMap, pol: Policy) -> None:
         pol.description = " ".join(ck.string(data, "description", "").split())
 
 
-def _parse_budget(ck: _Checker, data: LineMap) -> Budget:
-    line = data.value_lines["budget"]
-    v = data["budget"]
+def _parse_budget(ck: _Checker, data: LineMap, key: str = "budget", of: str = "this machine's RAM") -> Budget:
+    """``budget`` (of RAM) or ``gpu_budget`` (of the GPU's memory): a size, or a percentage of ``of``."""
+    line = data.value_lines[key]
+    v = data[key]
     b = Budget(line=line, text=str(v))
     if isinstance(v, str) and v.strip().endswith("%"):
         try:
             pct = float(v.strip()[:-1])
         except ValueError:
-            raise ck.err(line, f"budget: cannot parse percentage {v!r}") from None
+            raise ck.err(line, f"{key}: cannot parse percentage {v!r}") from None
         if not 0 < pct <= 100:
-            raise ck.err(line, f"budget: a percentage of this machine's RAM must be in (0, 100], got {v!r}")
+            raise ck.err(line, f"{key}: a percentage of {of} must be in (0, 100], got {v!r}")
         b.percent = pct
     else:
-        b.bytes = ck.size(data, "budget", "")
+        b.bytes = ck.size(data, key, "")
         if b.bytes == 0:
-            raise ck.err(line, "budget must be more than 0 bytes (leave it out for no budget)")
+            raise ck.err(line, f"{key} must be more than 0 bytes (leave it out for no budget)")
     return b
 
 

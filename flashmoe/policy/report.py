@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 from flashmoe.policy.cache import layer_runs
 from flashmoe.policy.resolve import Resolution
@@ -36,6 +36,8 @@ def render(res: Resolution, verbose: bool = False) -> str:
     if res.tensor_devices:
         out += [_device_table(res), ""]
     out += [_memory_table(res), ""]
+    if res.memory.on_device:
+        out += [_vram_table(res), ""]
     out += _cache_and_runtime(res)
     if verbose:
         out += ["", _tensor_table(res)]
@@ -103,19 +105,16 @@ def _memory_table(res: Resolution) -> str:
         rows.append(("RAM weights", format_size(mem.ram), "resident, not locked"))
     if mem.gpu_host:
         rows.append(("GPU weights", format_size(mem.gpu_host), "unified memory (counts as RAM)"))
-    if c.mode == "cache":
-        per_layer = c.bytes_per_slot_all_layers // max(len(c.streamed_layers), 1)
-        rows.append((
-            "expert cache",
-            format_size(mem.cache),
-            f"{plural(c.slots, 'slot')}/layer{_differ(c)} of {c.n_expert} experts x {len(c.streamed_layers)} layers, "
-            f"{format_size(per_layer)} per slot ({c.requested})",
-        ))
-    rows.append(("KV cache", format_size(mem.kv_cache), mem.kv_note or f"n_ctx {mem.n_ctx}, f16"))
-    if mem.recurrent_state:
+    if c.mode == "cache" and not mem.on_device:
+        rows.append(_cache_row(c, mem.cache))
+    rows.append(("KV cache", format_size(mem.kv_cache) if not mem.on_device else "-",
+                 "in device memory (below)" if mem.on_device else (mem.kv_note or f"n_ctx {mem.n_ctx}, f16")))
+    if mem.recurrent_state and not mem.on_device:
         rows.append(("recurrent state", format_size(mem.recurrent_state), "hybrid layers, f32"))
     rows.append(("compute buffer", format_size(mem.compute), f"estimate, n_ubatch {pol.runtime.n_ubatch}"
                  + (" (auto)" if pol.runtime.n_ubatch_auto else "")))
+    if mem.staging:
+        rows.append(("staging", format_size(mem.staging), f"page-locked bounce buffers of the {c.readers} readers"))
     rows.append(("overhead", format_size(mem.overhead), "process, libraries (runtime.overhead)"))
     if mem.reserve:
         rows.append(("reserve", format_size(mem.reserve), "left free for page cache and file-backed pages (cache_size auto)"))
@@ -126,9 +125,38 @@ def _memory_table(res: Resolution) -> str:
     else:
         rows.append(("budget", "none", ""))
     rows.append(("machine RAM", res.machine.describe_ram() if mem.machine_ram else "unknown", ""))
-    if mem.gpu_device:
+    if mem.gpu_device and not mem.on_device:
         rows.append(("device memory", format_size(mem.gpu_device), "gpu weights (not in RAM)"))
     return text_table(("memory", "bytes", ""), rows, right=(1,))
+
+
+def _cache_row(c, nbytes: int) -> Tuple[str, str, str]:
+    per_layer = c.bytes_per_slot_all_layers // max(len(c.streamed_layers), 1)
+    return ("expert cache", format_size(nbytes),
+            f"{plural(c.slots, 'slot')}/layer{_differ(c)} of {c.n_expert} experts x {len(c.streamed_layers)} layers, "
+            f"{format_size(per_layer)} per slot ({c.requested})")
+
+
+def _vram_table(res: Resolution) -> str:
+    """The device-memory (VRAM) plan of a discrete GPU: gpu weights, the expert cache's slots, KV cache and
+    compute buffer, the backend's share, against gpu_budget and the GPU's memory."""
+    pol, mem, c = res.policy, res.memory, res.cache
+    rows = [("gpu weights", format_size(mem.gpu_device), "tensors placed gpu")]
+    if c.mode == "cache":
+        rows.append(_cache_row(c, mem.device_cache))
+    rows.append(("KV cache", format_size(mem.kv_cache), mem.kv_note or f"n_ctx {mem.n_ctx}, f16"))
+    if mem.recurrent_state:
+        rows.append(("recurrent state", format_size(mem.recurrent_state), "hybrid layers, f32"))
+    rows.append(("compute buffer", format_size(mem.compute), f"estimate, n_ubatch {pol.runtime.n_ubatch}"))
+    rows.append(("backend", format_size(mem.device_overhead), "context, kernels, library workspaces (estimate)"))
+    rows.append(("total", format_size(mem.device_total), ""))
+    if mem.gpu_budget is not None:
+        src = f"gpu_budget: {pol.gpu_budget.text}" if mem.gpu_budget_source == "policy" else "90% of the GPU (default)"
+        rows.append(("gpu budget", format_size(mem.gpu_budget), src))
+    else:
+        rows.append(("gpu budget", "none", "the GPU's memory is unknown: set gpu_budget"))
+    rows.append(("GPU memory", format_size(mem.gpu_memory) if mem.gpu_memory else "unknown", ""))
+    return text_table(("device memory (VRAM)", "bytes", ""), rows, right=(1,))
 
 
 def _cache_and_runtime(res: Resolution) -> List[str]:

@@ -240,6 +240,17 @@ class Resolution:
             "budget_source": mem.budget_source or None,
             "machine_ram": mem.machine_ram,
             "n_ctx": mem.n_ctx,
+            "staging": mem.staging,
+            "device": {  # a discrete GPU: what lives in device memory (None otherwise)
+                "gpu_weights": mem.gpu_device,
+                "expert_cache": mem.device_cache,
+                "kv_cache_and_compute": mem.device_runtime,
+                "backend": mem.device_overhead,
+                "total": mem.device_total,
+                "gpu_budget": mem.gpu_budget,
+                "gpu_budget_source": mem.gpu_budget_source or None,
+                "gpu_memory": mem.gpu_memory,
+            } if mem.on_device else None,
         }
 
     def _tensor_dict(self, t: TensorInfo) -> dict:

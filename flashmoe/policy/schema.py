@@ -32,7 +32,7 @@ PLACEMENT_HELP = {
 CACHE_MODES = ("cache", "pagecache")
 EVICTIONS = ("lru", "lfru")
 
-TOP_KEYS = ("version", "name", "description", "budget", "devices", "rules", "expert_cache", "runtime")
+TOP_KEYS = ("version", "name", "description", "budget", "gpu_budget", "devices", "rules", "expert_cache", "runtime")
 RULE_KEYS = ("match", "place")
 CACHE_KEYS = ("mode", "cache_size", "cache_slots", "eviction", "readers", "direct_io", "prefetch")
 PREFETCH_MODES = ("next-layer", "off")
@@ -231,6 +231,7 @@ class Policy:
     source: str = "<string>"
     path: Optional[Path] = None
     budget: Budget = field(default_factory=Budget)
+    gpu_budget: Budget = field(default_factory=Budget)  # device memory (discrete GPUs): a size or % of the GPU's
     rules: List[Rule] = field(default_factory=list)
     rules_line: Optional[int] = None
     expert_cache: CacheSpec = field(default_factory=CacheSpec)
@@ -280,6 +281,7 @@ class Policy:
             "description": self.description,
             "source": self.source,
             "budget": self.budget.to_value(),
+            "gpu_budget": self.gpu_budget.to_value(),
             "rules": [x.to_dict() for x in self.rules],
             "expert_cache": self.expert_cache.to_dict(),
             "runtime": self.runtime.to_dict(),

@@ -56,6 +56,7 @@ from flashmoe.trace import Trace
 PHASES = ("prefill", "decode")
 _AGE_FACTOR = 16  # counts are halved every 16 * n_slots accesses (the hook's ageing period)
 _BIG = 1 << 40  # LFRU key: freq * _BIG + last_use (clock stays far below 2^40)
+_CLOCK0 = 1 << 32  # the hook's use stamps start here; demoted reads ahead are stamped 1, 2, ... below them
 
 
 # llama.cpp architectures whose last layer computes every row of the ubatch (the output rows are
@@ -246,7 +247,9 @@ class _LayerCache:
         self.lfru = eviction == "lfru"
         self.resident: "OrderedDict[int, int]" = OrderedDict()  # expert -> slot, in order of last use
         self.n_access = 0
-        self.clock = 0
+        self.clock = _CLOCK0
+        self.demote_clock = 0
+        self.demoted: "OrderedDict[int, None]" = OrderedDict()  # wrong reads ahead still resident, oldest first
         self.age_every = n_slots * _AGE_FACTOR
         self.in_wave = np.zeros(n_slots, dtype=bool)  # slot -> used by the current wave, or protected by a read ahead
         if self.lfru:
@@ -268,11 +271,28 @@ class _LayerCache:
             key[self.in_wave] = np.iinfo(np.int64).max
             s = int(np.argmin(key))
             victim = int(self.expert_in[s])
-        else:
-            victim = next(v for v in res if not self.in_wave[res[v]])  # least recent use, not in use
+        else:  # a demoted read ahead first (oldest first), else the least recent use; never one in use
+            victim = next((v for v in self.demoted if not self.in_wave[res[v]]), None)
+            if victim is None:
+                victim = next(v for v in res if not self.in_wave[res[v]])
             s = res[victim]
         del res[victim]
+        self.demoted.pop(victim, None)
         return s, True
+
+    def demote(self, experts: Iterable[int]) -> None:
+        """Reads ahead that the layer did not use (in expert order): the next victims, before any expert in use
+        (the hook stamps them below every use)."""
+        for e in sorted(experts):
+            s = self.resident.get(e)
+            if s is None:
+                continue
+            self.demote_clock += 1
+            if self.lfru:
+                self.last_use[s] = self.demote_clock
+            else:
+                self.demoted.pop(e, None)
+                self.demoted[e] = None
 
     def _place(self, e: int, s: int) -> None:
         self.resident[e] = s
@@ -333,6 +353,7 @@ class _LayerCache:
             if s is not None:
                 hits += 1
                 res.move_to_end(e)
+                self.demoted.pop(e, None)
             else:
                 misses += 1
                 s, evicted = self._take_slot()
@@ -395,6 +416,7 @@ def simulate(trace: Trace, ubatches: Sequence[Ubatch], slots: Union[int, Mapping
             predicted = []
             lc.n_prefetch_used += len(ahead & used)
             lc.prefetch_wasted_bytes += len(ahead - used) * eb
+            c.demote(ahead - used)
             ahead = set()
             h, m, e, w = c.ubatch(ids.ravel())
             lc.hits += h
