@@ -119,8 +119,7 @@ def show_cmd(policy_name, model, budget, gpu_backend, ram, gpu_memory, verbose, 
     if gpu_memory is not None:
         if gpu_memory <= 0:
             raise FlashMoEError("--gpu-memory must be more than 0 bytes")
-        machine.gpu()  # detect the backend first (it would set the detected GPU's memory)
-        machine.gpu_memory = gpu_memory
+        machine.gpu_memory, machine.detect_gpu_memory = gpu_memory, False
     res = pol.resolve(model, budget=budget, machine=machine)
 
     if as_json:

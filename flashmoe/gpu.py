@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import subprocess
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -95,9 +96,35 @@ def local_gpu_device() -> Optional[int]:
         GGML_BACKEND_DEVICE_TYPE_IGPU) or None
 
 
+_ASKED: Dict[str, Optional[Tuple[int, int]]] = {}
+
+
 def device_memory() -> Optional[Tuple[int, int]]:
+    """(free, total) bytes of the first local GPU device, or None on a build without one (or when the
+    query fails). Asked once per process, in a short-lived child: the query creates the device's context
+    (CUDA: about 0.5 GiB of the GPU's memory, measured on the H200), which a process that only plans (policy
+    show, the bench's parent) must not keep while its runs need that memory."""
+    if "mem" not in _ASKED:
+        _ASKED["mem"] = _device_memory_in_child()
+    return _ASKED["mem"]
+
+
+def _device_memory_in_child() -> Optional[Tuple[int, int]]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    code = "from flashmoe.gpu import device_memory_here as f; m = f(); print(f'{m[0]} {m[1]}' if m else '')"
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        free, total = (int(x) for x in p.stdout.strip().splitlines()[-1].split())
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+    return (free, total) if total > 0 else None
+
+
+def device_memory_here() -> Optional[Tuple[int, int]]:
     """(free, total) bytes of the first local GPU device as its backend reports them (CUDA: the device's
-    memory; Metal: its recommended working set), or None on a build without one."""
+    memory; Metal: its recommended working set), asked in this process; None on a build without one."""
     dev = local_gpu_device()
     if not dev:
         return None

@@ -55,3 +55,23 @@ def test_gpu_policy_on_a_cpu_build_says_so(tiny_model, llama_cpp):
         assert e.n_gpu_layers == 0
         assert "layers offloaded" not in e.mode_line()
         assert e.settings.stream.mode == "cache"  # the experts still stream, into a host cache
+
+
+def test_the_gpu_memory_is_asked_in_a_child_process_and_only_when_a_plan_needs_it(monkeypatch):
+    """Asking the backend for the GPU's memory creates its context (about 0.5 GiB of an H200's memory): a
+    planning process asks a short-lived child, once, and only for a plan that puts something in device memory.
+    On a CPU build the answer is None."""
+    from flashmoe import gpu
+    from flashmoe.policy import MachineInfo
+
+    gpu._ASKED.clear()
+    calls = []
+    real = gpu._device_memory_in_child
+    monkeypatch.setattr(gpu, "_device_memory_in_child", lambda: calls.append(1) or real())
+    m = MachineInfo.detect()
+    assert m.gpu_memory is None and m.detect_gpu_memory
+    if m.gpu() is None:  # this CPU build: nothing to ask
+        assert m.gpu_memory_bytes() is None and calls == []
+    assert gpu.device_memory() == gpu.device_memory()  # asked once per process
+    assert len(calls) == 1
+    assert (real() is None) == (not gpu.offload_supported())

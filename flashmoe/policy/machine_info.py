@@ -37,22 +37,28 @@ class MachineInfo:
     memlock_limit: Optional[int] = None  # soft RLIMIT_MEMLOCK in bytes; None = unlimited
     can_lock_unlimited: bool = False  # CAP_IPC_LOCK (root in most setups)
     gpu_backend: Optional[str] = _DETECT  # None = CPU build, "metal", "gpu"; "detect" = ask llama_cpp
-    gpu_memory: Optional[int] = None  # the GPU's memory in bytes (None: unknown; detected with the backend)
+    gpu_memory: Optional[int] = None  # the GPU's memory in bytes (None: unknown, or not asked yet)
+    detect_gpu_memory: bool = False  # ask the backend for it when a plan needs it (MachineInfo.detect())
 
     @classmethod
     def detect(cls) -> "MachineInfo":
         phys = physical_ram()
         cg = cgroup_memory_limit()
         ram = min(x for x in (phys, cg) if x is not None) if (phys or cg) else None
-        return cls(ram, phys, cg, memlock_limit(), has_cap_ipc_lock(), _DETECT)
+        return cls(ram, phys, cg, memlock_limit(), has_cap_ipc_lock(), _DETECT, None, True)
 
     def gpu(self) -> Optional[str]:
         if self.gpu_backend == _DETECT:
             self.gpu_backend = detect_gpu_backend()
-            if self.gpu_backend is not None and self.gpu_memory is None:
-                mem = device_memory()
-                self.gpu_memory = mem[1] if mem else None
         return self.gpu_backend
+
+    def gpu_memory_bytes(self) -> Optional[int]:
+        """The GPU's memory: as given, or asked from the backend once (only a plan with device memory asks)."""
+        if self.gpu_memory is None and self.detect_gpu_memory and self.gpu() is not None:
+            self.detect_gpu_memory = False
+            mem = device_memory()
+            self.gpu_memory = mem[1] if mem else None
+        return self.gpu_memory
 
     def describe_ram(self) -> str:
         if self.ram_bytes is None:

@@ -258,7 +258,9 @@ def _compute_buffer(model: GGUFModel, rt: RuntimeSpec, experts_used: int, kv_cel
 # The plan
 
 
-DEVICE_OVERHEAD = 512 * 1024 * 1024  # a GPU backend's context, kernels and library workspaces (CUDA: 300-500 MiB)
+# a GPU backend's context, kernels and library workspaces: on the H200 (CUDA 13, sm_90 kernels) a process's
+# context alone held 527 MiB, and a B1 run took about 700 MiB beyond its weights, cache, KV and compute estimates
+DEVICE_OVERHEAD = 768 * 1024 * 1024
 DEFAULT_GPU_BUDGET_PERCENT = 90.0  # of the GPU's memory, when the policy has no gpu_budget
 STAGING_ALIGN = 4096  # the readers' bounce buffers: the largest expert tensor slice plus alignment
 
@@ -359,15 +361,16 @@ def _set_gpu_budget(res: "Resolution") -> None:
     """``res.memory.gpu_budget``: the policy's gpu_budget (a size, or a percentage of the GPU's memory), else
     90% of the GPU's memory when it is known; only for a discrete GPU that holds something."""
     mem, pol = res.memory, res.policy
-    mem.gpu_memory = res.machine.gpu_memory
     gb = pol.gpu_budget
     given = gb.bytes is not None or gb.percent is not None
     if not mem.on_device:
+        mem.gpu_memory = res.machine.gpu_memory
         if given and res.machine.gpu() is not None:  # (a CPU build already warns that gpu rules are ignored)
             why = ("unified memory: GPU buffers are RAM and count in budget" if res.machine.gpu() == "metal"
                    else "nothing is placed in device memory")
             res.warnings.append(where(pol.source, gb.line) + f"gpu_budget is not used ({why})")
         return
+    mem.gpu_memory = res.machine.gpu_memory_bytes()
     if given:
         mem.gpu_budget, mem.gpu_budget_source = gb.resolve(mem.gpu_memory), "policy"
         if mem.gpu_budget is None:
