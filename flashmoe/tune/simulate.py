@@ -272,9 +272,8 @@ class _LayerCache:
             s = int(np.argmin(key))
             victim = int(self.expert_in[s])
         else:  # a demoted read ahead first (oldest first), else the least recent use; never one in use
-            victim = next((v for v in self.demoted if not self.in_wave[res[v]]), None)
-            if victim is None:
-                victim = next(v for v in res if not self.in_wave[res[v]])
+            first = next((v for v in self.demoted if not self.in_wave[res[v]]), None)
+            victim = first if first is not None else next(v for v in res if not self.in_wave[res[v]])
             s = res[victim]
         del res[victim]
         self.demoted.pop(victim, None)
