@@ -18,6 +18,7 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 from flashmoe import llama as llama_api
+from flashmoe.machine import child_env
 
 GGML_BACKEND_DEVICE_TYPE_CPU = 0
 GGML_BACKEND_DEVICE_TYPE_GPU = 1
@@ -52,7 +53,17 @@ def _ggml() -> ctypes.CDLL:
     g.ggml_backend_dev_by_type.restype = ctypes.c_void_p
     g.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
     g.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+    g.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    g.ggml_backend_dev_memory.restype = None
     return g
+
+
+def dev_memory(dev: int, g: Optional[ctypes.CDLL] = None) -> Tuple[int, int]:
+    """(free, total) bytes of a ggml device (``ggml_backend_dev_t``: a local GPU, an RPC worker's), as its
+    backend reports them."""
+    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    (g or _ggml()).ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+    return int(free.value), int(total.value)
 
 
 def cpu_buffer_type() -> int:
@@ -110,12 +121,10 @@ def device_memory() -> Optional[Tuple[int, int]]:
 
 
 def _device_memory_in_child() -> Optional[Tuple[int, int]]:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     code = "from flashmoe.gpu import device_memory_here as f; m = f(); print(f'{m[0]} {m[1]}' if m else '')"
     try:
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env=child_env())
         free, total = (int(x) for x in p.stdout.strip().splitlines()[-1].split())
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
@@ -128,12 +137,8 @@ def device_memory_here() -> Optional[Tuple[int, int]]:
     dev = local_gpu_device()
     if not dev:
         return None
-    g = _ggml()
-    g.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
-    g.ggml_backend_dev_memory.restype = None
-    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-    g.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-    return (int(free.value), int(total.value)) if total.value else None
+    free, total = dev_memory(dev)
+    return (free, total) if total else None
 
 
 def device_buffer_type(dev: int) -> int:

@@ -317,3 +317,12 @@ def maxrss_bytes(ru_maxrss: int, platform: Optional[str] = None) -> int:
     """getrusage's ru_maxrss in bytes: macOS gives bytes, Linux and the BSDs KiB."""
     platform = sys.platform if platform is None else platform
     return int(ru_maxrss) if platform == "darwin" else int(ru_maxrss) * 1024
+
+
+def child_env() -> dict:
+    """This environment, with the folder holding the flashmoe package first on PYTHONPATH: for a child Python
+    process that imports this flashmoe (a bench worker, a device query)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env

@@ -13,10 +13,10 @@ import os
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from flashmoe.cgroup import LimitedResult, run_limited
+from flashmoe.machine import child_env
 from flashmoe.engine import RunReport
 from flashmoe.sizes import format_size
 from flashmoe.worker import PROGRESS_TAG, RESULT_TAG, WorkerResult, WorkerSpec
@@ -131,14 +131,6 @@ class OfRecord:
         return self.record.status
 
 
-def worker_env() -> Dict[str, str]:
-    """This environment, with the folder holding the flashmoe package first on PYTHONPATH."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
 def parse_worker_output(stdout: str) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]]]:
     """(the result line as a dict or None, the progress lines)."""
     result, prog = None, []
@@ -163,7 +155,7 @@ def _launch(spec: WorkerSpec, cg_limit: Optional[int], timeout: float) -> Limite
         with os.fdopen(fd, "w") as f:
             json.dump(spec.to_dict(), f)
         cmd = [sys.executable, "-m", WORKER_MODULE, "@" + spec_path]
-        return run_limited(cmd, cg_limit, timeout=timeout, env=worker_env())
+        return run_limited(cmd, cg_limit, timeout=timeout, env=child_env())
     finally:
         try:
             os.unlink(spec_path)

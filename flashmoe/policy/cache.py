@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Tuple
 
 from flashmoe.policy.model import unloaded_layers
-from flashmoe.policy.schema import DEFAULT_BUDGET_PERCENT, DEFAULT_READERS, PolicyError, plural, where
+from flashmoe.policy.schema import (DEFAULT_BUDGET_PERCENT, DEFAULT_GPU_BUDGET_TEXT, DEFAULT_READERS, PolicyError,
+                                    plural, where)
 from flashmoe.sizes import MiB, format_size
 
 if TYPE_CHECKING:  # annotations only: resolve.py imports this module
@@ -172,7 +173,7 @@ def _auto_device_slots(res: "Resolution", need_slots: int) -> Tuple[int, bool]:
         res.errors.append(where(pol.source, line) + "cache_size auto: the expert cache is in device memory and the "
                           "GPU's memory is unknown: set gpu_budget (e.g. 20GiB) or cache_slots")
         return 0, True
-    what = "gpu_budget" if mem.gpu_budget_source == "policy" else "90% of the GPU's memory"
+    what = "gpu_budget" if mem.gpu_budget_source == "policy" else DEFAULT_GPU_BUDGET_TEXT
     c.requested = f"auto: {what} {format_size(mem.gpu_budget)} minus the rest"
     per_slot = c.bytes_per_slot_all_layers
     avail = max(mem.gpu_budget - mem.gpu_device - mem.device_runtime - mem.device_overhead, 0)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, List, Optional, Tuple
 from flashmoe.machine import memlock_hint
 from flashmoe.policy.cache import plan_cache
 from flashmoe.policy.model import arch_int, unloaded_layers
-from flashmoe.policy.schema import RuntimeSpec, where
+from flashmoe.policy.schema import DEFAULT_GPU_BUDGET_PERCENT, DEFAULT_GPU_BUDGET_TEXT, RuntimeSpec, where
 from flashmoe.settings import PLACEMENTS
 from flashmoe.sizes import format_size
 from gguf_tools import archs
@@ -261,7 +261,6 @@ def _compute_buffer(model: GGUFModel, rt: RuntimeSpec, experts_used: int, kv_cel
 # a GPU backend's context, kernels and library workspaces: on the H200 (CUDA 13, sm_90 kernels) a process's
 # context alone held 527 MiB, and a B1 run took about 700 MiB beyond its weights, cache, KV and compute estimates
 DEVICE_OVERHEAD = 768 * 1024 * 1024
-DEFAULT_GPU_BUDGET_PERCENT = 90.0  # of the GPU's memory, when the policy has no gpu_budget
 STAGING_ALIGN = 4096  # the readers' bounce buffers: the largest expert tensor slice plus alignment
 
 UBATCH_CHOICES = (512, 1024, 2048, 4096)
@@ -388,7 +387,7 @@ def _check_device(res: "Resolution", cache_error: bool) -> None:
     if not mem.on_device:
         return
     what = (where(pol.source, pol.gpu_budget.line) + "gpu_budget " if mem.gpu_budget_source == "policy"
-            else f"gpu_budget (default: {DEFAULT_GPU_BUDGET_PERCENT:g}% of the GPU's memory) ")
+            else f"gpu_budget (default: {DEFAULT_GPU_BUDGET_TEXT}) ")
     if mem.gpu_budget is not None:
         if mem.gpu_budget < mem.gpu_device:
             res.errors.append(what + f"{format_size(mem.gpu_budget)} is below the weights placed on the GPU "

@@ -7,7 +7,7 @@ from typing import List, Sequence, Tuple
 
 from flashmoe.policy.cache import layer_runs
 from flashmoe.policy.resolve import Resolution
-from flashmoe.policy.schema import PLACEMENT_HELP, plural
+from flashmoe.policy.schema import DEFAULT_GPU_BUDGET_TEXT, PLACEMENT_HELP, plural
 from flashmoe.settings import PLACEMENTS
 from flashmoe.sizes import format_size
 
@@ -105,14 +105,13 @@ def _memory_table(res: Resolution) -> str:
         rows.append(("RAM weights", format_size(mem.ram), "resident, not locked"))
     if mem.gpu_host:
         rows.append(("GPU weights", format_size(mem.gpu_host), "unified memory (counts as RAM)"))
-    if c.mode == "cache" and not mem.on_device:
-        rows.append(_cache_row(c, mem.cache))
-    rows.append(("KV cache", format_size(mem.kv_cache) if not mem.on_device else "-",
-                 "in device memory (below)" if mem.on_device else (mem.kv_note or f"n_ctx {mem.n_ctx}, f16")))
-    if mem.recurrent_state and not mem.on_device:
-        rows.append(("recurrent state", format_size(mem.recurrent_state), "hybrid layers, f32"))
-    rows.append(("compute buffer", format_size(mem.compute), f"estimate, n_ubatch {pol.runtime.n_ubatch}"
-                 + (" (auto)" if pol.runtime.n_ubatch_auto else "")))
+    if mem.on_device:
+        rows.append(("KV cache", "-", "in device memory (below)"))
+    else:
+        if c.mode == "cache":
+            rows.append(_cache_row(c, mem.cache))
+        rows += _state_rows(mem)
+    rows.append(_compute_row(pol, mem))
     if mem.staging:
         rows.append(("staging", format_size(mem.staging), f"page-locked bounce buffers of the {c.readers} readers"))
     rows.append(("overhead", format_size(mem.overhead), "process, libraries (runtime.overhead)"))
@@ -130,6 +129,19 @@ def _memory_table(res: Resolution) -> str:
     return text_table(("memory", "bytes", ""), rows, right=(1,))
 
 
+def _state_rows(mem) -> List[Tuple[str, str, str]]:
+    """The KV cache and (hybrid models) the recurrent state: in RAM, or in device memory with a GPU."""
+    rows = [("KV cache", format_size(mem.kv_cache), mem.kv_note or f"n_ctx {mem.n_ctx}, f16")]
+    if mem.recurrent_state:
+        rows.append(("recurrent state", format_size(mem.recurrent_state), "hybrid layers, f32"))
+    return rows
+
+
+def _compute_row(pol, mem) -> Tuple[str, str, str]:
+    return ("compute buffer", format_size(mem.compute), f"estimate, n_ubatch {pol.runtime.n_ubatch}"
+            + (" (auto)" if pol.runtime.n_ubatch_auto else ""))
+
+
 def _cache_row(c, nbytes: int) -> Tuple[str, str, str]:
     per_layer = c.bytes_per_slot_all_layers // max(len(c.streamed_layers), 1)
     return ("expert cache", format_size(nbytes),
@@ -144,14 +156,12 @@ def _vram_table(res: Resolution) -> str:
     rows = [("gpu weights", format_size(mem.gpu_device), "tensors placed gpu")]
     if c.mode == "cache":
         rows.append(_cache_row(c, mem.device_cache))
-    rows.append(("KV cache", format_size(mem.kv_cache), mem.kv_note or f"n_ctx {mem.n_ctx}, f16"))
-    if mem.recurrent_state:
-        rows.append(("recurrent state", format_size(mem.recurrent_state), "hybrid layers, f32"))
-    rows.append(("compute buffer", format_size(mem.compute), f"estimate, n_ubatch {pol.runtime.n_ubatch}"))
+    rows += _state_rows(mem)
+    rows.append(_compute_row(pol, mem))
     rows.append(("backend", format_size(mem.device_overhead), "context, kernels, library workspaces (estimate)"))
     rows.append(("total", format_size(mem.device_total), ""))
     if mem.gpu_budget is not None:
-        src = f"gpu_budget: {pol.gpu_budget.text}" if mem.gpu_budget_source == "policy" else "90% of the GPU (default)"
+        src = f"gpu_budget: {pol.gpu_budget.text}" if mem.gpu_budget_source == "policy" else DEFAULT_GPU_BUDGET_TEXT + " (default)"
         rows.append(("gpu budget", format_size(mem.gpu_budget), src))
     else:
         rows.append(("gpu budget", "none", "the GPU's memory is unknown: set gpu_budget"))

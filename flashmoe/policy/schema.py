@@ -41,6 +41,8 @@ RUNTIME_KEYS = ("threads", "n_ctx", "n_batch", "n_ubatch", "experts_per_token", 
 DEFAULT_READERS = 4
 DEFAULT_OVERHEAD = 256 * MiB  # the process itself: interpreter, libraries, small llama.cpp buffers
 DEFAULT_BUDGET_PERCENT = 90.0  # what `cache_size: auto` uses when the policy has no budget
+DEFAULT_GPU_BUDGET_PERCENT = 90.0  # of a discrete GPU's memory, when the policy has no gpu_budget
+DEFAULT_GPU_BUDGET_TEXT = f"{DEFAULT_GPU_BUDGET_PERCENT:g}% of the GPU's memory"
 
 # Routed expert tensors (gguf_tools.reader's EXPERT_NAME_RE, TensorInfo.is_expert) are the only
 # tensors that may be streamed.

@@ -95,9 +95,6 @@ class _Ggml:
         g.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
         g.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
         g.ggml_backend_dev_name.restype = ctypes.c_char_p
-        g.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
-                                              ctypes.POINTER(ctypes.c_size_t)]
-        g.ggml_backend_dev_memory.restype = None
         g.ggml_set_abort_callback.argtypes = [ctypes.c_void_p]
         g.ggml_set_abort_callback.restype = ctypes.c_void_p
         self.g = g
@@ -198,9 +195,9 @@ def custom_ops_stay_local(dev: int) -> bool:
 
 def device_memory(w: Worker) -> Tuple[int, int]:
     """(free, total) bytes of a worker's device, as it reports them."""
-    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-    _lib().g.ggml_backend_dev_memory(w.dev, ctypes.byref(free), ctypes.byref(total))
-    return int(free.value), int(total.value)
+    from flashmoe import gpu
+
+    return gpu.dev_memory(w.dev, _lib().g)
 
 
 # --------------------------------------------------------------------------------------------- a lost worker
@@ -228,8 +225,8 @@ def lost_worker_message(ggml_message: str, workers: Dict[str, Tuple[str, Endpoin
 def _refuses(ep: Endpoint, tries: int = 4, pause: float = 0.25) -> bool:
     """Whether a worker refuses connections now. A killed process's sockets are closed one by one as it exits:
     the connection of the run may break before its listening socket goes, so one accepted probe right after the
-    break proves nothing; a few probes a moment apart do. Only a refusal counts: a stopped worker's kernel keeps accepting until its
-    backlog is full, and then stays silent."""
+    break proves nothing; a few probes a moment apart do. Only a refusal counts: a stopped worker's kernel keeps
+    accepting until its backlog is full, and then stays silent."""
     for i in range(tries):
         try:
             socket.create_connection((ep.host, ep.port), timeout=1.0).close()
