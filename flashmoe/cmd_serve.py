@@ -1,22 +1,13 @@
 """`flashmoe serve`: an OpenAI-compatible HTTP server on the streaming engine."""
 from __future__ import annotations
 
-import ipaddress
 import os
 import sys
 
 import click
 
 from flashmoe.errors import FlashMoEError
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from flashmoe.rpc.url import is_loopback_host
 
 
 @click.command("serve")
@@ -52,7 +43,7 @@ def serve(model_path, policy, host, port, api_key, n_ctx, experts_per_token, no_
     _require_server_deps()
     if not os.path.isfile(model_path):
         raise FlashMoEError(f"no such model file: {model_path}")
-    if not _is_loopback(host) and not api_key:
+    if not is_loopback_host(host) and not api_key:
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this address can use "
                    f"the model", err=True)
     sock = bind_socket(host, port)  # before loading: a taken port fails fast
