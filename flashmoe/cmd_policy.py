@@ -20,7 +20,7 @@ from flashmoe.sizes import SIZE
 def policy():
     """Placement policies: which tensors are pinned, streamed, mmap'd or on the GPU.
 
-    POLICY is a YAML file or the name of a shipped config (stock, stream, pagecache, gpu-dense,
+    POLICY is a YAML file or the name of a shipped config (stock, stream, pagecache, gpu-dense, gpu-ram,
     all-ram, ...). See docs/policies.md.
     """
 

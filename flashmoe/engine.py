@@ -17,6 +17,7 @@ from flashmoe import llama as llama_api
 from flashmoe.errors import FlashMoEError
 from flashmoe.metrics import ProcessCounters, peak_rss_bytes
 from flashmoe.settings import EngineSettings, StreamSettings
+from flashmoe.sizes import format_size
 
 if TYPE_CHECKING:
     from flashmoe.rpc import EnginePlan
@@ -216,6 +217,7 @@ class Engine:
                 direct_io=s.stream.direct_io,
                 prefetch=s.stream.prefetch if s.stream.mode == "cache" else "off",
                 repack_slots=bool(s.runtime.use_extra_bufts),
+                source=s.stream.source if s.stream.mode == "cache" else "disk",
                 layer_slots=s.stream.layer_slots,
                 record_trace=self.record_trace,
                 placements=placements,
@@ -231,16 +233,11 @@ class Engine:
         n_batch, n_ubatch = rt.n_batch, rt.n_ubatch
         self.gpu_ubatch_note: Optional[str] = None
         if self.n_gpu_layers and s.stream.mode == "cache" and s.stream.cache_slots > 0:
-            # prefill waves (a ubatch touching more experts than the cache has slots) fail on CUDA (an
-            # illegal memory access in mul_mat_id, seen on the H200; not fixed yet): ubatches small enough
-            # that every expert they touch fits the device cache run in one wave
-            k = max(1, int(rt.n_expert_used or self.model_facts["n_expert_used"] or 1))
-            n_exp = int(self.model_facts["n_expert"] or 0)
-            if n_exp and s.stream.cache_slots < n_exp and n_ubatch * k > s.stream.cache_slots:
-                n_ubatch = max(1, s.stream.cache_slots // k)
-                n_batch = max(n_batch, n_ubatch)
-                self.gpu_ubatch_note = (f"prefill ubatch lowered to {n_ubatch} so that each fits the device expert "
-                                        f"cache in one wave (GPU prefill waves are not supported yet)")
+            from flashmoe.gpu import device_cache_ubatch
+
+            n_batch, n_ubatch, self.gpu_ubatch_note = device_cache_ubatch(
+                n_batch, n_ubatch, s.stream.cache_slots, int(self.model_facts["n_expert"] or 0),
+                int(rt.n_expert_used or self.model_facts["n_expert_used"] or 1))
         return n_batch, n_ubatch
 
     def _create_llama(self, use_mmap: bool, overrides: Any, n_batch: int, n_ubatch: int, hooked: bool,
@@ -320,11 +317,15 @@ class Engine:
         if getattr(self, "n_gpu_layers", 0):
             line += "; gpu placement: layers offloaded" + (
                 ", expert cache in device memory" if self.settings.stream.mode == "cache" else "") + (
-                ", reads staged in page-locked memory" if self.info and self.info.get("pinned_staging") else "")
+                ", reads staged in page-locked memory" if self.info and self.info.get("pinned_staging")
+                and not self.info.get("tier_bytes") else "")
             if self.gpu_ubatch_note:
                 line += "; " + self.gpu_ubatch_note
         elif any(p == "gpu" for p in self.settings.placements.values()):
             line += "; gpu placement ignored (CPU build)"
+        if self.info and self.info.get("tier_bytes"):
+            line += (f"; misses copied from {format_size(self.info['tier_bytes'])} of experts held in "
+                     + ("page-locked " if self.info.get("tier_pinned") else "") + "RAM (source ram)")
         remote = getattr(self, "remote", None)
         if remote is not None:
             line += "; " + remote.describe()

@@ -66,6 +66,19 @@ def dev_memory(dev: int, g: Optional[ctypes.CDLL] = None) -> Tuple[int, int]:
     return int(free.value), int(total.value)
 
 
+def device_cache_ubatch(n_batch: int, n_ubatch: int, cache_slots: int, n_expert: int,
+                        n_expert_used: int) -> Tuple[int, int, Optional[str]]:
+    """(n_batch, n_ubatch, note) for an expert cache in device memory: prefill waves (a ubatch touching more
+    experts than the cache has slots) fail on CUDA (an illegal memory access in mul_mat_id, seen on the H200;
+    not fixed yet), so ubatches are made small enough that every expert they touch fits in one wave."""
+    k = max(1, n_expert_used)
+    if n_expert and cache_slots < n_expert and n_ubatch * k > cache_slots:
+        n_ubatch = max(1, cache_slots // k)
+        return max(n_batch, n_ubatch), n_ubatch, (f"prefill ubatch lowered to {n_ubatch} so that each fits the device "
+                                                  "expert cache in one wave (GPU prefill waves are not supported yet)")
+    return n_batch, n_ubatch, None
+
+
 def cpu_buffer_type() -> int:
     g = _ggml()
     dev = g.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)

@@ -18,7 +18,8 @@ MODE_NAMES = {v: k for k, v in MODES.items()}
 EVICTIONS = {"lru": 0, "lfru": 1}
 EVICTION_NAMES = {v: k for k, v in EVICTIONS.items()}
 PREFETCH = {"off": 0, "next-layer": 1}
-PATCH_VERSION = 5  # include/flashmoe.h FLASHMOE_PATCH_VERSION: the structs above match it
+SOURCES = {"disk": 0, "ram": 1}
+PATCH_VERSION = 6  # include/flashmoe.h FLASHMOE_PATCH_VERSION: the structs above match it
 
 
 class Params(ctypes.Structure):
@@ -31,6 +32,7 @@ class Params(ctypes.Structure):
         ("record_trace", ctypes.c_int32),
         ("prefetch", ctypes.c_int32),
         ("repack_slots", ctypes.c_int32),
+        ("source", ctypes.c_int32),
     ]
 
 
@@ -77,6 +79,8 @@ class ModelInfo(ctypes.Structure):
         ("n_mmap_tensors", ctypes.c_int64),
         ("n_repacked_tensors", ctypes.c_int64),
         ("pinned_staging", ctypes.c_int64),
+        ("tier_bytes", ctypes.c_int64),
+        ("tier_pinned", ctypes.c_int64),
     ]
 
 
@@ -168,13 +172,14 @@ def configure(
     prefetch: str = "off",
     layer_slots: Optional[Dict[int, int]] = None,
     repack_slots: bool = False,
+    source: str = "disk",
 ) -> None:
     """Sets the configuration that the next model load consumes. layer_slots: per-layer slot counts
     that override cache_slots for those layers."""
     L = lib()
     L.flashmoe_config_reset()
     p = Params(MODES[mode], int(cache_slots), EVICTIONS[eviction], int(readers), int(bool(direct_io)), int(bool(record_trace)),
-               PREFETCH[prefetch], int(bool(repack_slots)))
+               PREFETCH[prefetch], int(bool(repack_slots)), SOURCES[source])
     L.flashmoe_config_set(ctypes.byref(p))
     for il, n in (layer_slots or {}).items():
         L.flashmoe_config_layer_slots(int(il), int(n))

@@ -40,6 +40,7 @@ class StreamSettings:
     readers: int = 4
     direct_io: bool = False
     prefetch: str = "off"
+    source: str = "disk"  # "ram": streamed experts read into host RAM at load, misses copied from there
     layer_slots: Dict[int, int] = field(default_factory=dict)  # per-layer slot counts over cache_slots
 
     def to_dict(self):

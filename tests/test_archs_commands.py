@@ -126,7 +126,7 @@ def test_generate_with_every_shipped_policy(run_cli, models, llama_cpp, arch):
 
     prompt = "Hello world, this is a test"
     names = list(list_configs())
-    assert {"stock", "stock-mmap", "stream", "pagecache", "gpu-dense", "all-ram"} <= set(names)
+    assert {"stock", "stock-mmap", "stream", "pagecache", "gpu-dense", "gpu-ram", "all-ram"} <= set(names)
     with open_model(models[arch]) as m:
         moe = model_moe_layers(m)
     tokens = {}

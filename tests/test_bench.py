@@ -310,3 +310,31 @@ def test_realistic_trace_calibration():
     assert 0.42 <= s["next_token_reuse"] <= 0.49
     assert 0.90 <= s["lru_hit_rate"]["40%"] <= 0.96
     assert 0.74 <= s["reuse_within_8"] <= 0.84
+
+
+def test_gpu_runs_are_compared_with_a_stock_run_on_the_gpu_at_their_ubatch():
+    """On a GPU build a run that places tensors on the GPU computes with the GPU's kernels: its reference is
+    stock with every tensor on the GPU, at the run's ubatch (a device expert cache lowers it to slots // k);
+    CPU runs keep the CPU reference by weight repacking. Platform faked: this machine has no GPU."""
+    from flashmoe.bench.reference import key_name, reference_desc, reference_key, reference_settings
+    from flashmoe.settings import EngineSettings, RuntimeSettings, StreamSettings
+
+    names = ["token_embd.weight", "blk.0.attn_q.weight", "blk.0.ffn_up_exps.weight"]
+    gpu_dense = EngineSettings(policy_name="gpu-dense", stream=StreamSettings(mode="cache", cache_slots=53),
+                               runtime=RuntimeSettings(n_batch=512, n_ubatch=512, use_extra_bufts=False),
+                               placements={names[0]: "pin", names[1]: "gpu", names[2]: "stream"})
+    cpu = EngineSettings(policy_name="stream", stream=StreamSettings(mode="cache", cache_slots=53),
+                         runtime=RuntimeSettings(use_extra_bufts=True),
+                         placements={names[0]: "pin", names[1]: "pin", names[2]: "stream"})
+    assert reference_key(gpu_dense, "gpu", 128, 8) == (False, 6)  # 53 slots // 8 experts per token
+    assert reference_key(gpu_dense, None, 128, 8) == (False, None)  # a CPU build ignores gpu placements
+    assert reference_key(cpu, "gpu", 128, 8) == (True, None)
+    # a cache that holds every expert needs no lower ubatch
+    gpu_dense.stream.cache_slots = 128
+    assert reference_key(gpu_dense, "gpu", 128, 8) == (False, 512)
+    s = reference_settings(256, 16, False, 6, names)
+    assert s.placements == {n: "gpu" for n in names} and s.stream.mode == "off"
+    assert s.runtime.n_ubatch == 6 and s.runtime.n_batch == 512 and not s.runtime.use_extra_bufts
+    assert reference_settings(256, 16, True).placements == {}
+    assert key_name((False, 6)) == "gpu-ubatch-6" and key_name((True, None)) == "repack"
+    assert "every tensor on the GPU, ubatch 6" in reference_desc(False, 6)

@@ -31,7 +31,7 @@ from flashmoe.settings import EXPERT_TENSOR_REGEX, EngineSettings
 from flashmoe.sizes import GiB, KiB, MiB, SizeError, format_size, parse_size
 
 ARCHES = ("qwen3moe", "qwen2moe", "qwen35moe")
-SHIPPED = ("stock", "stock-mmap", "stream", "pagecache", "gpu-dense", "all-ram")
+SHIPPED = ("stock", "stock-mmap", "stream", "pagecache", "gpu-dense", "gpu-ram", "all-ram")
 EXPERT_RE = re.compile(r"^blk\.\d+" + EXPERT_TENSOR_REGEX)
 
 # a fixed machine, so that results do not depend on the host
@@ -213,7 +213,7 @@ def test_shipped_config_resolves(name, arch, views):
         if p == "stream":
             assert EXPERT_RE.match(t), t
     streamed = [t for t, p in res.placements.items() if p == "stream"]
-    if name in ("stream", "pagecache", "gpu-dense"):
+    if name in ("stream", "pagecache", "gpu-dense", "gpu-ram"):
         experts = [t.name for t in mv.tensors if EXPERT_RE.match(t.name)]
         assert sorted(streamed) == sorted(experts)
         assert es.stream.mode == ("pagecache" if name == "pagecache" else "cache")
@@ -231,6 +231,8 @@ def test_shipped_config_resolves(name, arch, views):
         assert set(res.placements.values()) == {"mmap"}
         assert es.runtime.load_mode == "mmap"
         assert es.runtime.use_extra_bufts is (name == "stock")
+    assert es.stream.source == ("ram" if name == "gpu-ram" else "disk")
+    assert res.memory.tier == (sum(t.nbytes for t in mv.tensors if t.name in streamed) if name == "gpu-ram" else 0)
     if name == "all-ram":
         assert set(res.placements.values()) == {"ram"}
         assert es.runtime.load_mode == "ram"
@@ -735,6 +737,7 @@ ERROR_CASES = [
     ("size_and_slots", VALID_HEAD + "expert_cache:\n  cache_size: 1GiB\n  cache_slots: 4\n", 9, r"cache_size \(line 8\) and cache_slots are exclusive"),
     ("bad_mode", VALID_HEAD + "expert_cache:\n  mode: lru\n", 8, r"unknown expert cache mode 'lru'; expected one of cache, pagecache"),
     ("bad_eviction", VALID_HEAD + "expert_cache:\n  eviction: lfu\n", 8, r"unknown eviction 'lfu' \(did you mean 'lfru'\?\)"),
+    ("bad_source", VALID_HEAD + "expert_cache:\n  source: ssd\n", 8, r"unknown source 'ssd'; expected one of disk, ram"),
     ("zero_readers", VALID_HEAD + "expert_cache:\n  readers: 0\n", 8, r"readers in expert_cache must be at least 1, got 0"),
     ("duplicate_key", VALID_HEAD + "runtime:\n  n_ctx: 1\n  n_ctx: 2\n", 9, r"duplicate key 'n_ctx' \(first at line 8\)"),
     ("invalid_yaml", "rules:\n  - match: '*'\n   place: pin\n", 3, r"invalid YAML"),
@@ -789,6 +792,31 @@ def test_pagecache_ignores_cache_size_with_warning(tmp_path, views):
     assert any(w.startswith(f"{p}:8: cache_size ignored in pagecache mode") for w in pol.warnings)
     es = pol.resolve(views["qwen3moe"], machine=machine()).engine_settings()
     assert es.stream.mode == "pagecache" and es.stream.cache_slots == 0 and not es.stream.direct_io
+
+
+def test_experts_from_ram_count_as_resident_weights(tmp_path, views):
+    """`source: ram` holds every streamed expert in RAM besides the cache: the plan counts them with the
+    resident weights, so `auto` sizes the cache from what is left and a budget below them is an error."""
+    mv = views["qwen3moe"]
+    text = "name: t\n" + VALID_HEAD[8:] + "expert_cache:\n  cache_slots: 4\n  source: ram\n"
+    disk = load_policy(write(tmp_path, text.replace("ram", "disk"))).resolve(mv, budget="64GiB", machine=machine())
+    res = load_policy(write(tmp_path, text)).resolve(mv, budget="64GiB", machine=machine())
+    assert not res.errors, res.errors
+    streamed = sum(t.nbytes for t in mv.tensors if res.placements[t.name] == "stream")
+    assert res.memory.tier == streamed > 0 and disk.memory.tier == 0
+    assert res.memory.weights == disk.memory.weights + streamed
+    assert res.engine_settings().stream.source == "ram" and disk.engine_settings().stream.source == "disk"
+    d = res.to_dict()
+    assert d["memory"]["experts_in_ram"] == streamed and d["expert_cache"]["source"] == "ram"
+    # auto: the experts in RAM come off the budget before the cache is sized
+    auto = text.replace("cache_slots: 4", "cache_size: auto")
+    per_slot = res.cache.bytes_per_slot_all_layers
+    budget = disk.memory.weights + streamed + disk.memory.runtime + 128 * MiB + 5 * per_slot + per_slot // 2
+    res = load_policy(write(tmp_path, auto)).resolve(mv, budget=budget, machine=machine(cgroup_limit=budget))
+    assert not res.errors and res.cache.slots == 5
+    low = budget - 4 * per_slot
+    res = load_policy(write(tmp_path, auto)).resolve(mv, budget=low, machine=machine(cgroup_limit=low))
+    assert res.errors and "resident weights" in res.errors[0]
 
 
 def test_parse_policy_from_text():

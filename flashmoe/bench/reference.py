@@ -1,8 +1,10 @@
 """The reference runs that "identical" compares with: stock llama.cpp, unconfined, the same routing,
 with llama.cpp's CPU weight repacking as the compared run has it (a streamed run with repacking on
 uses the repacked kernels for its experts too, so it matches stock with repacking on; one without
-matches stock without); cached per model, trace, workload, repacking and llama.cpp library under
-``~/.cache/flashmoe/bench/`` (``$XDG_CACHE_HOME``)."""
+matches stock without). A run that places tensors on a local GPU computes with the GPU's kernels: its
+reference is stock with every tensor on the GPU, at the run's ubatch (a device expert cache lowers it;
+CUDA's kernels batch rows by ubatch). Cached per model, trace, workload, kind and llama.cpp library
+under ``~/.cache/flashmoe/bench/`` (``$XDG_CACHE_HOME``)."""
 from __future__ import annotations
 
 import datetime
@@ -12,7 +14,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from flashmoe.bench.configs import BenchOptions
 from flashmoe.bench.runner import run_worker
@@ -22,8 +24,31 @@ REFERENCE_DESC = "stock llama.cpp, weight repacking off, unconfined, same routin
 REFERENCE_DESC_REPACK = "stock llama.cpp, weight repacking on, unconfined, same routing"
 
 
-def reference_desc(repack: bool) -> str:
+# which reference a run is compared with: (weight repacking, None) on the CPU, (False, ubatch) for GPU runs
+RefKey = Tuple[bool, Optional[int]]
+
+
+def reference_desc(repack: bool, gpu_ubatch: Optional[int] = None) -> str:
+    if gpu_ubatch is not None:
+        return f"stock llama.cpp, every tensor on the GPU, ubatch {gpu_ubatch}, unconfined, same routing"
     return REFERENCE_DESC_REPACK if repack else REFERENCE_DESC
+
+
+def reference_key(s: EngineSettings, gpu_backend: Optional[str], n_expert: int, n_expert_used: int) -> RefKey:
+    """The reference that a run with settings ``s`` is compared with."""
+    if gpu_backend is None or "gpu" not in s.placements.values():
+        return (bool(s.runtime.use_extra_bufts), None)
+    from flashmoe.gpu import device_cache_ubatch
+
+    n_ubatch = s.runtime.n_ubatch
+    if s.stream.mode == "cache" and s.stream.cache_slots > 0:
+        _, n_ubatch, _ = device_cache_ubatch(s.runtime.n_batch, n_ubatch, s.stream.cache_slots, n_expert,
+                                             s.runtime.n_expert_used or n_expert_used)
+    return (False, n_ubatch)
+
+
+def key_name(key: RefKey) -> str:
+    return f"gpu-ubatch-{key[1]}" if key[1] is not None else ("repack" if key[0] else "no-repack")
 _CACHED = ("tokens", "mode_line", "created", "decode_tok_s")
 
 
@@ -50,9 +75,16 @@ class Reference:
         return d
 
 
-def reference_settings(n_ctx: int, threads: Optional[int], repack: bool = False) -> EngineSettings:
+def reference_settings(n_ctx: int, threads: Optional[int], repack: bool = False, gpu_ubatch: Optional[int] = None,
+                       tensor_names: Sequence[str] = ()) -> EngineSettings:
     rt = RuntimeSettings(n_ctx=n_ctx, n_threads=threads, use_extra_bufts=repack, load_mode="mmap")
-    return EngineSettings(policy_name="reference", stream=StreamSettings(mode="off"), runtime=rt)
+    placements: Dict[str, str] = {}
+    if gpu_ubatch is not None:
+        rt.n_ubatch = gpu_ubatch
+        rt.n_batch = max(rt.n_batch, gpu_ubatch)
+        placements = {n: "gpu" for n in tensor_names}
+    return EngineSettings(policy_name="reference", stream=StreamSettings(mode="off"), runtime=rt,
+                          placements=placements)
 
 
 def cache_dir() -> Path:
@@ -128,10 +160,12 @@ def _write_cached(path: Path, key: Dict[str, Any], ref: Reference) -> Optional[s
 
 
 def run_reference(opts: BenchOptions, model_files: List[str], trace_sha: Optional[str],
-                  measure: bool, log: Callable[[str], None], repack: bool = False) -> Reference:
+                  measure: bool, log: Callable[[str], None], key: RefKey = (False, None),
+                  tensor_names: Sequence[str] = ()) -> Reference:
     """The reference's tokens: from the cache when a run with the same key is there, else run now."""
-    settings = reference_settings(opts.n_ctx, opts.threads, repack)
-    desc = reference_desc(repack)
+    repack, gpu_ubatch = key
+    settings = reference_settings(opts.n_ctx, opts.threads, repack, gpu_ubatch, tensor_names)
+    desc = reference_desc(repack, gpu_ubatch)
     key = _cache_key(opts, model_files, trace_sha, settings)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir() / f"reference-{digest}.json"

@@ -13,12 +13,13 @@ from flashmoe import cgroup
 from flashmoe.bench.configs import BenchOptions, Config, Plan, budget_text, build_configs, plan, planned_mode_line
 from flashmoe.bench.disk import DISK_DEPTHS, DiskMeasurement, disk_test, evict_file
 from flashmoe.bench.facts import machine_facts
-from flashmoe.bench.reference import Reference, run_reference, sha256_file
+from flashmoe.bench.reference import Reference, RefKey, key_name, reference_key, run_reference, sha256_file
 from flashmoe.bench.results import BenchRun, first_difference, run_metrics, summarize
 from flashmoe.bench.runner import run_worker
 from flashmoe.errors import FlashMoEError, UsageError
 from flashmoe.machine import is_linux, needs_linux
 from flashmoe.policy import open_model_view
+from flashmoe.policy.machine_info import detect_gpu_backend
 from flashmoe.trace import check_trace_fits, read_trace, trace_stats
 from gguf_tools.inspect import model_facts
 from gguf_tools.reader import open_model, require_moe
@@ -41,6 +42,11 @@ class Setup:
     trace_info: Optional[Dict[str, Any]]
     configs: List[Config]
     plans: List[Plan]
+    tensor_names: List[str] = field(default_factory=list)
+    gpu_backend: Optional[str] = None  # of the installed llama.cpp build: GPU runs get a GPU reference
+
+    def ref_key(self, s) -> RefKey:
+        return reference_key(s, self.gpu_backend, self.facts.get("n_expert") or 0, self.n_expert_used)
 
     @property
     def n_expert_used(self) -> int:
@@ -86,7 +92,8 @@ def read_setup(opts: BenchOptions) -> Setup:
         if not configs:
             raise UsageError("nothing to run: give --policy and/or --vs stock")
         plans = [plan(c, view, b, opts.n_ctx, opts.threads) for b in opts.budgets for c in configs]
-        return Setup(facts, list(m.files), trace_info, configs, plans)
+        gpu = detect_gpu_backend() if any("gpu" in p.run_settings.placements.values() for p in plans if p.runnable) else None
+        return Setup(facts, list(m.files), trace_info, configs, plans, [t.name for t in view.tensors], gpu)
 
 
 @dataclass
@@ -137,7 +144,7 @@ class Rounds:
     opts: BenchOptions
     setup: Setup
     disk: Optional[DiskMeasurement]
-    references: Dict[bool, Reference]  # by the compared run's weight repacking
+    references: Dict[RefKey, Reference]  # by the compared run's weight repacking and GPU ubatch
     page_cache: PageCache
     measure: bool  # a cgroup measures the peak of unconfined runs
     log: Log
@@ -163,7 +170,7 @@ class Rounds:
             return run
         run.metrics = run_metrics(rec, s.stream.mode != "off", s.stream.readers, self.disk)
         run.mode_line = rec.ok_result.mode_line
-        ref = self.references.get(s.runtime.use_extra_bufts)
+        ref = self.references.get(self.setup.ref_key(s))
         if ref is not None and ref.tokens is not None:
             run.first_difference = first_difference(run.tokens, ref.tokens)
             run.identical = run.first_difference is None
@@ -181,12 +188,15 @@ def run_bench(opts: BenchOptions, log: Log = _stderr) -> Dict[str, Any]:
     page_cache = PageCache(opts.drop_caches, setup.model_files, log)
     machine = machine_facts(opts.model)
     disk = measure_the_disk(opts, log)
-    references: Dict[bool, Reference] = {}
-    if opts.reference:  # unconfined, same routing, repacking as each run has it; once per model and trace
+    references: Dict[RefKey, Reference] = {}
+    if opts.reference:  # unconfined, same routing, kernels as each run has them; once per model and trace
         trace_sha = setup.trace_info["sha256"] if setup.trace_info else None
-        for repack in sorted({p.run_settings.runtime.use_extra_bufts for p in setup.plans if p.runnable}):
-            references[repack] = run_reference(opts, setup.model_files, trace_sha, backend is not None, log, repack)
-    reference = references.get(False) or references.get(True) or Reference("skipped")
+        keys = sorted({setup.ref_key(p.run_settings) for p in setup.plans if p.runnable},
+                      key=lambda k: (k[1] is not None, k[0], k[1] or 0))
+        for key in keys:
+            references[key] = run_reference(opts, setup.model_files, trace_sha, backend is not None, log, key,
+                                            setup.tensor_names)
+    reference = next(iter(references.values()), Reference("skipped"))
     runs = Rounds(opts, setup, disk, references, page_cache, backend is not None, log).run_all()
     summary = [summarize(p, [r for r in runs if r.config == p.config.name and r.budget == p.budget],
                          opts.routing_trace, setup.n_expert_used) for p in setup.plans]
@@ -203,7 +213,7 @@ def run_bench(opts: BenchOptions, log: Log = _stderr) -> Dict[str, Any]:
         "bench": _settings_section(opts, setup, backend, page_cache),
         "disk": disk.to_dict() if disk is not None else None,
         "reference": reference.to_dict(),
-        "references": {("repack" if k else "no-repack"): v.to_dict() for k, v in references.items()},
+        "references": {key_name(k): v.to_dict() for k, v in references.items()},
         "configs": [c.to_dict() for c in setup.configs],
         "plans": [p.to_dict() for p in setup.plans],
         "runs": [r.to_dict() for r in runs],

@@ -37,6 +37,7 @@ class CachePlan:
     readers: int = DEFAULT_READERS
     direct_io: bool = False
     prefetch: str = "off"
+    source: str = "disk"  # "ram": the streamed experts are held in host RAM too (read once at load)
     layer_slots: Dict[int, int] = field(default_factory=dict)  # streamed layers whose slots differ from `slots`
 
     def slots_of(self, layer: int) -> int:
@@ -81,6 +82,7 @@ def plan_cache(res: "Resolution", budget_where: str, below_pinned: bool) -> bool
     budget already. Returns whether a too-small cache was reported in ``res.errors``."""
     spec, c = res.policy.expert_cache, res.cache
     c.eviction, c.readers, c.direct_io, c.prefetch = spec.eviction, spec.readers, spec.direct_io, spec.prefetch
+    c.source = spec.source
     c.experts_used = res.experts_used
     c.n_expert = res.model.n_expert
     by_layer: Dict[int, int] = {}
@@ -100,6 +102,9 @@ def plan_cache(res: "Resolution", budget_where: str, below_pinned: bool) -> bool
         c.requested = "OS page cache"
     if c.mode != "cache":
         return False
+    if c.source == "ram":  # every streamed expert in host RAM: counted with the resident weights
+        res.memory.tier = sum(t.nbytes for t in res.model.tensors
+                              if res.placements.get(t.name) == "stream" and t.layer in by_layer)
     return _size_cache(res, budget_where, below_pinned)
 
 

@@ -61,10 +61,11 @@ class MemoryEstimate:
     gpu_budget: Optional[int] = None
     gpu_budget_source: str = ""  # "policy", "default" (90% of the GPU's memory), "" (none)
     gpu_memory: Optional[int] = None
+    tier: int = 0  # expert_cache source ram: every streamed expert held in host RAM (page-locked with a GPU)
 
     @property
     def weights(self) -> int:
-        return self.pinned + self.ram + self.gpu_host
+        return self.pinned + self.ram + self.gpu_host + self.tier
 
     @property
     def runtime(self) -> int:

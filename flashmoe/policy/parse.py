@@ -23,6 +23,7 @@ from flashmoe.policy.schema import (
     CACHE_MODES,
     EVICTIONS,
     PREFETCH_MODES,
+    SOURCES,
     RULE_KEYS,
     RUNTIME_KEYS,
     STREAMABLE_HELP,
@@ -377,8 +378,11 @@ def _parse_expert_cache(ck: _Checker, data: LineMap, warnings: List[str]) -> Cac
             c.prefetch = "next-layer" if m["prefetch"] else "off"
         else:
             c.prefetch = ck.choice(m, "prefetch", section, PREFETCH_MODES, "prefetch")
+    if "source" in m:
+        c.source = ck.choice(m, "source", section, SOURCES, "source")
+        c.source_line = m.value_lines["source"]
     if c.mode == "pagecache":
-        ignored = [k for k in ("cache_size", "cache_slots", "eviction", "direct_io", "prefetch") if k in m]
+        ignored = [k for k in ("cache_size", "cache_slots", "eviction", "direct_io", "prefetch", "source") if k in m]
         if ignored:
             warnings.append(
                 where(ck.source, m.key_lines[ignored[0]])

@@ -105,6 +105,9 @@ def _memory_table(res: Resolution) -> str:
         rows.append(("RAM weights", format_size(mem.ram), "resident, not locked"))
     if mem.gpu_host:
         rows.append(("GPU weights", format_size(mem.gpu_host), "unified memory (counts as RAM)"))
+    if mem.tier:
+        rows.append(("experts in RAM", format_size(mem.tier), "expert_cache source ram: every streamed expert, read at load"
+                     + (", page-locked" if mem.on_device else "")))
     if mem.on_device:
         rows.append(("KV cache", "-", "in device memory (below)"))
     else:
@@ -176,7 +179,8 @@ def _cache_and_runtime(res: Resolution) -> List[str]:
         share = f" ({round(c.slots * 100 / c.n_expert)}% of {c.n_expert})" if c.n_expert else ""
         cache = (
             f"expert cache  cache: {plural(c.slots, 'slot')} per layer{share}{_differ(c)}, eviction {c.eviction}, "
-            f"{c.readers} readers, {io}, prefetch {c.prefetch}"
+            f"{c.readers} readers, {io}, prefetch {c.prefetch}, misses from "
+            + ("RAM (source ram)" if c.source == "ram" else "disk")
         )
     elif c.mode == "pagecache":
         cache = f"expert cache  pagecache: OS page cache, populated from the routing by {c.readers} readers"

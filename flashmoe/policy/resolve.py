@@ -78,6 +78,7 @@ class Resolution:
                 direct_io=self.direct_io,
                 prefetch=c.prefetch if c.mode == "cache" else "off",
                 layer_slots=dict(c.layer_slots),
+                source=c.source if c.mode == "cache" else "disk",
             )
         placed = set(self.placements.values())
         runtime = RuntimeSettings(
@@ -124,6 +125,7 @@ class Resolution:
             "readers": c.readers if c.mode != "off" else None,
             "direct_io": self.direct_io,
             "prefetch": c.prefetch if c.mode == "cache" else "off",
+            "source": c.source if c.mode == "cache" else "disk",
             "streamed_layers": list(c.streamed_layers),
             "n_expert_used": self.experts_used,
             "n_expert_used_override": self.experts_used_override,
@@ -221,6 +223,8 @@ class Resolution:
             "eviction": c.eviction,
             "readers": c.readers,
             "direct_io": c.direct_io,
+            "prefetch": c.prefetch,
+            "source": c.source,
         }
 
     def _memory_dict(self) -> dict:
@@ -229,6 +233,7 @@ class Resolution:
             "pinned": mem.pinned,
             "ram": mem.ram,
             "gpu_host": mem.gpu_host,
+            "experts_in_ram": mem.tier,
             "gpu_device": mem.gpu_device,
             "expert_cache": mem.cache,
             "kv_cache": mem.kv_cache,

@@ -34,8 +34,9 @@ EVICTIONS = ("lru", "lfru")
 
 TOP_KEYS = ("version", "name", "description", "budget", "gpu_budget", "devices", "rules", "expert_cache", "runtime")
 RULE_KEYS = ("match", "place")
-CACHE_KEYS = ("mode", "cache_size", "cache_slots", "eviction", "readers", "direct_io", "prefetch")
+CACHE_KEYS = ("mode", "cache_size", "cache_slots", "eviction", "readers", "direct_io", "prefetch", "source")
 PREFETCH_MODES = ("next-layer", "off")
+SOURCES = ("disk", "ram")  # expert_cache.source: where cache misses come from
 RUNTIME_KEYS = ("threads", "n_ctx", "n_batch", "n_ubatch", "experts_per_token", "repack", "overhead")
 
 DEFAULT_READERS = 4
@@ -117,6 +118,10 @@ class CacheSpec:
     readers: int = DEFAULT_READERS
     direct_io: bool = False
     prefetch: str = "off"  # "next-layer": read the next layer's predicted experts while a layer computes
+    # "ram": every streamed expert is read into host RAM at load (page-locked with a GPU) and misses are copied
+    # from there; "disk": read from the model's file
+    source: str = "disk"
+    source_line: Optional[int] = None
     # cache_slots given as a mapping: (layers, slots, line) per entry besides `default` (= slots)
     layer_slots: List[Tuple[List[int], int, int]] = field(default_factory=list)
     line: Optional[int] = None  # of the expert_cache section
@@ -142,6 +147,7 @@ class CacheSpec:
             "eviction": self.eviction,
             "readers": self.readers,
             "direct_io": self.direct_io,
+            "source": self.source,
         }
 
 
