@@ -11,6 +11,11 @@
 # GPU_B1_BUDGET=4GiB: gpu-b1 keeps `cache_size: auto` and sizes its VRAM cache from `gpu_budget` instead of
 # GPU_B1_SLOTS; GPU_B1_VS: the stock references (default "stock-n-cpu-moe stock-mmap"); GPU_B1_ALLGPU=0
 # leaves out all-gpu. nvidia-smi samples the device memory in use during the bench ($OUT/vram.csv).
+# GPU_B1_POLICIES: shipped configs to run (default gpu-dense; gpu-ram: experts from page-locked RAM with
+# reads ahead; NAME-noahead: the same without reads ahead); GPU_B1_ACC=0.75: the trace carries predicted
+# sets drawn at that accuracy (reads ahead use them); GPU_CHECK=1: scripts/gpu_check.py on the tiny models
+# first. GPU runs are compared with a stock run with every tensor on the GPU at their ubatch (the bench's
+# GPU reference).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export FLASHMOE_CACHE=${FLASHMOE_CACHE:-/tmp/fmc}
@@ -28,26 +33,35 @@ if [[ $STAGE == all || $STAGE == build ]]; then
   FLASHMOE_CUDA_ARCHITECTURES=90 FLASHMOE_CUDA_FA=0 python3 -m flashmoe build --backend cuda --no-rpc 2>&1 | tail -2
   python3 -m flashmoe build --info > "$OUT/build-info.txt" || true
   log "built"
+  if [[ ${GPU_CHECK:-0} == 1 ]]; then
+    python3 scripts/gpu_check.py --tokens 48 2>&1 | grep -v "^/opt\|^python3\|^/lib\|^/usr" | tee "$OUT/gpu-check.txt" || true
+    log "gpu check done"
+  fi
   [[ -f /tmp/b1.gguf ]] || python3 -m flashmoe synth --arch qwen3moe --preset bench --seed 0 -o /tmp/b1.gguf | tail -1
-  python3 -m flashmoe trace gen -m /tmp/b1.gguf --kind uniform --tokens 512 --seed 0 -o /tmp/b1-uniform.trace
+  python3 -m flashmoe trace gen -m /tmp/b1.gguf --kind uniform --tokens 512 --seed 0 \
+      ${GPU_B1_ACC:+--predict-accuracy $GPU_B1_ACC} -o /tmp/b1-uniform.trace
   log "model and trace written"
 fi
 if [[ $STAGE == all || $STAGE == bench ]]; then
-  if [[ -n ${GPU_B1_BUDGET:-} ]]; then
-    sed "s/^name: gpu-dense$/name: gpu-b1/; s/^gpu_budget: .*/gpu_budget: $GPU_B1_BUDGET/; s/^  readers: 4/  readers: $READERS/" \
-      configs/gpu-dense.yaml > /tmp/gpu-b1.yaml
-  else
-    sed "s/^name: gpu-dense$/name: gpu-b1/; s/^  cache_size: auto.*/  cache_slots: $SLOTS/; s/^  readers: 4/  readers: $READERS/" \
-      configs/gpu-dense.yaml > /tmp/gpu-b1.yaml
-  fi
+  POLS=()
+  for Q in ${GPU_B1_POLICIES:-gpu-dense}; do
+    P=${Q%-noahead}
+    N=${Q/gpu-dense/gpu-b1}; N=${N/gpu-ram/gpu-ram-b1}
+    if [[ -n ${GPU_B1_BUDGET:-} ]]; then
+      sed "s/^name: $P$/name: $N/; s/^gpu_budget: .*/gpu_budget: $GPU_B1_BUDGET/; s/^  readers: 4/  readers: $READERS/" \
+        configs/$P.yaml > /tmp/$N.yaml
+    else
+      sed "s/^name: $P$/name: $N/; s/^  cache_size: auto.*/  cache_slots: $SLOTS/; s/^  readers: 4/  readers: $READERS/" \
+        configs/$P.yaml > /tmp/$N.yaml
+    fi
+    [[ $Q == *-noahead ]] && sed -i '/^  prefetch:/d' /tmp/$N.yaml
+    python3 -m flashmoe policy show /tmp/$N.yaml -m /tmp/b1.gguf 2>&1 | tail -40 > "$OUT/policy-$N.txt" || true
+    POLS+=(--policy /tmp/$N.yaml)
+  done
   printf 'version: 1\nname: all-gpu\nrules:\n  - match: "*"\n    place: gpu\nruntime:\n  repack: false\n' > /tmp/all-gpu.yaml
-  python3 -m flashmoe policy show /tmp/gpu-b1.yaml -m /tmp/b1.gguf 2>&1 | tail -40 | tee "$OUT/policy-gpu-b1.txt"
-  python3 -m flashmoe policy show /tmp/gpu-b1.yaml -m /tmp/b1.gguf --json > "$OUT/policy-gpu-b1.json" 2>&1 || true
-  python3 -m flashmoe policy show configs/gpu-dense.yaml -m /tmp/b1.gguf 2>&1 | tail -40 > "$OUT/policy-gpu-dense.txt" || true
   nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv | tee "$OUT/gpu.txt"
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/vram.csv" 2>/dev/null &
   SMI=$!
-  POLS=(--policy /tmp/gpu-b1.yaml)
   [[ ${GPU_B1_ALLGPU:-1} == 1 ]] && POLS+=(--policy /tmp/all-gpu.yaml)
   for v in ${GPU_B1_VS-stock-n-cpu-moe stock-mmap}; do POLS+=(--vs "$v"); done
   python3 -m flashmoe bench -m /tmp/b1.gguf "${POLS[@]}" -p 64 -n 128 --repeat "${GPU_B1_REPEAT:-1}" --threads 16 \

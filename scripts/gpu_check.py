@@ -73,8 +73,19 @@ def main() -> int:
                         "  - match: \"blk.*.ffn_{gate,up,down,gate_up}_exps.weight\"\n    place: stream\n"
                         "  - match: \"token_embd.weight\"\n    place: ram\n  - match: \"*\"\n    place: gpu\n"
                         "expert_cache:\n  mode: cache\n  cache_slots: 2\n  readers: 2\nruntime:\n  repack: false\n")
+            # reads ahead into device slots (from disk, and copies from RAM with source ram), wrong often:
+            # the routers of random weights predict little
+            gdense_pf = gdense.replace(".yaml", "-pf.yaml")
+            gram = gdense.replace(".yaml", "-ram.yaml")
+            with open(gdense) as f:
+                text = f.read()
+            with open(gdense_pf, "w") as f:
+                f.write(text.replace("readers: 2\n", "readers: 2\n  prefetch: next-layer\n"))
+            with open(gram, "w") as f:
+                f.write(text.replace("readers: 2\n", "readers: 2\n  prefetch: next-layer\n  source: ram\n"))
             gruns = [("gpu-all", dict(policy=gall)), ("gpu-dense", dict(policy="gpu-dense")),
-                     ("gpu-dense-2", dict(policy=gdense))]
+                     ("gpu-dense-2", dict(policy=gdense)), ("gpu-2-ahead", dict(policy=gdense_pf)),
+                     ("gpu-2-ram", dict(policy=gram)), ("gpu-ram", dict(policy="gpu-ram"))]
         for group in (runs, gruns):
           ref = None
           for name, kw in group:
