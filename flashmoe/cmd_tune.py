@@ -35,6 +35,9 @@ def _readers(text: str) -> List[int]:
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="The policy YAML to write.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="A markdown report to write (with a PNG of the hit-rate curve next to it when matplotlib is installed).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write everything the tune found (the report's data: candidates, predictions, n_ubatch "
+                   "choices, validation runs) as JSON to this file.")
 @click.option("--base", default="stream", show_default=True, help="The policy whose placement rules the tuned one keeps.")
 @click.option("--prompt-tokens", type=click.IntRange(1, 100000), default=64, show_default=True,
               help="Prompt length of the workload (with --trace; with recording, the default prompt is cut to it).")
@@ -48,9 +51,9 @@ def _readers(text: str) -> List[int]:
 @click.option("--readers", default="4,8", show_default=True, help="Reader thread counts to consider (comma-separated).")
 @click.option("--no-plot", is_flag=True, help="No PNG next to the report.")
 def tune(model: str, ram: int, gpu_mem: Optional[int], prompt_file: Optional[str], trace: Optional[str], time_limit: str,
-         out: str, report: Optional[str], base: str, prompt_tokens: int, gen_tokens: int, n_ctx: Optional[int],
-         n_ctx_alias: Optional[int], threads: Optional[int], n_validate: int, repeat: int, readers: str,
-         no_plot: bool) -> None:
+         out: str, report: Optional[str], json_out: Optional[str], base: str, prompt_tokens: int, gen_tokens: int,
+         n_ctx: Optional[int], n_ctx_alias: Optional[int], threads: Optional[int], n_validate: int, repeat: int,
+         readers: str, no_plot: bool) -> None:
     """Measure this machine, simulate expert caches on a routing trace, validate the best under the
     budget, and write the winner as a policy.
 
@@ -66,7 +69,7 @@ def tune(model: str, ram: int, gpu_mem: Optional[int], prompt_file: Optional[str
 
     if n_ctx is not None and n_ctx_alias is not None and n_ctx != n_ctx_alias:
         raise UsageError("give --ctx once (--n-ctx is the same option)")
-    opts = TuneOptions(model=model, ram=ram, out=out, report=report, gpu_mem=gpu_mem, prompt_file=prompt_file,
+    opts = TuneOptions(model=model, ram=ram, out=out, report=report, json_out=json_out, gpu_mem=gpu_mem, prompt_file=prompt_file,
                        trace=trace, time_limit=parse_duration(time_limit), base=base, prompt_tokens=prompt_tokens,
                        gen_tokens=gen_tokens, threads=threads, n_ctx=n_ctx if n_ctx is not None else n_ctx_alias,
                        validate=n_validate, repeat=repeat, readers=_readers(readers), plot=not no_plot,

@@ -213,3 +213,30 @@ def test_too_few_slots_is_an_error():
     tr = _trace([[0, 1]])
     with pytest.raises(FlashMoEError, match="needs 2"):
         simulate(tr, [Ubatch(1, 1)], 1, "lru", last_layer=0)
+
+
+def test_reads_ahead_keep_their_issue_order_and_use():
+    """``ahead_used``: per ubatch and layer, the reads ahead in the order the prediction issued them and whether
+    the layer used each; they add up to the engine's counters (n_prefetched, n_prefetch_used)."""
+    from flashmoe.trace import draw_predictions, gen_uniform
+
+    tr = draw_predictions(gen_uniform([0, 1, 2], 16, 2, 120, seed=2), 0.5, seed=3)
+    r = simulate(tr, engine_ubatches(8, 100), 6, "lru", last_layer=2, prefetch=True)
+    assert r.ahead_used is not None and r.ahead is not None
+    for j, lc in enumerate(r.layers):
+        mine = {u: a for (u, jj), a in r.ahead_used.items() if jj == j}
+        assert sum(len(a) for a in mine.values()) == lc.n_prefetched == int(r.ahead[:, j].sum())
+        assert sum(int(a.sum()) for a in mine.values()) == lc.n_prefetch_used
+        assert all(len(a) == r.ahead[u, j] for u, a in mine.items())
+    assert 0 < sum(int(a.sum()) for a in r.ahead_used.values()) < sum(len(a) for a in r.ahead_used.values())
+    assert not any(j == 0 for _, j in r.ahead_used)  # the first layer: nothing runs before it to predict
+    # the order is the prediction's, resident predictions skipped. Layer 1, 4 slots: token 0 predicts 0, 1 (both
+    # used); token 1 predicts 5, 2 and uses 2, 3 (5 demoted, then evicted for 3); token 2 predicts 3 (resident)
+    # and 6 (used)
+    ids = np.array([[[0, 1], [0, 1]], [[0, 1], [2, 3]], [[0, 1], [6, 7]]], dtype=np.int32)
+    pred = np.array([[[-1, -1], [0, 1]], [[-1, -1], [5, 2]], [[-1, -1], [3, 6]]], dtype=np.int32)
+    small = Trace([0, 1], 8, ids, pred=pred)
+    r = simulate(small, [Ubatch(1, 1, "decode")] * 3, 4, "lru", last_layer=None, prefetch=True)
+    assert {k: v.tolist() for k, v in r.ahead_used.items()} == {(0, 1): [True, True], (1, 1): [False, True],
+                                                                (2, 1): [True]}
+    assert (r.layers[1].n_prefetched, r.layers[1].n_prefetch_used, r.layers[1].misses) == (5, 4, 2)

@@ -43,7 +43,8 @@ def tuned(tiny_models, realistic_trace, tmp_path_factory, llama_cpp):
     path = tiny_models["qwen3moe"]
     budget = _budget(path, 5)
     args = ["tune", "-m", path, "--ram", str(budget), "--trace", realistic_trace, "--time-limit", "90s",
-            "-o", str(out / "tuned.yaml"), "--report", str(out / "tune.md"), "--gen-tokens", "16", "--ctx", str(N_CTX),
+            "-o", str(out / "tuned.yaml"), "--report", str(out / "tune.md"), "--json", str(out / "tune.json"),
+            "--gen-tokens", "16", "--ctx", str(N_CTX),
             "--threads", "1", "--validate", "3", "--repeat", "2"]
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "flashmoe", *args], capture_output=True, text=True, timeout=200,
@@ -98,6 +99,15 @@ def test_tune_report(tuned):
             checked += 1
     assert checked >= 1
     assert (tuned["dir"] / "tune.png").exists() == ("![hit rate" in md)
+    # the default 64-token workload: one n_ubatch weighed (the base policy's), said in the report and the JSON
+    assert "## Prompt ubatch (n_ubatch)" in md and "fits one ubatch of 512" in md
+    import json
+
+    doc = json.loads((tuned["dir"] / "tune.json").read_text())
+    assert doc["ubatch"]["sizes"] == [512] and doc["workload"]["n_ubatch"] == 512
+    assert doc["winner"]["n_ubatch"] == 512 and len(doc["winner"]["ubatch_choices"]) == 1
+    assert doc["winner"]["prediction"]["ttft_s"] > 0 and doc["winner"]["name"] in md
+    assert "n_ubatch: 512" in (tuned["dir"] / "tuned.yaml").read_text()
 
 
 def test_tune_records_the_routing_without_trace(tiny_models, tmp_path, run_cli, llama_cpp):

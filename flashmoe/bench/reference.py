@@ -160,10 +160,10 @@ def _write_cached(path: Path, key: Dict[str, Any], ref: Reference) -> Optional[s
 
 
 def run_reference(opts: BenchOptions, model_files: List[str], trace_sha: Optional[str],
-                  measure: bool, log: Callable[[str], None], key: RefKey = (False, None),
+                  measure: bool, log: Callable[[str], None], kind: RefKey = (False, None),
                   tensor_names: Sequence[str] = ()) -> Reference:
     """The reference's tokens: from the cache when a run with the same key is there, else run now."""
-    repack, gpu_ubatch = key
+    repack, gpu_ubatch = kind
     settings = reference_settings(opts.n_ctx, opts.threads, repack, gpu_ubatch, tensor_names)
     desc = reference_desc(repack, gpu_ubatch)
     key = _cache_key(opts, model_files, trace_sha, settings)

@@ -25,8 +25,12 @@ Steps (each shown as it runs; the whole stays inside ``time_limit``):
    mode as a shared LRU of the leftover memory; reads ahead where the trace has predicted sets.
    Decode tok/s is predicted per token from the misses of each layer (read time at the queue depth
    the readers reach, from the disk measurement: the fetch op waits for them), the part of the
-   reads ahead that the previous layer's compute does not cover, and the compute time; prefill
-   likewise, each row's experts computed once (the zero-slot skip).
+   reads ahead that the previous layer's compute does not cover (the wrong ones that no reader has
+   started by the fetch are dropped by the engine: not charged), and the compute time; prefill
+   likewise, each row's experts computed once (the zero-slot skip). For a prompt longer than the
+   base policy's n_ubatch, each candidate is simulated again with larger ubatches (their compute
+   buffer taken from the cache) and takes the one with the best time to first token among those
+   that do not cost decode more than 2% (``search.choose_ubatches``).
 6. **Validation** (``validate``). The best few candidates run in fresh processes confined to the
    budget (memory cgroup, the model file evicted from the page cache before each run; the bench's
    runner, ``flashmoe.bench.runner``), in alternation, as many rounds as time allows (at most
@@ -47,18 +51,30 @@ Public API::
 from flashmoe.tune.candidates import Candidate, policy_text, resolve_text, size_text
 from flashmoe.tune.document import TUNE_VERSION, header_lines
 from flashmoe.tune.measure import ComputeModel, DiskModel, calibrate_compute, constant_trace, measure_disks
-from flashmoe.tune.model import MemoryPlan, ModelFacts, plan_memory
+from flashmoe.tune.model import MemoryPlan, ModelFacts, UbatchPlan, plan_memory, ubatch_plans, ubatch_sizes
 from flashmoe.tune.options import Clock, TuneOptions, parse_duration
 from flashmoe.tune.report import format_report, plot_png
 from flashmoe.tune.run import DEFAULT_PROMPT, TuneResult, run_tune, write_outputs
-from flashmoe.tune.search import Search, Sizing, greedy_split, predict, proportional_split, search, size_grid, working_set
+from flashmoe.tune.search import (
+    Search,
+    Sizing,
+    charged_ahead,
+    choose_ubatches,
+    greedy_split,
+    pick_ubatch,
+    predict,
+    proportional_split,
+    search,
+    size_grid,
+    working_set,
+)
 from flashmoe.tune.validate import TIE_FRACTION, ValidationRun, choose_winner, pick_for_validation
 
 __all__ = [
     "DEFAULT_PROMPT", "TIE_FRACTION", "TUNE_VERSION", "Candidate", "Clock", "ComputeModel", "DiskModel", "MemoryPlan",
-    "ModelFacts", "Search", "Sizing", "TuneOptions", "TuneResult", "ValidationRun", "calibrate_compute",
-    "choose_winner", "constant_trace", "format_report", "greedy_split", "header_lines", "measure_disks",
-    "parse_duration", "pick_for_validation", "plan_memory", "plot_png", "policy_text", "predict",
-    "proportional_split", "resolve_text", "run_tune", "search", "size_grid", "size_text", "working_set",
-    "write_outputs",
+    "ModelFacts", "Search", "Sizing", "TuneOptions", "TuneResult", "UbatchPlan", "ValidationRun", "calibrate_compute",
+    "charged_ahead", "choose_ubatches", "choose_winner", "constant_trace", "format_report", "greedy_split",
+    "header_lines", "measure_disks", "parse_duration", "pick_for_validation", "pick_ubatch", "plan_memory", "plot_png",
+    "policy_text", "predict", "proportional_split", "resolve_text", "run_tune", "search", "size_grid", "size_text",
+    "ubatch_plans", "ubatch_sizes", "working_set", "write_outputs",
 ]

@@ -27,6 +27,9 @@ class Candidate:
     per_layer: Optional[Dict[int, int]] = None  # slots per layer (cache_slots: {default: N, "a-b": M})
     prefetch: bool = False  # reads ahead of the next layer's predicted experts (modelled when the trace has them)
     overhead: Optional[int] = None  # runtime.overhead written in the policy (None: the base policy's)
+    n_ubatch: Optional[int] = None  # runtime.n_ubatch written in the policy (None: the base policy's)
+    n_batch: Optional[int] = None  # runtime.n_batch (>= n_ubatch; None: the base policy's)
+    ubatch_choices: List[Dict[str, Any]] = field(default_factory=list)  # the n_ubatch values weighed (search)
     supported: bool = True
     note: str = ""
     prediction: Dict[str, Any] = field(default_factory=dict)
@@ -46,17 +49,24 @@ class Candidate:
 
     def describe(self) -> str:
         if self.mode == "pagecache":
-            return f"page cache, {self.readers} readers"
+            return f"page cache, {self.readers} readers" + self._ubatch_text()
         sl = (f"per-layer slots {min(self.per_layer.values())}-{max(self.per_layer.values())}" if self.per_layer
               else f"{self.slots} slots/layer")
         return f"expert cache {sl}, {self.eviction.upper()}, {self.readers} readers, " \
-               f"{'direct I/O' if self.direct_io else 'buffered I/O'}" + (", reads ahead" if self.prefetch else "")
+               f"{'direct I/O' if self.direct_io else 'buffered I/O'}" + (", reads ahead" if self.prefetch else "") \
+               + self._ubatch_text()
+
+    def _ubatch_text(self) -> str:
+        """The n_ubatch when the tuner weighed more than one (a long prompt)."""
+        return f", n_ubatch {self.n_ubatch}" if self.n_ubatch is not None and len(self.ubatch_choices) > 1 else ""
 
     def to_dict(self) -> Dict[str, Any]:
         d = {"name": self.name, "family": self.family, "description": self.describe(), "mode": self.mode,
              "slots": self.slots, "eviction": self.eviction, "readers": self.readers, "direct_io": self.direct_io,
-             "prefetch": self.prefetch,
+             "prefetch": self.prefetch, "n_ubatch": self.n_ubatch, "n_batch": self.n_batch,
              "supported": self.supported, "note": self.note, "prediction": self.prediction}
+        if self.ubatch_choices:
+            d["ubatch_choices"] = self.ubatch_choices
         if self.per_layer:
             d["per_layer"] = {str(k): v for k, v in self.per_layer.items()}
         if self.runs:
@@ -117,7 +127,9 @@ def policy_text(base: Policy, cand: Candidate, *, budget: Optional[int], n_ctx: 
     lines += ["", "runtime:"]
     if threads:
         lines.append(f"  threads: {threads}")
-    lines += [f"  n_ctx: {n_ctx}", f"  n_batch: {rt.n_batch}", f"  n_ubatch: {rt.n_ubatch}"]
+    n_ubatch = cand.n_ubatch if cand.n_ubatch is not None else rt.n_ubatch
+    n_batch = max(cand.n_batch if cand.n_batch is not None else rt.n_batch, n_ubatch)
+    lines += [f"  n_ctx: {n_ctx}", f"  n_batch: {n_batch}", f"  n_ubatch: {n_ubatch}"]
     if rt.experts_per_token is not None:
         lines.append(f"  experts_per_token: {rt.experts_per_token}")
     if not rt.repack:

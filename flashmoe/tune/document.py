@@ -15,7 +15,7 @@ from flashmoe.tune.candidates import Candidate
 from flashmoe.tune.measure import ComputeModel
 from flashmoe.tune.model import MemoryPlan, ModelFacts
 from flashmoe.tune.options import Clock, TuneOptions
-from flashmoe.tune.search import EVICTIONS, Search, Sizing
+from flashmoe.tune.search import EVICTIONS, UBATCH_DECODE_MARGIN, UBATCH_TTFT_GAIN, Search, Sizing
 from flashmoe.tune.validate import fmt
 
 TUNE_VERSION = 1
@@ -86,8 +86,11 @@ def document(opts: TuneOptions, f: Findings, clock: Clock) -> Dict[str, Any]:
         "disk": {"direct": f.direct.to_dict(), "buffered": f.buffered.to_dict()},
         "compute": asdict(f.cm),
         "trace": _trace_section(f),
-        "workload": {"prompt_tokens": f.P, "gen_tokens": f.G, "n_batch": mp.n_batch, "n_ubatch": mp.n_ubatch,
-                     "n_ctx": mp.n_ctx, "threads": opts.threads},
+        "workload": {"prompt_tokens": f.P, "gen_tokens": f.G, "n_batch": f.winner.n_batch or mp.n_batch,
+                     "n_ubatch": f.winner.n_ubatch or mp.n_ubatch, "n_ctx": mp.n_ctx, "threads": opts.threads},
+        "ubatch": {"sizes": list(f.found.ubatch_sizes), "base": mp.n_ubatch, "base_n_batch": mp.n_batch,
+                   "chosen": f.winner.n_ubatch or mp.n_ubatch, "decode_margin": UBATCH_DECODE_MARGIN,
+                   "ttft_gain": UBATCH_TTFT_GAIN, "choices": f.winner.ubatch_choices},
         "curve": _curve_rows(f),
         "pagecache": {"capacity_bytes": f.sizing.pc_capacity, "all": pc.hit_rate(), "decode": pc.hit_rate("decode"),
                       "capacity_source": "measured" if f.sizing.pc_capacity != mp.cache_space else "estimate"},
@@ -116,7 +119,8 @@ def header_lines(doc: Dict[str, Any]) -> List[str]:
         f"{doc['workload']['gen_tokens']} generated",
         f"winner: {w['name']}: {w['description']}",
         f"predicted: {fmt(p.get('decode_tok_s'))} decode tok/s (decode hit rate "
-        f"{100 * (p.get('decode_hit_rate') or 0):.1f}%), {fmt(p.get('prefill_tok_s'), '{:.1f}')} prefill tok/s",
+        f"{100 * (p.get('decode_hit_rate') or 0):.1f}%), {fmt(p.get('prefill_tok_s'), '{:.1f}')} prefill tok/s, "
+        f"first token after {fmt(p.get('ttft_s'), '{:.2f}')} s (n_ubatch {doc['workload']['n_ubatch']})",
     ]
     if m:
         lines.append(f"measured: {m['decode_tok_s']:.2f} decode tok/s (median of {m['runs']}, "

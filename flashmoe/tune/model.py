@@ -1,15 +1,19 @@
 """The model as the tuner sees it (its experts per layer) and the memory plan: what the base
-policy leaves of the budget for experts."""
+policy leaves of the budget for experts, at its own n_ubatch and at the larger ones weighed for a
+long prompt (``ubatch_plans``)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from flashmoe.errors import FlashMoEError
 from flashmoe.policy import Policy, PolicyError
+from flashmoe.policy.memory import UBATCH_CHOICES
 from flashmoe.sizes import format_size
 from flashmoe.trace import model_last_layer
+from flashmoe.tune.simulate import Ubatch, engine_ubatches
 from gguf_tools import archs
 from gguf_tools.reader import GGUFModel, open_model, require_moe
 
@@ -101,8 +105,14 @@ class MemoryPlan:
     n_ubatch: int
 
 
-def plan_memory(base: Policy, view: GGUFModel, mf: ModelFacts, budget: int) -> MemoryPlan:
-    """The base policy's memory estimate at this budget; FlashMoEError when nothing can run."""
+def plan_memory(base: Policy, view: GGUFModel, mf: ModelFacts, budget: int,
+                batch: Optional[Tuple[int, int]] = None) -> MemoryPlan:
+    """The base policy's memory estimate at this budget; FlashMoEError when nothing can run.
+    batch: (n_batch, n_ubatch) instead of the base policy's (its compute buffer is estimated for them)."""
+    if batch is not None:
+        rt0 = base.runtime
+        base = dataclasses.replace(base, runtime=dataclasses.replace(rt0, n_batch=batch[0], n_ubatch=batch[1],
+                                                                     n_ubatch_auto=False))
     try:
         res = base.resolve(view, budget=budget)
     except PolicyError as e:
@@ -123,8 +133,51 @@ def plan_memory(base: Policy, view: GGUFModel, mf: ModelFacts, budget: int) -> M
             f"{mem.n_ctx}, compute {format_size(mem.compute)}, overhead {format_size(mem.overhead)}) = "
             f"{format_size(mem.weights + mem.runtime)}; raise --ram or lower --ctx")
     max_slots = min(mf.n_expert, space // per_slot) if per_slot else 0
-    rt = base.runtime
+    rt = res.policy.runtime  # as resolved: `n_ubatch: auto` has chosen
     return MemoryPlan(budget=budget, weights=mem.weights, pinned=mem.pinned, runtime=mem.runtime,
                       kv_cache=mem.kv_cache, compute=mem.compute, overhead=mem.overhead, cache_space=space,
                       bytes_per_slot=per_slot, max_slots=int(max_slots), n_ctx=mem.n_ctx,
                       n_batch=rt.n_batch, n_ubatch=min(rt.n_ubatch, rt.n_batch))
+
+
+@dataclass
+class UbatchPlan:
+    """One n_ubatch the tuner considers for the workload's prompt: its memory plan (the compute buffer
+    grows with the ubatch and comes out of the expert cache) and the workload's ubatches with it."""
+
+    n_ubatch: int
+    n_batch: int
+    mp: MemoryPlan
+    ubs: List[Ubatch]
+
+
+def ubatch_sizes(base_ubatch: int, n_ctx: int, prompt_tokens: int, choices: Sequence[int] = UBATCH_CHOICES) -> List[int]:
+    """The n_ubatch values worth considering for a prompt: the base policy's, then each larger one of
+    ``choices`` (512, 1024, 2048, 4096) not above the context (llama.cpp caps the batch at n_ctx), as long
+    as the one before it does not already hold the whole prompt (a 64-token prompt: the base alone)."""
+    out = [int(base_ubatch)]
+    for u in sorted(set(int(c) for c in choices)):
+        if u <= out[-1]:
+            continue
+        if out[-1] >= prompt_tokens or u > n_ctx:
+            break
+        out.append(u)
+    return out
+
+
+def ubatch_plans(base: Policy, view: GGUFModel, mf: ModelFacts, mp: MemoryPlan, prompt_tokens: int, gen_tokens: int,
+                 notes: Optional[List[str]] = None) -> List[UbatchPlan]:
+    """The base plan (the base policy's n_batch and n_ubatch), then one per larger n_ubatch worth considering
+    (``ubatch_sizes``), with n_batch raised to it where it was smaller. A size whose compute buffer leaves
+    nothing for experts is left out (said in ``notes``)."""
+    plans = [UbatchPlan(mp.n_ubatch, mp.n_batch, mp, engine_ubatches(prompt_tokens, gen_tokens, mp.n_batch, mp.n_ubatch))]
+    for u in ubatch_sizes(mp.n_ubatch, mp.n_ctx, prompt_tokens)[1:]:
+        nb = max(mp.n_batch, u)
+        try:
+            mp_u = plan_memory(base, view, mf, mp.budget, (nb, u))
+        except FlashMoEError:
+            if notes is not None:
+                notes.append(f"n_ubatch {u}: its compute buffer leaves nothing for experts at this budget")
+            continue
+        plans.append(UbatchPlan(u, nb, mp_u, engine_ubatches(prompt_tokens, gen_tokens, nb, u)))
+    return plans

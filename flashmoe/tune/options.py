@@ -48,6 +48,7 @@ class TuneOptions:
     ram: int  # the memory budget in bytes (process memory and its page cache)
     out: str  # the policy YAML to write
     report: Optional[str] = None  # the markdown report (and a PNG next to it when matplotlib is there)
+    json_out: Optional[str] = None  # the tune's document as JSON (what the report is written from)
     gpu_mem: Optional[int] = None
     prompt_file: Optional[str] = None
     trace: Optional[str] = None

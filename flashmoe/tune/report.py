@@ -39,7 +39,9 @@ def _result(doc: Dict[str, Any]) -> List[str]:
     p, me = w["prediction"], w.get("measured")
     L = ["## Result", "", f"**Winner: {w['name']}**: {w['description']}.", "", doc["why"], ""]
     L.append(f"- predicted: {fmt(p.get('decode_tok_s'))} decode tok/s, {fmt(p.get('prefill_tok_s'), '{:.1f}')} "
-             f"prefill tok/s, decode hit rate {_pct(p.get('decode_hit_rate'))}, {p.get('bound') or '-'} bound")
+             f"prefill tok/s (first token after {fmt(p.get('ttft_s'), '{:.2f}')} s, n_ubatch "
+             f"{doc['workload']['n_ubatch']}), decode hit rate {_pct(p.get('decode_hit_rate'))}, "
+             f"{p.get('bound') or '-'} bound")
     if me:
         L.append(f"- measured: {me['decode_tok_s']:.2f} decode tok/s (median of {me['runs']}, "
                  f"{me['decode_min']:.2f}-{me['decode_max']:.2f}), {me['prefill_tok_s']:.1f} prefill tok/s, "
@@ -163,20 +165,65 @@ def _hit_rates(doc: Dict[str, Any]) -> List[str]:
 def _candidates(doc: Dict[str, Any]) -> List[str]:
     val = set(doc["validated"])
     rows = []
-    for cd in doc["candidates"] + doc["per_layer_candidates"]:
+    seen = set()
+    for cd in doc["candidates"] + doc["per_layer_candidates"]:  # (the per-layer ones are among the candidates)
+        if cd["name"] in seen:
+            continue
+        seen.add(cd["name"])
         p = cd["prediction"]
         d = p.get("decode", {})
         rows.append([cd["name"], cd["description"] + ("" if cd["supported"] else " (not yet supported by the engine)"),
                      _pct(p.get("decode_hit_rate")), f"{d.get('mib_per_token', 0):.1f}",
                      f"{1000 * d.get('io_s_per_token', 0):.2f}", f"{1000 * d.get('compute_s_per_token', 0):.2f}",
                      fmt(p.get("decode_tok_s")), fmt(p.get("prefill_tok_s"), "{:.1f}"),
-                     "yes" if cd["name"] in val else ""])
+                     fmt(p.get("ttft_s"), "{:.2f}"), cd.get("n_ubatch") or "-", "yes" if cd["name"] in val else ""])
     return ["## Candidates (predicted)", "",
-            "Decode time per token = compute (dense + experts) + reads of the misses (the hook waits for them: "
-            "no overlap), each layer's misses read min(readers, reads) at a time at the measured bandwidth of that "
-            "queue depth.", "",
+            "Decode time per token = compute (dense + experts) + the reads each layer's fetch waits for: its misses, "
+            "read min(readers, reads) at a time at the measured bandwidth of that queue depth, and the part of its "
+            "reads ahead (candidates with reads ahead) that the layer before's compute does not cover; wrong reads "
+            "ahead that no reader has started by the fetch are dropped by the engine and cost nothing here "
+            "(docs/tune.md). TTFT: the predicted prefill of the workload's prompt.", "",
             _table(["name", "configuration", "decode hit", "MiB/token", "I/O ms/token", "compute ms/token",
-                    "decode tok/s", "prefill tok/s", "validated"], rows), ""]
+                    "decode tok/s", "prefill tok/s", "TTFT s", "n_ubatch", "validated"], rows), ""]
+
+
+def _ubatch(doc: Dict[str, Any]) -> List[str]:
+    """The n_ubatch choices of the winner: the prompt's reads of the streamed experts and the predicted TTFT."""
+    ub, wl = doc.get("ubatch") or {}, doc["workload"]
+    rows_in = ub.get("choices") or []
+    if not rows_in:
+        return []
+    L = ["## Prompt ubatch (n_ubatch)", ""]
+    if len(rows_in) == 1:
+        L += [f"The {wl['prompt_tokens']}-token prompt fits one ubatch of {ub['base']} (the base policy's): a larger "
+              "n_ubatch would read the experts no fewer times, and its compute buffer would come out of the expert "
+              "cache. Kept.", ""]
+    else:
+        L += [f"A ubatch of a long prompt touches nearly every expert of a layer: the {wl['prompt_tokens']}-token prompt "
+              "reads the streamed experts about once per ubatch. A larger n_ubatch reads them fewer times, but its "
+              "compute buffer comes out of the expert cache. Rule: a choice predicted to decode more than "
+              f"{100 * ub['decode_margin']:.0f}% slower than with n_ubatch {ub['base']} is out; of the others, a larger "
+              f"n_ubatch is taken when its predicted time to first token is at least {100 * ub['ttft_gain']:.0f}% "
+              f"lower. The winner's choices:", ""]
+    rows = []
+    for r in rows_in:
+        if not r["fits"]:
+            verdict = f"does not fit: {r['why_not']}"
+        elif r["chosen"]:
+            verdict = "**chosen**"
+        elif not r["decode_ok"]:
+            verdict = f"decode more than {100 * ub['decode_margin']:.0f}% slower"
+        else:
+            verdict = ""
+        rows.append([r["n_ubatch"], r["n_batch"], format_size(r["compute_bytes"]),
+                     format_size(r["cache_bytes"]) + (f" ({r['slots']} slots/layer)" if r.get("slots") else ""),
+                     "-" if r["prompt_reads"] is None else f"{r['prompt_reads']:.2f}x",
+                     fmt(r["ttft_s"], "{:.2f}"), fmt(r["prefill_tok_s"], "{:.1f}"), fmt(r["decode_tok_s"]), verdict])
+    L += [_table(["n_ubatch", "n_batch", "compute buffer", "expert cache", "prompt reads of the experts",
+                  "pred. TTFT s", "pred. prefill tok/s", "pred. decode tok/s", ""], rows), "",
+          "Prompt reads: the bytes the prompt's ubatches read (misses and reads ahead) over the bytes of every streamed "
+          "expert of the model.", ""]
+    return L
 
 
 def _validation_row(cd: Dict[str, Any]) -> List[Any]:
@@ -215,7 +262,7 @@ def format_report(doc: Dict[str, Any]) -> str:
     L = [f"# flashmoe tune: {m['name']} at {format_size(doc['budget'])}", "",
          f"{doc['date']}; {doc['elapsed_s']:.0f} s of a {doc['time_limit_s']:.0f} s limit. "
          f"Command: `{' '.join(doc['command']) or 'flashmoe tune'}`", ""]
-    for section in (_result, _machine, _memory_plan, _trace, _hit_rates, _candidates, _validation):
+    for section in (_result, _machine, _memory_plan, _trace, _hit_rates, _candidates, _ubatch, _validation):
         L += section(doc)
     L += ["## Per-layer slot counts", "", PER_LAYER_SLOTS, ""]
     return "\n".join(L)

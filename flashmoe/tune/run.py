@@ -2,11 +2,14 @@
 each does), and ``write_outputs``: the policy, the report and its PNG, atomically at the very end."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
 
 from flashmoe.bench.facts import describe_machine, machine_facts
 from flashmoe.bench.runner import run_worker
@@ -19,11 +22,10 @@ from flashmoe.trace import check_trace_fits, read_trace, trace_stats
 from flashmoe.tune.candidates import Candidate, policy_text, resolve_text
 from flashmoe.tune.document import Findings, document, header_lines
 from flashmoe.tune.measure import DiskModel, calibrate_compute, measure_disks
-from flashmoe.tune.model import MemoryPlan, ModelFacts, plan_memory
+from flashmoe.tune.model import MemoryPlan, ModelFacts, plan_memory, ubatch_plans
 from flashmoe.tune.options import Clock, TuneOptions
 from flashmoe.tune.report import format_report, plot_png
 from flashmoe.tune.search import Search, measured_sizing, search
-from flashmoe.tune.simulate import engine_ubatches
 from flashmoe.tune.validate import Validation, choose_winner, fmt, pick_for_validation
 from flashmoe.worker import WorkerSpec
 from gguf_tools.atomic import atomic_write
@@ -53,7 +55,7 @@ def _default_log(msg: str) -> None:
 def _check(opts: TuneOptions) -> None:
     if opts.ram <= 0:
         raise UsageError("--ram must be more than 0 bytes")
-    for p in (opts.out, opts.report):
+    for p in (opts.out, opts.report, opts.json_out):
         if p:
             d = os.path.dirname(os.path.abspath(p))
             if not os.path.isdir(d):
@@ -173,7 +175,8 @@ class Tune:
         for c in found.cands[:6]:
             p = c.prediction
             self.clock.log(f"  {c.name}: predicted {fmt(p.get('decode_tok_s'))} tok/s decode "
-                           f"(hit {100 * (p.get('decode_hit_rate') or 0):.1f}%), {fmt(p.get('prefill_tok_s'))} prefill")
+                           f"(hit {100 * (p.get('decode_hit_rate') or 0):.1f}%), {fmt(p.get('prefill_tok_s'))} prefill"
+                           + (f", n_ubatch {c.n_ubatch}" if len(found.ubatch_sizes) > 1 else ""))
 
 
 def _steps(t: Tune, tmp: str) -> Findings:
@@ -186,14 +189,18 @@ def _steps(t: Tune, tmp: str) -> Findings:
         t.notes.append("the disk could not be measured: predictions count compute only")
     tr, trace_path, P, G, trace_src = t.trace(tmp)
     tstats = trace_stats(tr)
-    ubs = engine_ubatches(P, G, mp.n_batch, mp.n_ubatch)
+    plans = ubatch_plans(t.base, t.view, mf, mp, P, G, t.notes)
+    ubs = plans[0].ubs
+    if len(plans) > 1:
+        t.clock.log(f"n_ubatch: weighing {', '.join(str(p.n_ubatch) for p in plans)} for the {P}-token prompt "
+                    "(compute buffer " + ", ".join(format_size(p.mp.compute) for p in plans) + ")")
     cm = calibrate_compute(t.settings_for, mf, opts.threads, mp.n_ctx, tmp, t.clock,
                            timeout=max(30.0, opts.time_limit * 0.2))
     if not cm.ok:
         t.notes.append("compute could not be calibrated (" + (cm.note or "no time") + "): predictions count I/O only")
     sizing = measured_sizing(cm, mp, mf, opts.ram, t.clock)
     t.clock.log("simulating the expert cache on the trace ...")
-    found = search(tr, ubs, mf, mp, sizing, disk, cm, opts.readers)
+    found = search(tr, ubs, mf, mp, sizing, disk, cm, opts.readers, plans)
     if not found.cands:
         raise FlashMoEError("no configuration fits the budget")
     t.log_best(found)
@@ -227,12 +234,32 @@ def run_tune(opts: TuneOptions, log: Callable[[str], None] = _default_log) -> Tu
     return TuneResult(doc=doc, policy_text=text, report_text=report, png=png)
 
 
+def _plain(x: Any) -> Any:
+    """numpy scalars and arrays of the document as plain JSON values."""
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
+def document_json(doc: Dict[str, Any]) -> str:
+    """The tune's document as JSON (``--json``)."""
+    return json.dumps(doc, indent=1, default=_plain) + "\n"
+
+
 def write_outputs(result: TuneResult, opts: TuneOptions) -> List[str]:
-    """The policy, the report and its PNG, each written atomically; returns the paths written."""
+    """The policy, the report and its PNG, the JSON document, each written atomically; returns the paths
+    written."""
     written = []
+    text = document_json(result.doc) if opts.json_out else None  # before anything is written: it may raise
     with atomic_write(opts.out, "w") as f:
         f.write(result.policy_text)
     written.append(opts.out)
+    if opts.json_out and text is not None:
+        with atomic_write(opts.json_out, "w") as f:
+            f.write(text)
+        written.append(opts.json_out)
     if opts.report:
         if result.png is not None:
             png_path = os.path.join(os.path.dirname(os.path.abspath(opts.report)), result.doc["png"])

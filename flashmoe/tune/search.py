@@ -6,13 +6,40 @@ experts per layer) plus, per layer, the time to read its misses at the queue dep
 reach (``DiskModel``). Reads ahead (prefetch, simulated from the trace's predicted sets) run while
 the layer before computes: only the part of their read time that the previous layer's compute (its
 experts and this layer's share of the dense part) does not cover is waited for. Prefill: each row's
-experts are computed once (the zero-slot skip: rows of other waves cost nothing), plus the reads.
+experts are computed once (the zero-slot skip: rows of other waves cost nothing), plus the reads;
+the time to first token is the whole prefill.
+
+**Dropped reads ahead** (``charged_ahead``). The engine drops the reads ahead of experts the layer
+does not use that no reader has started when the layer's routing is known (its fetch); the wrong
+ones already read are demoted. The reads ahead are issued in the prediction's order (each expert's
+slices one after the other) as the layer before starts computing; with R readers each slice takes
+``slice bytes x q / bandwidth(q)`` (q = min(R, slices) read at once), so by the end of the compute
+window q slices have started at each multiple of that time. Charged disk time: every slice started
+in the window, plus the slices of right predictions not started yet (the fetch waits for them); the
+wrong ones not started cost nothing. Ignored: the cache state (the simulator keeps a dropped wrong
+expert resident and demoted where the engine evicts it; with LRU the next miss takes that slot in
+both, so they differ when the expert is used before then: a hit here, a miss in the engine; LFRU
+may evict another expert here), jitter in the readers' start times and a window that is not the
+same for every layer of a token. ``predict(..., drop_ahead=False)`` charges
+every read ahead (what ``FLASHMOE_PREFETCH_CANCEL=0`` runs, and the simulator's counters, do).
+
+**n_ubatch** (``choose_ubatches``). A ubatch of a long prompt touches nearly every expert of a layer,
+so a streamed prompt reads the experts about once per ubatch; a larger ubatch reads them fewer times
+but its compute buffer (the attention scores grow with n_ubatch x n_ctx) comes out of the expert
+cache. Each candidate is simulated again with every n_ubatch worth considering (``model.ubatch_plans``:
+the base policy's, then 1024, 2048, 4096 while the prompt is longer than the one before and the
+context allows), its cache cut to what fits beside that compute buffer. The rule: decode first, so a
+choice whose predicted decode tok/s is more than ``UBATCH_DECODE_MARGIN`` (2%) below the base
+n_ubatch's is out; of the others, a larger n_ubatch replaces a smaller one only when its predicted
+time to first token is at least ``UBATCH_TTFT_GAIN`` (5%) lower. A 64-token prompt (the default
+workload) has one choice: the base policy's.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -20,25 +47,32 @@ from flashmoe.sizes import MiB, format_size
 from flashmoe.trace import Trace
 from flashmoe.tune.candidates import Candidate
 from flashmoe.tune.measure import ComputeModel, DiskModel
-from flashmoe.tune.model import MemoryPlan, ModelFacts
+from flashmoe.tune.model import MemoryPlan, ModelFacts, UbatchPlan
 from flashmoe.tune.options import Clock
 from flashmoe.tune.simulate import PHASES, SimResult, Ubatch, rows_per_layer, simulate, simulate_pagecache
 
 EVICTIONS = ("lru", "lfru")
+UBATCH_DECODE_MARGIN = 0.02  # a larger n_ubatch may cost decode at most 2% (predicted)
+UBATCH_TTFT_GAIN = 0.05  # ... and must cut the predicted time to first token by at least 5%
 
 
-def predict(sim: SimResult, cand: Candidate, mf: ModelFacts, disk: DiskModel, cm: ComputeModel) -> Dict[str, Any]:
-    """Decode and prefill tok/s of a simulated candidate (see the module docstring)."""
+def predict(sim: SimResult, cand: Candidate, mf: ModelFacts, disk: DiskModel, cm: ComputeModel, *,
+            drop_ahead: bool = True) -> Dict[str, Any]:
+    """Decode and prefill tok/s of a simulated candidate, the time to first token (the whole prefill) and
+    how many times the prompt read the streamed experts (see the module docstring). drop_ahead: the
+    engine's dropping of unstarted wrong reads ahead (False: every read ahead is charged)."""
     layers = [lc.layer for lc in sim.layers]
     eb = np.array([mf.expert_bytes[l] for l in layers], dtype=float)
     nt = np.array([mf.n_tensors[l] for l in layers], dtype=float)
     direct = cand.direct_io and cand.mode == "cache"
     io = disk.read_time(sim.misses.astype(float), eb, nt, cand.readers, direct) if disk.ok else \
         np.zeros(sim.misses.shape)
-    io = io + _exposed_ahead(sim, eb, nt, cand, mf, disk, cm, direct)
+    exposed, charged = _exposed_ahead(sim, eb, nt, cand, mf, disk, cm, direct, drop_ahead)
+    io = io + exposed
     io_tok = io.sum(axis=1)
     phase = np.array([u.phase for u in sim.ubatches])
     ntok = np.array([u.n_tokens for u in sim.ubatches], dtype=float)
+    ahead = sim.ahead if sim.ahead is not None else np.zeros(sim.misses.shape, dtype=np.int32)
     out: Dict[str, Any] = {}
     for ph in PHASES:
         sel = phase == ph
@@ -62,30 +96,79 @@ def predict(sim: SimResult, cand: Candidate, mf: ModelFacts, disk: DiskModel, cm
             "compute_s_per_token": comp / n,
             "mib_per_token": float((sim.misses[sel] * eb).sum()) / n / MiB,
             "tokens": int(n),
+            "s": total,
+            "reads_ahead_per_token": float(ahead[sel].sum()) / n,
+            "reads_ahead_dropped_per_token": float((ahead[sel] - charged[sel]).sum()) / n,
         }
     d = out.get("decode", {})
+    pf = out.get("prefill", {})
     out["decode_tok_s"] = d.get("tok_s")
-    out["prefill_tok_s"] = out.get("prefill", {}).get("tok_s")
+    out["prefill_tok_s"] = pf.get("tok_s")
+    out["ttft_s"] = pf.get("s") if pf.get("s") else None
+    sel = phase == "prefill"
+    every_expert = float(mf.n_expert * eb.sum())
+    out["prompt_reads"] = (float(((sim.misses[sel] + ahead[sel]) * eb).sum()) / every_expert
+                           if sel.any() and every_expert else None)
     out["decode_hit_rate"] = d.get("hit_rate")
     out["bound"] = ("I/O" if d.get("io_s_per_token", 0) > d.get("compute_s_per_token", 0) else "compute") if d else None
     return out
 
 
-def _exposed_ahead(sim: SimResult, eb: np.ndarray, nt: np.ndarray, cand: Candidate, mf: ModelFacts, disk: DiskModel,
-                   cm: ComputeModel, direct: bool) -> np.ndarray:
-    """Per ubatch and layer: the time the layer waits for its reads ahead, i.e. their read time less the
-    compute they overlap (the layer before: its experts, and a layer's share of the dense part)."""
-    if sim.ahead is None or not disk.ok or not sim.ahead.any():
-        return np.zeros(sim.misses.shape)
-    t_ahead = disk.read_time(sim.ahead.astype(float), eb, nt, cand.readers, direct)
+def _ahead_window(sim: SimResult, mf: ModelFacts, cm: ComputeModel) -> np.ndarray:
+    """Per ubatch and layer: the compute that reads ahead overlap (the layer before: its experts, and a
+    layer's share of the dense part); zeros without a compute model."""
     if not cm.ok:
-        return t_ahead
+        return np.zeros(sim.misses.shape)
     n_moe = max(1, len(mf.moe_layers))
     rows = np.maximum(sim.rows.astype(float), 1.0)
     dense = np.where(rows > 1, cm.dense_prefill_s * rows, cm.dense_decode_s) / n_moe
     experts = sim.distinct.astype(float) * np.where(rows > 1, cm.expert_prefill_s * mf.n_used, cm.expert_decode_s)
-    window = dense + np.concatenate([np.zeros((experts.shape[0], 1)), experts[:, :-1]], axis=1)
-    return np.maximum(0.0, t_ahead - window)
+    return dense + np.concatenate([np.zeros((experts.shape[0], 1)), experts[:, :-1]], axis=1)
+
+
+def charged_ahead(used: np.ndarray, n_tensors: int, expert_bytes: float, readers: int, window: float,
+                  bw: Callable[[float], float]) -> float:
+    """The reads ahead of one layer and ubatch that cost disk time when the engine drops the wrong ones no
+    reader has started, in experts (fractional: slices). used: per read ahead, in issue order, whether the
+    layer used it; bw(q): bytes/s with q reads at once. Slices are issued expert by expert; q = min(readers,
+    slices) run at once, one taking ``slice x q / bw(q)``, so q more start at each multiple of that time;
+    those started before the fetch (``window`` seconds after the issue) are read; of the others, the right
+    ones are read too (the fetch waits for them) and the wrong ones are dropped."""
+    used = np.asarray(used, dtype=bool)
+    n_exp, nt = len(used), max(1, int(n_tensors))
+    jobs = n_exp * nt
+    if jobs == 0:
+        return 0.0
+    q = min(max(1, int(readers)), jobs)
+    rate = float(bw(q))
+    t_job = (expert_bytes / nt) * q / rate if rate > 0 and np.isfinite(rate) else 0.0
+    started = jobs if t_job <= 0 else min(jobs, q * (int(math.floor(max(0.0, window) / t_job)) + 1))
+    full, part = divmod(started, nt)
+    wrong = ~used
+    charged = int(used.sum()) * nt + int(wrong[:full].sum()) * nt + (part if full < n_exp and wrong[full] else 0)
+    return charged / nt
+
+
+def _exposed_ahead(sim: SimResult, eb: np.ndarray, nt: np.ndarray, cand: Candidate, mf: ModelFacts, disk: DiskModel,
+                   cm: ComputeModel, direct: bool, drop: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    """Per ubatch and layer: (the time the layer waits for its reads ahead, the reads ahead charged). The wait
+    is their read time less the compute they overlap (``_ahead_window``); with ``drop``, only the reads ahead
+    that ``charged_ahead`` says cost disk time are read, else all of them."""
+    zeros = np.zeros(sim.misses.shape)
+    if sim.ahead is None or not disk.ok or not sim.ahead.any():
+        return zeros, zeros
+    window = _ahead_window(sim, mf, cm)
+    charged = sim.ahead.astype(float)
+    if drop and sim.ahead_used is not None:
+        charged = charged.copy()
+
+        def bw(q: float) -> float:
+            return float(disk.bw(q, direct))
+
+        for (u, j), used in sim.ahead_used.items():
+            charged[u, j] = charged_ahead(used, int(nt[j]), float(eb[j]), cand.readers, float(window[u, j]), bw)
+    t_ahead = disk.read_time(charged, eb, nt, cand.readers, direct)
+    return np.maximum(0.0, t_ahead - window), charged
 
 
 def size_grid(k: int, n_expert: int, extra: Sequence[int] = ()) -> List[int]:
@@ -223,6 +306,7 @@ class Search:
     ws: Dict[int, float]
     cands: List[Candidate]  # what the engine supports, best first
     per_layer: List[Candidate]  # the per-layer ones (also among cands)
+    ubatch_sizes: List[int] = dataclasses.field(default_factory=list)  # the n_ubatch values weighed, base first
 
 
 @dataclass
@@ -249,6 +333,10 @@ class _Inputs:
         c.prediction = predict(sim, c, self.mf, self.disk, self.cm)
         return c
 
+    def at(self, ubs: List[Ubatch]) -> "_Inputs":
+        """The same inputs with another workload split (another n_ubatch)."""
+        return dataclasses.replace(self, ubs=ubs)
+
 
 def _cache_sizes(mp: MemoryPlan, k: int, sizing: Sizing) -> List[Tuple[int, Optional[int], str]]:
     """(slots, policy overhead, note) of the uniform caches to consider."""
@@ -265,6 +353,11 @@ def _cache_sizes(mp: MemoryPlan, k: int, sizing: Sizing) -> List[Tuple[int, Opti
     return sizes
 
 
+def _uniform_name(c: Candidate) -> str:
+    return (f"{c.eviction}-{c.slots}-r{c.readers}{'' if c.direct_io else '-buffered'}{'-tight' if c.overhead else ''}"
+            f"{'-prefetch' if c.prefetch else ''}")
+
+
 def _uniform_candidates(x: _Inputs, curves: Dict[str, Dict[int, SimResult]], mp: MemoryPlan, sizing: Sizing,
                         readers: List[int]) -> List[Candidate]:
     io_modes = (True, False) if x.disk.has(True) else (False,)
@@ -275,10 +368,9 @@ def _uniform_candidates(x: _Inputs, curves: Dict[str, Dict[int, SimResult]], mp:
                 sim = x.sim(slots, ev, True) if pf else curves[ev][slots]
                 for d in io_modes:
                     for r in readers:
-                        name = (f"{ev}-{slots}-r{r}{'' if d else '-buffered'}{'-tight' if ov else ''}"
-                                f"{'-prefetch' if pf else ''}")
-                        c = Candidate(name, "cache", slots=slots, eviction=ev, readers=r, direct_io=d, overhead=ov,
+                        c = Candidate("", "cache", slots=slots, eviction=ev, readers=r, direct_io=d, overhead=ov,
                                       note=note, prefetch=pf)
+                        c.name = _uniform_name(c)
                         out.append(x.predicted(c, sim))
     return out
 
@@ -301,6 +393,127 @@ def _per_layer_candidates(x: _Inputs, curves: Dict[str, Dict[int, SimResult]], w
     return out
 
 
+def _shrink(alloc: Dict[int, int], room: int, mf: ModelFacts) -> Optional[Dict[int, int]]:
+    """Per-layer slots cut one at a time, from the layer with the most, until they fit ``room`` bytes (None:
+    not even k slots per layer fit)."""
+    a = dict(alloc)
+    used = sum(a[l] * mf.expert_bytes[l] for l in a)
+    while used > room:
+        l = max((x for x in a if a[x] > mf.n_used), key=lambda x: (a[x], x), default=None)
+        if l is None:
+            return None
+        a[l] -= 1
+        used -= mf.expert_bytes[l]
+    return a
+
+
+def _room(p: UbatchPlan, c: Candidate) -> int:
+    """Bytes for the expert cache at this plan's compute buffer, with the candidate's policy overhead."""
+    mp = p.mp
+    return mp.budget - mp.weights - mp.kv_cache - mp.compute - (c.overhead if c.overhead is not None else mp.overhead)
+
+
+class _UbatchSims:
+    """The simulations of the candidates at other n_ubatch values (shared by the candidates that differ
+    only in readers or I/O mode)."""
+
+    def __init__(self, x: _Inputs, sizing: Sizing, base: UbatchPlan):
+        self.x, self.sizing, self.base = x, sizing, base
+        self.sims: Dict[Tuple, SimResult] = {}
+
+    def variant(self, c: Candidate, p: UbatchPlan) -> Tuple[Optional[Candidate], int, str]:
+        """(c as it runs with plan p's n_ubatch, its cache bytes, why it cannot): its cache cut to what fits
+        beside p's compute buffer, simulated on p's ubatches and predicted."""
+        x, mf = self.x, self.x.mf
+        xp = x.at(p.ubs)
+        v = dataclasses.replace(c, prediction={}, runs=[], ubatch_choices=[], measured=None, n_ubatch=p.n_ubatch,
+                                n_batch=p.n_batch)
+        if c.mode == "pagecache":
+            cap = self.sizing.pc_capacity - (p.mp.compute - self.base.mp.compute)
+            if cap <= 0:
+                return None, 0, "nothing left for the page cache"
+            key: Tuple = ("pagecache", cap, p.n_ubatch)
+            if key not in self.sims:
+                self.sims[key] = simulate_pagecache(x.trace, p.ubs, cap, mf.expert_bytes, last_layer=mf.last_layer)
+            return xp.predicted(v, self.sims[key]), cap, ""
+        room = _room(p, c)
+        if c.per_layer:
+            alloc = _shrink(c.per_layer, room, mf)
+            if alloc is None:
+                return None, 0, f"not {mf.n_used} slots per layer beside the compute buffer"
+            v.per_layer, v.slots = alloc, min(alloc.values())
+            key = ("layers", tuple(sorted(alloc.items())), c.eviction, c.prefetch, p.n_ubatch)
+            cache_bytes = sum(alloc[l] * mf.expert_bytes[l] for l in alloc)
+            slots: Union[int, Dict[int, int]] = alloc
+        else:
+            per = p.mp.bytes_per_slot
+            v.slots = int(min(c.slots, room // per)) if per else c.slots
+            if v.slots < mf.n_used:
+                return None, 0, f"not {mf.n_used} slots per layer beside the compute buffer"
+            key = ("uniform", v.slots, c.eviction, c.prefetch, p.n_ubatch)
+            cache_bytes = v.slots * per
+            slots = v.slots
+        if key not in self.sims:
+            self.sims[key] = xp.sim(slots, c.eviction, c.prefetch)
+        return xp.predicted(v, self.sims[key]), cache_bytes, ""
+
+
+def _choice_row(p: UbatchPlan, v: Optional[Candidate], cache_bytes: int, why: str) -> Dict[str, Any]:
+    pr = v.prediction if v is not None else {}
+    return {"n_ubatch": p.n_ubatch, "n_batch": p.n_batch, "compute_bytes": p.mp.compute, "fits": v is not None,
+            "why_not": why, "slots": v.slots if v is not None else None, "cache_bytes": cache_bytes,
+            "prompt_reads": pr.get("prompt_reads"), "ttft_s": pr.get("ttft_s"),
+            "prefill_tok_s": pr.get("prefill_tok_s"), "decode_tok_s": pr.get("decode_tok_s"),
+            "decode_ok": False, "chosen": False}
+
+
+def pick_ubatch(rows: List[Dict[str, Any]]) -> int:
+    """The index of the chosen n_ubatch among ``rows`` (``_choice_row``, the base first, ascending n_ubatch):
+    decode first (a choice predicted more than UBATCH_DECODE_MARGIN slower to decode than the base is out),
+    then a larger n_ubatch replaces a smaller one when its predicted time to first token is at least
+    UBATCH_TTFT_GAIN lower. Marks ``decode_ok`` and ``chosen``."""
+    d0 = rows[0].get("decode_tok_s")
+    for r in rows:
+        d = r.get("decode_tok_s")
+        r["decode_ok"] = bool(r["fits"]) and (d0 is None or (d is not None and d >= d0 * (1 - UBATCH_DECODE_MARGIN)))
+    rows[0]["decode_ok"] = True
+    best = 0
+    for i, r in enumerate(rows[1:], 1):
+        t, tb = r.get("ttft_s"), rows[best].get("ttft_s")
+        if r["decode_ok"] and t is not None and tb is not None and t < tb * (1 - UBATCH_TTFT_GAIN):
+            best = i
+    rows[best]["chosen"] = True
+    return best
+
+
+def choose_ubatches(x: _Inputs, cands: List[Candidate], plans: Sequence[UbatchPlan], sizing: Sizing) -> None:
+    """Each candidate's n_ubatch (``pick_ubatch`` over ``plans``, the base plan first): the candidate takes the
+    chosen variant's cache, n_ubatch, n_batch, prediction and name (``-ubN`` when not the base's); every
+    choice weighed is kept in ``ubatch_choices`` for the report."""
+    base = plans[0]
+    sims = _UbatchSims(x, sizing, base)
+    for c in cands:
+        c.n_ubatch, c.n_batch = base.n_ubatch, base.n_batch
+        cache_bytes = (sizing.pc_capacity if c.mode == "pagecache" else
+                       sum(n * x.mf.expert_bytes[l] for l, n in c.per_layer.items()) if c.per_layer
+                       else c.slots * base.mp.bytes_per_slot)
+        variants: List[Optional[Candidate]] = [c]
+        rows = [_choice_row(base, c, cache_bytes, "")]
+        for p in plans[1:]:
+            v, nbytes, why = sims.variant(c, p)
+            variants.append(v)
+            rows.append(_choice_row(p, v, nbytes, why))
+        i = pick_ubatch(rows)
+        c.ubatch_choices = rows
+        w = variants[i]
+        if i == 0 or w is None:
+            continue
+        c.slots, c.per_layer, c.prediction = w.slots, w.per_layer, w.prediction
+        c.n_ubatch, c.n_batch = w.n_ubatch, w.n_batch
+        stem = _uniform_name(c) if c.mode == "cache" and not c.per_layer else c.name
+        c.name = f"{stem}-ub{c.n_ubatch}"
+
+
 def _rank_key(c: Candidate) -> Tuple:
     # ties (within about 1%): the exact explicit cache before the page-cache model, fewer readers
     p = c.prediction
@@ -310,8 +523,10 @@ def _rank_key(c: Candidate) -> Tuple:
 
 
 def search(trace: Trace, ubs: List[Ubatch], mf: ModelFacts, mp: MemoryPlan, sizing: Sizing, disk: DiskModel,
-           cm: ComputeModel, readers: Sequence[int]) -> Search:
-    """Simulate the hit-rate curves and every candidate; the supported ones best predicted first."""
+           cm: ComputeModel, readers: Sequence[int], plans: Sequence[UbatchPlan] = ()) -> Search:
+    """Simulate the hit-rate curves and every candidate; the supported ones best predicted first.
+    ubs: the workload with the base policy's n_ubatch (``mp``); plans: the n_ubatch values to weigh
+    (``model.ubatch_plans``, the base first; none: the base alone)."""
     x = _Inputs(trace, ubs, mf, disk, cm)
     K = mf.n_used
     grid = size_grid(K, mf.n_expert, [mp.max_slots, int(mp.max_slots * 0.85), sizing.tight_slots])
@@ -327,5 +542,14 @@ def search(trace: Trace, ubs: List[Ubatch], mf: ModelFacts, mp: MemoryPlan, sizi
     per_layer = (_per_layer_candidates(x, curves, ws, mp.max_slots * mp.bytes_per_slot, readers[-1])
                  if mp.max_slots >= K else [])
     cands += per_layer
+    choose_ubatches(x, cands, list(plans) or [UbatchPlan(mp.n_ubatch, mp.n_batch, mp, list(ubs))], sizing)
     cands.sort(key=_rank_key, reverse=True)
-    return Search(grid, curves, pc_sim, ws, cands, per_layer)
+    seen: set = set()
+    unique = []
+    for c in cands:  # two sizes cut to the same cache by a larger n_ubatch: the same configuration
+        if c.name not in seen:
+            seen.add(c.name)
+            unique.append(c)
+    kept = {id(c) for c in unique}
+    per_layer = [c for c in per_layer if id(c) in kept]
+    return Search(grid, curves, pc_sim, ws, unique, per_layer, [p.n_ubatch for p in plans] or [mp.n_ubatch])

@@ -26,7 +26,11 @@ What it mirrors:
   waves) are made resident: the resident ones are protected, each other one takes a victim as a miss
   would (without counting an access) and is stamped; they are read ahead (``n_prefetched``, bytes
   read). The ubatch then finds them resident (hits); at its plan the layer books the prediction
-  (``n_predicted``, ``n_predicted_right``) and the reads ahead it used or wasted.
+  (``n_predicted``, ``n_predicted_right``) and the reads ahead it used or wasted, and demotes the
+  wasted ones. Every read ahead completes here, as in the engine with ``FLASHMOE_PREFETCH_CANCEL=0``
+  (by default the engine drops the wrong ones no reader has started, which depends on timing: the
+  tuner's timing model estimates that from ``SimResult.ahead_used``, the issue order and whether each
+  read ahead was used).
 
 Page-cache mode is modelled, not exact: one LRU of expert slices shared by all layers (the OS
 page cache), holding ``capacity_bytes``, accessed with the ubatch's distinct experts per layer in
@@ -155,6 +159,9 @@ class SimResult:
     waves: np.ndarray  # int32 [n_ubatches, n_layers]: graph waves (for compute)
     rows: np.ndarray  # int32 [n_ubatches, n_layers]: rows computed
     ahead: Optional[np.ndarray] = None  # int32 [n_ubatches, n_layers]: experts read ahead (during the layer before)
+    # per (ubatch, layer column) with reads ahead: in the order they were issued (the prediction's), whether the
+    # layer then used each one (the timing model's dropped reads ahead: flashmoe.tune.search.charged_ahead)
+    ahead_used: Optional[Dict[Tuple[int, int], np.ndarray]] = None
 
     def total(self, phase: Optional[str] = None) -> Dict[str, float]:
         if phase is None:
@@ -383,6 +390,7 @@ def simulate(trace: Trace, ubatches: Sequence[Ubatch], slots: Union[int, Mapping
     waves = np.zeros((n_ub, len(sel)), dtype=np.int32)
     rows = np.zeros((n_ub, len(sel)), dtype=np.int32)
     ahead_n = np.zeros((n_ub, len(sel)), dtype=np.int32)
+    ahead_used: Dict[Tuple[int, int], np.ndarray] = {}
     out: List[LayerCounters] = []
     for j, li in enumerate(sel):
         il = trace.layers[li]
@@ -392,6 +400,7 @@ def simulate(trace: Trace, ubatches: Sequence[Ubatch], slots: Union[int, Mapping
         eb = int(expert_bytes.get(il, 0)) if expert_bytes else 0
         predicted: List[int] = []
         ahead: set = set()
+        issued: List[Tuple[int, List[int]]] = []  # (ubatch, its reads ahead in issue order) not yet planned
         for u, ub in enumerate(ubatches):
             pr = pcols[li][u] if pcols is not None else None
             if pr is not None and min(trace.n_expert, ub.n_tokens * trace.n_used) <= n_slots:
@@ -401,7 +410,10 @@ def simulate(trace: Trace, ubatches: Sequence[Ubatch], slots: Union[int, Mapping
                 else:
                     before = set(c.resident)
                     r, e = c.prefetch(predicted)
-                    ahead |= {x for x in predicted if x not in before}
+                    order = [x for x in predicted if x not in before]
+                    ahead |= set(order)
+                    if order:
+                        issued.append((u, order))
                     lc.n_prefetched += r
                     lc.evictions += e
                     lc.bytes_read += r * eb
@@ -410,6 +422,9 @@ def simulate(trace: Trace, ubatches: Sequence[Ubatch], slots: Union[int, Mapping
             if ids is None:
                 continue
             used = set(int(x) for x in ids.ravel())
+            for u_i, order in issued:
+                ahead_used[(u_i, j)] = np.array([x in used for x in order], dtype=bool)
+            issued = []
             lc.n_predicted += len(predicted)
             lc.n_predicted_right += len(used.intersection(predicted))
             predicted = []
@@ -432,9 +447,11 @@ def simulate(trace: Trace, ubatches: Sequence[Ubatch], slots: Union[int, Mapping
             # graph waves: ceil(min(n_expert, rows * n_used) / n_slots), at least 1
             touched = min(trace.n_expert, ids.shape[0] * trace.n_used)
             waves[u, j] = max(1, -(-touched // n_slots))
+        for u_i, order in issued:  # read ahead for a ubatch the layer never planned: none used
+            ahead_used[(u_i, j)] = np.zeros(len(order), dtype=bool)
         out.append(lc)
     return SimResult("cache", eviction, {trace.layers[li]: smap[trace.layers[li]] for li in sel}, out,
-                     list(ubatches), misses, distinct, waves, rows, ahead_n)
+                     list(ubatches), misses, distinct, waves, rows, ahead_n, ahead_used)
 
 
 def simulate_pagecache(trace: Trace, ubatches: Sequence[Ubatch], capacity_bytes: int, expert_bytes: Mapping[int, int], *,

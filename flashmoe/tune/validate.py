@@ -73,7 +73,8 @@ class ValidationRun(OfRecord):
 def pick_for_validation(cands: List[Candidate], n: int) -> List[Candidate]:
     """The best prediction, then the best that differs from it in what matters most: the other
     mode (explicit cache or page cache), then, among explicit caches, the other I/O mode (direct or
-    buffered), the other eviction, another size; then the next best. At most n, best first."""
+    buffered), reads ahead on or off (when the trace lets the tuner weigh them), the other eviction,
+    another size; then the next best. At most n, best first."""
     if n <= 0 or not cands:
         return []
     out: List[Candidate] = [cands[0]]
@@ -88,6 +89,7 @@ def pick_for_validation(cands: List[Candidate], n: int) -> List[Candidate]:
     bc = next((x for x in cands if x.mode == "cache"), None)
     if bc is not None:
         add(lambda x: x.mode == "cache" and x.direct_io != bc.direct_io)
+        add(lambda x: x.mode == "cache" and x.prefetch != bc.prefetch)
         add(lambda x: x.mode == "cache" and x.eviction != bc.eviction)
         add(lambda x: x.mode == "cache" and x.slots != bc.slots)
     for c in cands:
@@ -242,6 +244,9 @@ def _against(w: Candidate, o: Candidate) -> str:
                       f"against {100 * hw:.1f}% here")
     elif w.slots != o.slots:
         reason.append(f"{w.slots} slots against {o.slots}: hit {100 * hw:.1f}% vs {100 * ho:.1f}%")
+    elif w.n_ubatch != o.n_ubatch:
+        reason.append(f"n_ubatch {w.n_ubatch} against {o.n_ubatch}: prefill {wm['prefill_tok_s']:.1f} vs "
+                      f"{om['prefill_tok_s']:.1f} tok/s")
     elif w.readers != o.readers:
         reason.append(f"{w.readers} readers against {o.readers}")
     elif w.direct_io != o.direct_io:
