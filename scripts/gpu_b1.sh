@@ -12,7 +12,7 @@
 # GPU_B1_SLOTS; GPU_B1_VS: the stock references (default "stock-n-cpu-moe stock-mmap"); GPU_B1_ALLGPU=0
 # leaves out all-gpu. nvidia-smi samples the device memory in use during the bench ($OUT/vram.csv).
 # GPU_B1_POLICIES: shipped configs to run (default gpu-dense; gpu-ram: experts from page-locked RAM with
-# reads ahead; NAME-noahead: the same without reads ahead); GPU_B1_ACC=0.75: the trace carries predicted
+# reads ahead; NAME-noahead: the same without reads ahead; NAME@SIZE: with gpu_budget SIZE); GPU_B1_ACC=0.75: the trace carries predicted
 # sets drawn at that accuracy (reads ahead use them); GPU_CHECK=1: scripts/gpu_check.py on the tiny models
 # first. GPU runs are compared with a stock run with every tensor on the GPU at their ubatch (the bench's
 # GPU reference).
@@ -44,11 +44,12 @@ if [[ $STAGE == all || $STAGE == build ]]; then
 fi
 if [[ $STAGE == all || $STAGE == bench ]]; then
   POLS=()
-  for Q in ${GPU_B1_POLICIES:-gpu-dense}; do
+  for QB in ${GPU_B1_POLICIES:-gpu-dense}; do
+    Q=${QB%@*}; B=${GPU_B1_BUDGET:-}; [[ $QB == *@* ]] && B=${QB#*@}
     P=${Q%-noahead}
-    N=${Q/gpu-dense/gpu-b1}; N=${N/gpu-ram/gpu-ram-b1}
-    if [[ -n ${GPU_B1_BUDGET:-} ]]; then
-      sed "s/^name: $P$/name: $N/; s/^gpu_budget: .*/gpu_budget: $GPU_B1_BUDGET/; s/^  readers: 4/  readers: $READERS/" \
+    N=${Q/gpu-dense/gpu-b1}; N=${N/gpu-ram/gpu-ram-b1}; [[ $QB == *@* ]] && N=$N-$B
+    if [[ -n $B ]]; then
+      sed "s/^name: $P$/name: $N/; s/^gpu_budget: .*/gpu_budget: $B/; s/^  readers: 4/  readers: $READERS/" \
         configs/$P.yaml > /tmp/$N.yaml
     else
       sed "s/^name: $P$/name: $N/; s/^  cache_size: auto.*/  cache_slots: $SLOTS/; s/^  readers: 4/  readers: $READERS/" \

@@ -83,12 +83,27 @@ def main() -> int:
                 f.write(text.replace("readers: 2\n", "readers: 2\n  prefetch: next-layer\n"))
             with open(gram, "w") as f:
                 f.write(text.replace("readers: 2\n", "readers: 2\n  prefetch: next-layer\n  source: ram\n"))
+            # the 2-slot runs prefill in ubatches lowered to fit the device cache (CUDA's kernels batch rows
+            # by ubatch): their reference is gpu-all at that ubatch
+            from flashmoe.gpu import device_cache_ubatch
+            from gguf_tools.reader import open_model
+
+            with open_model(path) as m:
+                _, ub, _ = device_cache_ubatch(512, 512, 2, m.n_expert, m.n_expert_used)
+            gall_ub = gall.replace(".yaml", "-ub.yaml")
+            with open(gall) as f:
+                text_all = f.read()
+            with open(gall_ub, "w") as f:
+                f.write(text_all + f"  n_batch: 512\n  n_ubatch: {ub}\n")
             gruns = [("gpu-all", dict(policy=gall)), ("gpu-dense", dict(policy="gpu-dense")),
+                     ("gpu-ram", dict(policy="gpu-ram")), (f"gpu-all-ub{ub}", dict(policy=gall_ub)),
                      ("gpu-dense-2", dict(policy=gdense)), ("gpu-2-ahead", dict(policy=gdense_pf)),
-                     ("gpu-2-ram", dict(policy=gram)), ("gpu-ram", dict(policy="gpu-ram"))]
+                     ("gpu-2-ram", dict(policy=gram))]
         for group in (runs, gruns):
-          ref = None
+          ref, ref_name = None, ""
           for name, kw in group:
+              if name.startswith("gpu-all-ub"):
+                  ref = None  # the runs after it compare with it
               t0 = time.time()
               try:
                   ofl = kw.pop("op_offload", None)
@@ -100,10 +115,11 @@ def main() -> int:
                   print(f"{arch:10s} {name:10s} FAILED {type(ex).__name__}: {ex}", flush=True)
                   bad += 1
                   continue
-              same = "" if ref is None else (" tokens == stock" if g.tokens == ref else " TOKENS DIFFER from stock")
+              same = "" if ref is None else (f" tokens == {ref_name}" if g.tokens == ref else f" TOKENS DIFFER from {ref_name}")
               if ref is not None and g.tokens != ref:
                   bad += 1
-              ref = ref if ref is not None else g.tokens
+              if ref is None:
+                  ref, ref_name = g.tokens, name
               print(f"{arch:10s} {name:10s} ok {len(g.tokens)} tokens {g.report.decode_tok_s:.1f} tok/s "
                     f"{time.time() - t0:.1f} s{same} | {mode}", flush=True)
     print("summary:", "all ok" if bad == 0 else f"{bad} failed", flush=True)

@@ -68,7 +68,10 @@ def _placement_table(res: Resolution) -> str:
     for p in PLACEMENTS:
         n = res.count_by_placement[p]
         if n:
-            rows.append((p, n, format_size(res.bytes_by_placement[p]), PLACEMENT_HELP[p]))
+            where = PLACEMENT_HELP[p]
+            if p == "stream" and res.cache.source == "ram" and res.cache.mode == "cache":
+                where = "RAM (read at load) -> expert cache"
+            rows.append((p, n, format_size(res.bytes_by_placement[p]), where))
     mem = res.memory
     if mem.not_loaded_tensors:
         layers = ", ".join(str(l) for l in mem.not_loaded_layers)
