@@ -11,6 +11,7 @@
 # GPU_B1_BUDGET=4GiB: gpu-b1 keeps `cache_size: auto` and sizes its VRAM cache from `gpu_budget` instead of
 # GPU_B1_SLOTS; GPU_B1_VS: the stock references (default "stock-n-cpu-moe stock-mmap"); GPU_B1_ALLGPU=0
 # leaves out all-gpu. nvidia-smi samples the device memory in use during the bench ($OUT/vram.csv).
+# GPU_B1_KIND=realistic: that trace instead of the uniform one (the file keeps its name).
 # GPU_B1_POLICIES: shipped configs to run (default gpu-dense; gpu-ram: experts from page-locked RAM with
 # reads ahead; NAME-noahead: the same without reads ahead; NAME@SIZE: with gpu_budget SIZE); GPU_B1_ACC=0.75: the trace carries predicted
 # sets drawn at that accuracy (reads ahead use them); GPU_CHECK=1: scripts/gpu_check.py on the tiny models
@@ -38,7 +39,7 @@ if [[ $STAGE == all || $STAGE == build ]]; then
     log "gpu check done"
   fi
   [[ -f /tmp/b1.gguf ]] || python3 -m flashmoe synth --arch qwen3moe --preset bench --seed 0 -o /tmp/b1.gguf | tail -1
-  python3 -m flashmoe trace gen -m /tmp/b1.gguf --kind uniform --tokens 512 --seed 0 \
+  python3 -m flashmoe trace gen -m /tmp/b1.gguf --kind "${GPU_B1_KIND:-uniform}" --tokens 512 --seed 0 \
       ${GPU_B1_ACC:+--predict-accuracy $GPU_B1_ACC} -o /tmp/b1-uniform.trace
   log "model and trace written"
 fi
