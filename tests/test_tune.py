@@ -110,6 +110,57 @@ def test_tune_report(tuned):
     assert "n_ubatch: 512" in (tuned["dir"] / "tuned.yaml").read_text()
 
 
+def test_tune_measures_the_engines_reads(tuned):
+    """The I/O calibration ran (streamed runs with k slots per layer), its bandwidth is the one the predictions
+    use, the disk test is kept beside it, and the validation runs' own read bandwidth is in the report."""
+    import json
+
+    p = tuned["proc"]
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "disk (engine): streamed runs with 2 slots per layer" in p.stderr
+    assert "bandwidth in the predictions, direct I/O: engine: " in p.stderr
+    assert "the I/O calibration took " in p.stderr
+    doc = json.loads((tuned["dir"] / "tune.json").read_text())
+    d = doc["disk"]
+    assert d["direct"]["ok"] and d["direct"]["depths"]  # the disk test, for comparison
+    e = d["engine"]
+    assert e["ok"] and [(r["direct"], r["readers"]) for r in e["runs"]] == [(True, 8), (False, 8), (True, 4)]
+    confined = {r["confined"] for c in doc["candidates"] for r in c.get("runs") or []}
+    for r in e["runs"]:  # confined to the budget like the validation runs (where this machine has cgroups)
+        assert r["status"] == "ok" and r["slots"] == doc["model"]["n_used"] and {r["confined"]} == confined
+        assert r["model_evicted"] and r["decode_tokens"] == e["gen_tokens"] - 1
+        assert r["bytes_per_s"] == pytest.approx(r["bytes_read"] / r["read_wall_s"])
+    assert d["used"]["direct"]["source"] == d["used"]["buffered"]["source"] == "engine"
+    from flashmoe.tune import DiskModel
+
+    disk = DiskModel(d["direct"], d["buffered"], e)
+    for r in e["runs"]:  # the curve the predictions read goes through the runs' points (runs at one depth: their mean)
+        same = [x["bytes_per_s"] for x in e["runs"] if x["direct"] == r["direct"] and x["qd"] == r["qd"]]
+        assert disk.bw(r["qd"], r["direct"]) == pytest.approx(sum(same) / len(same))
+    cache = [c for c in doc["candidates"] if c["mode"] == "cache"]
+    assert cache and all(c["prediction"]["disk_source"] == "engine" for c in cache)
+    md = (tuned["dir"] / "tune.md").read_text()
+    assert "Engine reads (the I/O calibration)" in md and "the disk test (direct:" in md
+    assert "- disk bandwidth in the predictions, direct I/O: engine: " in md
+    assert "# disk bandwidth in the predictions: direct: engine: " in (tuned["dir"] / "tuned.yaml").read_text()
+    # per validated candidate: predicted / measured read bandwidth, the measured one the runs' median
+    val = [c for c in doc["candidates"] if c["name"] in doc["validated"] and c.get("measured")]
+    checked = 0
+    for c in val:
+        me = c["measured"]
+        bws = sorted(r["metrics"]["read_mb_s"] for r in c["runs"] if r.get("metrics") and r["metrics"]["read_mb_s"])
+        row = next(l for l in md.splitlines() if l.startswith(f"| {c['name']} |") and "| engine |" in l)
+        cells = [x.strip() for x in row.strip("|").split("|")]
+        assert cells[3] == "engine" and cells[-1] != "-"
+        if bws:
+            import statistics
+
+            assert me["read_mb_s"] == pytest.approx(statistics.median(bws))
+            assert cells[2] == f"{c['prediction']['decode']['read_mb_s']:.0f} / {me['read_mb_s']:.0f}"
+            checked += 1
+    assert checked >= 1
+
+
 def test_tune_records_the_routing_without_trace(tiny_models, tmp_path, run_cli, llama_cpp):
     path = tiny_models["qwen35moe"]
     out = tmp_path / "t.yaml"

@@ -19,12 +19,19 @@ Steps (each shown as it runs; the whole stays inside ``time_limit``):
    RAM (it only needs k slots per layer), and it times the same graph (fetch op, slot tensors) the
    candidates run.
 4. **Trace** (``run``). ``--trace FILE``, or the engine's own routing recorded on a sample prompt.
+4b. **Engine reads** (``measure.calibrate_io``). Short runs streaming with k slots per layer (nearly
+   every selection a miss) on the trace, confined to the budget, the model file evicted first: direct
+   I/O at each ``--readers`` count, buffered at the most. Of each decode phase, the hook's bytes read
+   over the reader pool's busy time, at the reads in flight the simulation of the run gives. The
+   predictions' ``DiskModel`` takes these in place of the disk test's (kept for the report); a mode
+   not measured (a run failed, timed out, had no time) keeps the disk test's, and says so.
 5. **Simulation** (``search`` with ``simulate``, exact for the explicit cache): hit rates for every
    cache size, LRU and LFRU, per layer and overall; per-layer slot counts proportional to each
    layer's working set, and a greedy per-layer split (candidates like the uniform ones); page-cache
    mode as a shared LRU of the leftover memory; reads ahead where the trace has predicted sets.
    Decode tok/s is predicted per token from the misses of each layer (read time at the queue depth
-   the readers reach, from the disk measurement: the fetch op waits for them), the part of the
+   the readers reach, at the engine's measured bandwidth, else the disk test's: the fetch op waits
+   for them), the part of the
    reads ahead that the previous layer's compute does not cover (the wrong ones that no reader has
    started by the fetch are dropped by the engine: not charged), and the compute time; prefill
    likewise, each row's experts computed once (the zero-slot skip). For a prompt longer than the
@@ -50,7 +57,18 @@ Public API::
 """
 from flashmoe.tune.candidates import Candidate, policy_text, resolve_text, size_text
 from flashmoe.tune.document import TUNE_VERSION, header_lines
-from flashmoe.tune.measure import ComputeModel, DiskModel, calibrate_compute, constant_trace, measure_disks
+from flashmoe.tune.measure import (
+    ComputeModel,
+    DiskModel,
+    EngineRead,
+    IOCalibration,
+    calibrate_compute,
+    calibrate_io,
+    calibrated_curve,
+    constant_trace,
+    io_plan,
+    measure_disks,
+)
 from flashmoe.tune.model import MemoryPlan, ModelFacts, UbatchPlan, plan_memory, ubatch_plans, ubatch_sizes
 from flashmoe.tune.options import Clock, TuneOptions, parse_duration
 from flashmoe.tune.report import format_report, plot_png
@@ -71,10 +89,10 @@ from flashmoe.tune.search import (
 from flashmoe.tune.validate import TIE_FRACTION, ValidationRun, choose_winner, pick_for_validation
 
 __all__ = [
-    "DEFAULT_PROMPT", "TIE_FRACTION", "TUNE_VERSION", "Candidate", "Clock", "ComputeModel", "DiskModel", "MemoryPlan",
-    "ModelFacts", "Search", "Sizing", "TuneOptions", "TuneResult", "UbatchPlan", "ValidationRun", "calibrate_compute",
-    "charged_ahead", "choose_ubatches", "choose_winner", "constant_trace", "format_report", "greedy_split",
-    "header_lines", "measure_disks", "parse_duration", "pick_for_validation", "pick_ubatch", "plan_memory", "plot_png",
+    "DEFAULT_PROMPT", "TIE_FRACTION", "TUNE_VERSION", "Candidate", "Clock", "ComputeModel", "DiskModel", "EngineRead",
+    "IOCalibration", "MemoryPlan", "ModelFacts", "Search", "Sizing", "TuneOptions", "TuneResult", "UbatchPlan",
+    "ValidationRun", "calibrate_compute", "calibrate_io", "calibrated_curve", "charged_ahead", "choose_ubatches", "choose_winner", "constant_trace", "format_report", "greedy_split",
+    "header_lines", "io_plan", "measure_disks", "parse_duration", "pick_for_validation", "pick_ubatch", "plan_memory", "plot_png",
     "policy_text", "predict", "proportional_split", "resolve_text", "run_tune", "search", "size_grid", "size_text",
     "ubatch_plans", "ubatch_sizes", "working_set", "write_outputs",
 ]

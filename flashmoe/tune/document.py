@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 from flashmoe.bench.disk import DiskMeasurement
@@ -12,7 +12,7 @@ from flashmoe.bench.facts import describe_machine
 from flashmoe.policy import MachineInfo
 from flashmoe.sizes import format_size
 from flashmoe.tune.candidates import Candidate
-from flashmoe.tune.measure import ComputeModel
+from flashmoe.tune.measure import ComputeModel, DiskModel, IOCalibration
 from flashmoe.tune.model import MemoryPlan, ModelFacts
 from flashmoe.tune.options import Clock, TuneOptions
 from flashmoe.tune.search import EVICTIONS, UBATCH_DECODE_MARGIN, UBATCH_TTFT_GAIN, Search, Sizing
@@ -44,6 +44,8 @@ class Findings:
     winner: Candidate
     why: str
     notes: List[str]
+    disk: Optional[DiskModel] = None  # what the predictions used (None: the disk test's, as measured)
+    io: IOCalibration = field(default_factory=IOCalibration)
 
 
 def _curve_rows(f: Findings) -> List[Dict[str, Any]]:
@@ -65,6 +67,16 @@ def _trace_section(f: Findings) -> Dict[str, Any]:
     return {**f.trace_src, "label": label, "stats": f.tstats}
 
 
+def _disk_section(opts: TuneOptions, f: Findings) -> Dict[str, Any]:
+    """The disk test (``direct``, ``buffered``), the engine's reads (``engine``: the I/O calibration's runs) and
+    what the predictions used (``used``: per mode, the curve and its source; ``summary``: in words)."""
+    disk = f.disk if f.disk is not None else DiskModel(f.direct, f.buffered)
+    rd = list(opts.readers)
+    return {"direct": f.direct.to_dict(), "buffered": f.buffered.to_dict(), "engine": f.io.to_dict(),
+            "used": disk.to_dict(),
+            "summary": {("direct" if m else "buffered"): disk.describe(m, rd) for m in (True, False) if disk.has(m)}}
+
+
 def document(opts: TuneOptions, f: Findings, clock: Clock) -> Dict[str, Any]:
     mf, mp, pc = f.mf, f.mp, f.found.pc_sim
     return {
@@ -83,7 +95,7 @@ def document(opts: TuneOptions, f: Findings, clock: Clock) -> Dict[str, Any]:
         "base_policy": opts.base,
         "memory": {**asdict(mp), "measured_non_cache": f.cm.non_cache_rss, "tight_slots": f.sizing.tight_slots,
                    "tight_overhead": f.sizing.tight_overhead},
-        "disk": {"direct": f.direct.to_dict(), "buffered": f.buffered.to_dict()},
+        "disk": _disk_section(opts, f),
         "compute": asdict(f.cm),
         "trace": _trace_section(f),
         "workload": {"prompt_tokens": f.P, "gen_tokens": f.G, "n_batch": f.winner.n_batch or mp.n_batch,
@@ -122,6 +134,9 @@ def header_lines(doc: Dict[str, Any]) -> List[str]:
         f"{100 * (p.get('decode_hit_rate') or 0):.1f}%), {fmt(p.get('prefill_tok_s'), '{:.1f}')} prefill tok/s, "
         f"first token after {fmt(p.get('ttft_s'), '{:.2f}')} s (n_ubatch {doc['workload']['n_ubatch']})",
     ]
+    summary = (doc.get("disk") or {}).get("summary") or {}
+    if summary:
+        lines.append("disk bandwidth in the predictions: " + "; ".join(f"{k}: {v}" for k, v in summary.items()))
     if m:
         lines.append(f"measured: {m['decode_tok_s']:.2f} decode tok/s (median of {m['runs']}, "
                      f"{m['decode_min']:.2f}-{m['decode_max']:.2f}), {m['prefill_tok_s']:.1f} prefill tok/s, "

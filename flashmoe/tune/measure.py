@@ -1,22 +1,26 @@
 """What the tuner measures on this machine: the disk (read bandwidth against queue depth, direct and
-buffered: the bench's disk test) and the compute (warm-cache runs of the engine: per-token time of
-the dense part and of one expert), and the models the predictions use."""
+buffered: the bench's disk test), the compute (warm-cache runs of the engine: per-token time of
+the dense part and of one expert), the engine's own reads (``calibrate_io``: short streamed runs with
+the smallest cache, whose reader pool's bandwidth replaces the disk test's in the predictions), and
+the models the predictions use."""
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from flashmoe.bench.disk import DiskMeasurement, disk_test
+from flashmoe.bench.disk import DiskMeasurement, disk_test, evict_file
 from flashmoe.bench.runner import RunRecord, run_worker
+from flashmoe.sizes import format_size
 from flashmoe.settings import EngineSettings
 from flashmoe.trace import Trace, write_trace
 from flashmoe.tune.candidates import Candidate
 from flashmoe.tune.model import ModelFacts
 from flashmoe.tune.options import Clock
+from flashmoe.tune.simulate import engine_ubatches, simulate
 from flashmoe.worker import WorkerSpec
 
 CAL_PROMPT = 32  # tokens of the compute calibration runs
@@ -24,6 +28,13 @@ CAL_PROMPT = 32  # tokens of the compute calibration runs
 # so that a signal finds it in its own code and not in a child that may already have finished
 TEST_PAUSE_ENV = "FLASHMOE_TUNE_TEST_PAUSE"
 CAL_GEN = 24
+IO_CAL_PROMPT = 8  # tokens of the I/O calibration runs (only their decode phase is counted)
+IO_CAL_GEN = 24
+IO_CAL_SHARE = 0.08  # the I/O calibration takes at most this share of the time limit ...
+IO_CAL_MIN_S = 20.0  # ... or this many seconds, whichever is more
+IO_CAL_RESERVE = 0.5  # ... and never more than this share of the time left (validation comes after it)
+ENGINE = "engine"  # DiskModel.source(): the bandwidth of the engine's own reads (calibrate_io)
+DISK_TEST = "disk test"  # ... the synthetic disk test (measure_disks)
 
 
 def measure_disks(model_path: str, depths: Sequence[int], clock: Clock) -> Tuple[DiskMeasurement, DiskMeasurement]:
@@ -42,26 +53,155 @@ def measure_disks(model_path: str, depths: Sequence[int], clock: Clock) -> Tuple
     return direct, buffered
 
 
-def _curve(d: DiskMeasurement) -> List[Tuple[int, float]]:
-    return sorted((int(x.qd), float(x.bytes_per_s)) for x in d.depths if x.bytes_per_s > 0)
+def _curve(d: DiskMeasurement) -> List[Tuple[float, float]]:
+    return sorted((float(x.qd), float(x.bytes_per_s)) for x in d.depths if x.bytes_per_s > 0)
 
 
 Measured = Union[DiskMeasurement, Dict[str, Any], None]
 
 
-class DiskModel:
-    """Read bandwidth against queue depth (piecewise linear between the measured depths)."""
+def _mbs(b: Optional[float]) -> str:
+    return "-" if b is None or not np.isfinite(b) else f"{b / 1e6:.0f} MB/s"
 
-    def __init__(self, direct: Measured, buffered: Measured):
+
+@dataclass
+class EngineRead:
+    """One run of the I/O calibration: the engine streaming with the smallest cache (k slots per layer), its
+    decode phase's reads from the hook's counters. ``bytes_per_s`` = bytes read / the reader pool's busy time
+    (``read_wall_s``): the bandwidth the engine's own read pattern got; ``qd``: the reads in flight it kept,
+    min(readers, slices a layer's fetch read on average)."""
+
+    direct: bool
+    readers: int
+    slots: int
+    status: str = "not run"  # "ok" | "TIMEOUT" | "OOM" | "FAILED" | "not run" (no time)
+    detail: Optional[str] = None
+    decode_tokens: int = 0
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    read_wall_s: float = 0.0
+    read_s: float = 0.0
+    stall_s: float = 0.0
+    decode_s: float = 0.0
+    qd: Optional[float] = None
+    bytes_per_s: Optional[float] = None
+    wall_s: float = 0.0
+    timeout_s: Optional[float] = None
+    confined: bool = False
+    model_evicted: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{'direct' if self.direct else 'buffered'}, {self.readers} readers"
+
+    def take(self, rec: RunRecord, mf: ModelFacts, in_flight: Optional[float] = None) -> None:
+        """The figures of a finished run (its status and, when it completed, its decode phase's reads).
+        in_flight: the reads in flight its fetches kept, from the simulation of its workload (None: from its
+        counters, the mean over every layer's fetch)."""
+        self.status, self.detail, self.wall_s = rec.status, rec.detail, rec.wall_s
+        if not rec.ok:
+            return
+        dec = rec.ok_result.decode
+        c = dec.cache
+        self.decode_tokens, self.decode_s = dec.tokens, dec.s
+        self.hits, self.misses, self.bytes_read = c.hits, c.misses, c.bytes_read
+        self.read_wall_s, self.read_s, self.stall_s = c.read_wall_s, c.read_s, c.stall_s
+        if self.direct and (rec.ok_result.info or {}).get("direct_io") == 0:
+            # O_DIRECT refused by the file system: the engine read buffered, as direct candidates would here
+            self.detail = "the engine fell back to buffered reads (O_DIRECT refused)"
+        if c.bytes_read > 0 and c.read_wall_s > 0:
+            self.bytes_per_s = c.bytes_read / c.read_wall_s
+            if in_flight is not None:
+                self.qd = float(in_flight)
+            else:
+                nt = float(np.mean(list(mf.n_tensors.values()))) if mf.n_tensors else 1.0
+                fetches = max(1, dec.tokens * len(mf.moe_layers))
+                self.qd = float(min(self.readers, max(1.0, c.misses * nt / fetches)))
+        else:
+            self.detail = "the run read nothing during its decode phase"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class IOCalibration:
+    """The engine's own reads (``calibrate_io``): one run per I/O mode and reader count measured."""
+
+    runs: List[EngineRead] = field(default_factory=list)
+    note: str = ""  # why it was not made, or not all of it
+    s: float = 0.0  # seconds it took
+    prompt_tokens: int = IO_CAL_PROMPT
+    gen_tokens: int = IO_CAL_GEN
+
+    def points(self, direct: bool) -> List[Tuple[float, float]]:
+        """(queue depth, bytes/s) of the completed runs in this I/O mode."""
+        return sorted((float(r.qd), float(r.bytes_per_s)) for r in self.runs
+                      if r.direct == direct and r.bytes_per_s and r.qd)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.points(True) or self.points(False))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"runs": [r.to_dict() for r in self.runs], "note": self.note, "s": self.s, "ok": self.ok,
+                "prompt_tokens": self.prompt_tokens, "gen_tokens": self.gen_tokens}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "IOCalibration":
+        return cls([EngineRead(**r) for r in d.get("runs") or []], d.get("note") or "", d.get("s") or 0.0,
+                   d.get("prompt_tokens", IO_CAL_PROMPT), d.get("gen_tokens", IO_CAL_GEN))
+
+
+def calibrated_curve(engine: List[Tuple[float, float]],
+                     synthetic: Optional[List[Tuple[float, float]]] = None) -> List[Tuple[float, float]]:
+    """Bandwidth against queue depth from the engine's runs (one point per reader count; two at one depth are
+    averaged), linear between them. Outside them, the disk test's curve scaled to meet the nearest one (its
+    shape, the engine's level): below the lowest, scaled to the lowest; above the highest, to the highest.
+    Without a disk test, the ends are held (``np.interp``)."""
+    by_q: Dict[float, List[float]] = {}
+    for q, b in engine:
+        by_q.setdefault(float(q), []).append(float(b))
+    pts = sorted((q, float(np.mean(bs))) for q, bs in by_q.items())
+    if not pts or not synthetic:
+        return pts
+    xs = np.array([p[0] for p in synthetic], dtype=float)
+    ys = np.array([p[1] for p in synthetic], dtype=float)
+
+    def scaled(q_end: float, b_end: float, keep: Callable[[float], bool]) -> List[Tuple[float, float]]:
+        s_end = float(np.interp(q_end, xs, ys))
+        return [(float(q), float(b) * b_end / s_end) for q, b in synthetic if keep(q)] if s_end > 0 else []
+
+    (q0, b0), (q1, b1) = pts[0], pts[-1]
+    return scaled(q0, b0, lambda q: q < q0) + pts + scaled(q1, b1, lambda q: q > q1)
+
+
+class DiskModel:
+    """Read bandwidth against queue depth (piecewise linear between the measured depths), direct and buffered:
+    the engine's own reads where the I/O calibration measured them (``engine``), else the disk test's.
+    ``synthetic`` keeps the disk test's curves, ``sources`` says where each mode's curve came from."""
+
+    def __init__(self, direct: Measured, buffered: Measured,
+                 engine: Union["IOCalibration", Dict[str, Any], None] = None):
         direct, buffered = (DiskMeasurement.from_dict(d) if isinstance(d, dict) else d for d in (direct, buffered))
-        self.curves: Dict[bool, List[Tuple[int, float]]] = {}
+        self.synthetic: Dict[bool, List[Tuple[float, float]]] = {}
         for is_direct, d in ((True, direct), (False, buffered)):
             if d is not None and d.ok and _curve(d):
-                self.curves[is_direct] = _curve(d)
+                self.synthetic[is_direct] = _curve(d)
         if direct is not None and direct.ok and not direct.direct:
             # the direct test fell back to buffered reads: there is no direct curve on this file system
-            self.curves.pop(True, None)
-            self.curves.setdefault(False, sorted((int(x.qd), float(x.bytes_per_s)) for x in direct.depths))
+            self.synthetic.pop(True, None)
+            self.synthetic.setdefault(False, sorted((float(x.qd), float(x.bytes_per_s)) for x in direct.depths))
+        self.engine = IOCalibration.from_dict(engine) if isinstance(engine, dict) else engine
+        self.curves: Dict[bool, List[Tuple[float, float]]] = dict(self.synthetic)
+        self.sources: Dict[bool, str] = {d: DISK_TEST for d in self.curves}
+        if self.engine is not None:
+            for is_direct in (True, False):
+                pts = self.engine.points(is_direct)
+                if pts:
+                    self.curves[is_direct] = calibrated_curve(pts, self.synthetic.get(is_direct))
+                    self.sources[is_direct] = ENGINE
 
     @property
     def ok(self) -> bool:
@@ -69,6 +209,12 @@ class DiskModel:
 
     def has(self, direct: bool) -> bool:
         return direct in self.curves
+
+    def source(self, direct: bool) -> Optional[str]:
+        """Where the curve that ``bw(q, direct)`` reads came from: ENGINE, DISK_TEST, None (no curve)."""
+        if direct in self.curves:
+            return self.sources[direct]
+        return self.sources.get(not direct)
 
     def bw(self, qd: Union[float, np.ndarray], direct: bool) -> Union[float, np.ndarray]:
         pts = self.curves.get(direct) or self.curves.get(not direct)
@@ -78,6 +224,13 @@ class DiskModel:
         ys = np.array([p[1] for p in pts], dtype=float)
         return np.interp(qd, xs, ys)
 
+    def synthetic_bw(self, qd: float, direct: bool) -> Optional[float]:
+        """The disk test's bandwidth at this queue depth (None: not measured)."""
+        pts = self.synthetic.get(direct) or self.synthetic.get(not direct)
+        if not pts:
+            return None
+        return float(np.interp(qd, [p[0] for p in pts], [p[1] for p in pts]))
+
     def read_time(self, misses: np.ndarray, expert_bytes: np.ndarray, n_tensors: np.ndarray, readers: int,
                   direct: bool) -> np.ndarray:
         """Seconds to read `misses` experts of each layer (arrays broadcast per layer column): the
@@ -86,6 +239,28 @@ class DiskModel:
         q = np.clip(np.minimum(readers, jobs), 1, None)
         bw = self.bw(q, direct)
         return np.where(misses > 0, misses * expert_bytes / bw, 0.0)
+
+    def describe(self, direct: bool, readers: Sequence[int] = ()) -> str:
+        """One mode's bandwidth and its source, at these reader counts: 'engine: 1612 MB/s at 8 readers, ...
+        (disk test: 909 MB/s at QD8, ...)'."""
+        src = self.source(direct)
+        if src is None:
+            return "not measured"
+        rs = sorted(set(int(r) for r in readers)) or [1, 4, 8]
+        used = ", ".join(f"{_mbs(float(self.bw(r, direct)))} at {r} reader{'s' if r != 1 else ''}" for r in rs)
+        if src != ENGINE:
+            return f"{src}: {used}"
+        syn = ", ".join(f"{_mbs(self.synthetic_bw(r, direct))} at QD{r}" for r in rs)
+        return f"{src}: {used}" + (f" (disk test: {syn})" if self.synthetic else "")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The curves the predictions use and their sources (the document's ``disk.used``)."""
+        out: Dict[str, Any] = {}
+        for d in (True, False):
+            pts = self.curves.get(d) or self.curves.get(not d) or []
+            out["direct" if d else "buffered"] = {"source": self.source(d), "own_curve": d in self.curves,
+                                                  "curve": [list(p) for p in pts]}
+        return out
 
 
 @dataclass
@@ -183,3 +358,122 @@ def calibrate_compute(settings_for: Callable[[Candidate], EngineSettings], mf: M
                   f"prefill token (load {rep.load_s:.1f} s)")
     cm.fit(got, mf)
     return cm
+
+
+def _io_estimate(mf: ModelFacts, cm: ComputeModel, disk: DiskModel, direct: bool, readers: int) -> float:
+    """Seconds an I/O calibration run should take if every selection missed, at the disk test's bandwidth
+    (200 MB/s where it has none): what its timeout is made from."""
+    K, P, G = mf.n_used, IO_CAL_PROMPT, IO_CAL_GEN
+    io_tok = io_pf = 0.0
+    for l in mf.moe_layers:
+        eb, nt = mf.expert_bytes[l], mf.n_tensors.get(l, 1)
+        bw = float(disk.bw(min(readers, K * nt), direct)) if disk.ok else float("nan")
+        bw = bw if np.isfinite(bw) and bw > 0 else 200e6
+        io_tok += K * eb / bw
+        io_pf += min(mf.n_expert, P * K) * eb / bw
+    n_moe = max(1, len(mf.moe_layers))
+    comp_tok = (cm.dense_decode_s + K * n_moe * cm.expert_decode_s) if cm.ok else 0.05
+    comp_pf = P * (cm.dense_prefill_s + K * n_moe * cm.expert_prefill_s) if cm.ok else 0.05 * P
+    return (cm.startup_s or 5.0) + io_pf + comp_pf + G * (io_tok + comp_tok)
+
+
+def reads_in_flight(trace: Optional[Trace], mf: ModelFacts, readers: int) -> Optional[float]:
+    """The reads in flight of an I/O calibration run's decode fetches: min(readers, slices to read) of each layer
+    fetch that reads, weighted by its bytes, from the exact simulation of the run (k slots, LRU, its workload on
+    the trace). None without a trace, or when the simulation reads nothing."""
+    if trace is None:
+        return None
+    try:
+        ubs = engine_ubatches(IO_CAL_PROMPT, IO_CAL_GEN)
+        sim = simulate(trace, ubs, mf.n_used, "lru", last_layer=mf.last_layer, expert_bytes=mf.expert_bytes)
+    except Exception:  # noqa: BLE001 - a trace the simulator cannot take: the counters' estimate instead
+        return None
+    sel = np.array([u.phase == "decode" for u in ubs])
+    layers = [lc.layer for lc in sim.layers]
+    nt = np.array([mf.n_tensors.get(l, 1) for l in layers], dtype=float)
+    eb = np.array([mf.expert_bytes.get(l, 0) for l in layers], dtype=float)
+    m = sim.misses[sel].astype(float)
+    w = m * eb
+    if not sel.any() or w.sum() <= 0:
+        return None
+    q = np.clip(np.minimum(readers, m * nt), 1, None)
+    return float((q * w).sum() / w.sum())
+
+
+def _io_worker(spec: WorkerSpec, limit: Optional[int], timeout: float) -> RunRecord:
+    """One I/O calibration run (a seam for the tests: a run that fails)."""
+    return run_worker(spec, limit, timeout, measure=limit is not None)
+
+
+def io_plan(readers: Sequence[int], modes: Sequence[bool]) -> List[Tuple[bool, int]]:
+    """(direct, readers) of the I/O calibration runs, most useful first: the main mode (direct I/O when the
+    disk has it) at the most readers, the other mode at the most readers, then the main mode at the other
+    reader counts (the other mode's other counts follow the disk test's shape: ``calibrated_curve``)."""
+    rs = sorted(set(int(r) for r in readers), reverse=True)
+    ms = [m for m in (True, False) if m in modes]
+    if not rs or not ms:
+        return []
+    plan = [(ms[0], rs[0])] + [(m, rs[0]) for m in ms[1:]] + [(ms[0], r) for r in rs[1:]]
+    return plan
+
+
+def calibrate_io(settings_for: Callable[[Candidate], EngineSettings], mf: ModelFacts, threads: Optional[int],
+                 n_ctx: int, trace_path: str, readers: Sequence[int], modes: Sequence[bool], limit: Optional[int],
+                 disk: DiskModel, cm: ComputeModel, clock: Clock, allowance: float,
+                 trace: Optional[Trace] = None) -> IOCalibration:
+    """The engine's own reads: short runs streaming with k slots per layer (nearly every selection a miss), routed
+    by the tune's trace, reads ahead off, one per (I/O mode, reader count) of ``io_plan``, each in a fresh process
+    confined to ``limit`` bytes (None: not confined) with the model file evicted from the page cache first, as the
+    validation runs are. Of each, the decode phase's bytes read over the reader pool's busy time, at the reads in
+    flight its fetches kept (``reads_in_flight`` from the trace when given). The runs stop when ``allowance``
+    seconds are spent (those not run are said in ``note``)."""
+    cal = IOCalibration()
+    t0 = clock.elapsed
+    plan = io_plan(readers, modes)
+    K = mf.n_used
+    if not plan:
+        cal.note = "nothing to calibrate"
+        return cal
+    clock.log(f"disk (engine): streamed runs with {K} slots per layer (nearly every expert read), "
+              f"{IO_CAL_PROMPT}-token prompt, {IO_CAL_GEN} generated"
+              + (f", under {format_size(limit)}" if limit is not None else "") + ": "
+              + ", ".join(f"{'direct' if d else 'buffered'} x{r}" for d, r in plan) + " ...")
+    done: List[float] = []
+    skipped: List[str] = []
+    for direct, r in plan:
+        run = EngineRead(direct, r, K, confined=limit is not None)
+        cal.runs.append(run)
+        left = allowance - (clock.elapsed - t0)
+        est = _io_estimate(mf, cm, disk, direct, r)
+        if done:
+            est = min(est, 1.5 * max(done) + 2.0)
+        if left < 3.0 or est > left:
+            run.detail = f"not run: about {est:.0f} s needed, {max(0.0, left):.0f} s left of the calibration's share"
+            skipped.append(run.label)
+            continue
+        cand = Candidate("io-calibration", "cache", slots=K, eviction="lru", readers=r, direct_io=direct)
+        try:
+            settings = settings_for(cand)
+        except Exception as e:  # noqa: BLE001 - a policy that does not resolve: this run fails, the tune goes on
+            run.status, run.detail = "FAILED", f"its policy does not resolve: {e}"
+            clock.log(f"  {run.label}: {run.status}: {run.detail}")
+            continue
+        spec = WorkerSpec(mf.path, settings, prompt_tokens=IO_CAL_PROMPT, gen_tokens=IO_CAL_GEN,
+                          threads=threads, n_ctx=n_ctx, routing_trace=trace_path)
+        run.model_evicted = evict_file(mf.model.files) is None
+        run.timeout_s = float(min(left, max(10.0, 2.5 * est + 5.0)))
+        rec = _io_worker(spec, limit, run.timeout_s)
+        run.take(rec, mf, reads_in_flight(trace, mf, r))
+        if rec.ok:
+            done.append(rec.wall_s)
+        if run.bytes_per_s:
+            syn = disk.synthetic_bw(run.qd or r, direct)
+            clock.log(f"  {run.label}: {_mbs(run.bytes_per_s)} ({format_size(run.bytes_read)} in "
+                      f"{run.read_wall_s:.2f} s of reader time over {run.decode_tokens} tokens, "
+                      f"{run.qd:.1f} reads in flight; disk test {_mbs(syn)}), run {rec.wall_s:.1f} s")
+        else:
+            clock.log(f"  {run.label}: {run.status}: {run.detail or ''}")
+    cal.s = clock.elapsed - t0
+    if skipped:
+        cal.note = "no time for " + "; ".join(skipped)
+    return cal

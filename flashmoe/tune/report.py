@@ -41,18 +41,88 @@ def _result(doc: Dict[str, Any]) -> List[str]:
     L.append(f"- predicted: {fmt(p.get('decode_tok_s'))} decode tok/s, {fmt(p.get('prefill_tok_s'), '{:.1f}')} "
              f"prefill tok/s (first token after {fmt(p.get('ttft_s'), '{:.2f}')} s, n_ubatch "
              f"{doc['workload']['n_ubatch']}), decode hit rate {_pct(p.get('decode_hit_rate'))}, "
-             f"{p.get('bound') or '-'} bound")
+             f"{p.get('bound') or '-'} bound" + _read_text(p.get("decode", {}).get("read_mb_s"), p.get("disk_source")))
     if me:
         L.append(f"- measured: {me['decode_tok_s']:.2f} decode tok/s (median of {me['runs']}, "
                  f"{me['decode_min']:.2f}-{me['decode_max']:.2f}), {me['prefill_tok_s']:.1f} prefill tok/s, "
                  f"decode hit rate {_pct(me['decode_hit_rate'])}, peak {me['peak_mib']:.0f} MiB of "
-                 f"{format_size(doc['budget'])}")
+                 f"{format_size(doc['budget'])}" + _read_text(me.get("read_mb_s"), None))
     else:
         L.append("- measured: not validated")
+    L += _bandwidth_lines(doc)
     L.append("")
     if doc.get("notes"):
         L += ["Notes:"] + [f"- {n}" for n in doc["notes"]] + [""]
     return L
+
+
+def _read_text(mb_s: Optional[float], source: Optional[str]) -> str:
+    """', reads at 1612 MB/s (engine)' for a result line ('' without a figure)."""
+    if not mb_s:
+        return ""
+    return f", reads at {mb_s:.0f} MB/s" + (f" ({source})" if source else "")
+
+
+def _bandwidth_lines(doc: Dict[str, Any]) -> List[str]:
+    """Which bandwidth the predictions used, per I/O mode, and where it came from."""
+    d = doc["disk"]
+    summary = d.get("summary") or {}
+    if not summary:
+        return ["- disk bandwidth in the predictions: none (the disk could not be measured)"]
+    L = [f"- disk bandwidth in the predictions, {mode} I/O: {text}" for mode, text in summary.items()]
+    if not (d.get("engine") or {}).get("ok"):
+        L.append("- the engine's own reads were not measured (" + _engine_failure(d) + "): the predictions use "
+                 "the disk test")
+    return L
+
+
+def _engine_failure(d: Dict[str, Any]) -> str:
+    e = d.get("engine") or {}
+    bad = [f"{_run_label(r)}: {r['status']}" + (f" ({r['detail']})" if r.get("detail") else "")
+           for r in e.get("runs") or [] if not r.get("bytes_per_s")]
+    return "; ".join(bad) or e.get("note") or "not run"
+
+
+def _run_label(r: Dict[str, Any]) -> str:
+    return f"{'direct' if r['direct'] else 'buffered'}, {r['readers']} readers"
+
+
+def _engine_reads(doc: Dict[str, Any]) -> List[str]:
+    """The I/O calibration: the engine's own reads, run by run, and what the predictions took from them."""
+    d = doc["disk"]
+    e = d.get("engine") or {}
+    used = d.get("used") or {}
+    L = ["Engine reads (the I/O calibration): the engine streaming with the smallest cache (k slots per layer, "
+         "so nearly every expert a layer selects is read), routing forced from the trace, reads ahead off, "
+         f"{e.get('prompt_tokens', '-')}-token prompt and {e.get('gen_tokens', '-')} tokens generated, each run "
+         "in a fresh process confined to the budget with the model file evicted from the page cache first; of the "
+         "decode phase, bytes read over the time the reader pool was busy (the hook's `bytes_read` / "
+         "`read_wall_s`).", ""]
+    runs = e.get("runs") or []
+    if runs:
+        rows = []
+        for r in runs:
+            ok = bool(r.get("bytes_per_s"))
+            rows.append([r["readers"], "direct" if r["direct"] else "buffered", r["slots"],
+                         f"{r['bytes_per_s'] / 1e6:.0f}" if ok else "-", f"{r['qd']:.1f}" if ok else "-",
+                         format_size(r["bytes_read"]) if ok else "-", f"{r['read_wall_s']:.2f}" if ok else "-",
+                         r["decode_tokens"] or "-", f"{r['wall_s']:.1f}" if r.get("wall_s") else "-",
+                         r["status"] + (f": {r['detail']}" if r.get("detail") else "")])
+        L += [_table(["readers", "I/O", "slots/layer", "MB/s", "reads in flight", "read", "reader busy s",
+                      "decode tokens", "run s", "status"], rows), ""]
+    L.append(f"The calibration took {e.get('s', 0):.1f} s" + (f" ({e['note']})" if e.get("note") else "") + ".")
+    L.append("")
+    src = {mode: (used.get(mode) or {}).get("source") for mode in ("direct", "buffered")}
+    took = [mode for mode, x in src.items() if x == "engine"]
+    if took:
+        L.append(f"The predictions use these for {' and '.join(took)} I/O (the bandwidth at a queue depth between the "
+                 "runs' is interpolated; outside them, the disk test's curve is scaled to the nearest run)"
+                 + ("" if len(took) == 2 or not any(src.values()) else
+                    f", the disk test for {'buffered' if took == ['direct'] else 'direct'} I/O") + ".")
+    else:
+        L.append(f"The engine's reads were not measured ({_engine_failure(d)}): the predictions use the disk test "
+                 "above.")
+    return L + [""]
 
 
 def _disk_table(doc: Dict[str, Any]) -> List[str]:
@@ -70,7 +140,7 @@ def _disk_table(doc: Dict[str, Any]) -> List[str]:
         rows.append([q, f"{a['bytes_per_s'] / 1e6:.0f}" if a else "-", f"{a['latency_ms']:.2f}" if a else "-",
                      f"{b['bytes_per_s'] / 1e6:.0f}" if b else "-", f"{b['latency_ms']:.2f}" if b else "-"])
     sb = dd.get("slice_bytes") or db.get("slice_bytes")
-    return [f"Random reads of one expert slice ({format_size(sb)}) on the model file "
+    return [f"Random reads of one expert slice ({format_size(sb)}) on the model file, the disk test "
             f"(direct: {dd.get('method', 'failed')}):", "",
             _table(["queue depth", "direct MB/s", "direct ms/read", "buffered MB/s", "buffered ms/read"], rows), ""]
 
@@ -96,7 +166,8 @@ def _compute(doc: Dict[str, Any]) -> List[str]:
 
 def _machine(doc: Dict[str, Any]) -> List[str]:
     return (["## Machine", "", f"{doc['machine']['description']}; memory available at the start: "
-             f"{format_size(doc['machine'].get('mem_available'))}.", ""] + _disk_table(doc) + _compute(doc))
+             f"{format_size(doc['machine'].get('mem_available'))}.", ""] + _disk_table(doc) + _engine_reads(doc)
+            + _compute(doc))
 
 
 def _memory_plan(doc: Dict[str, Any]) -> List[str]:
@@ -174,16 +245,19 @@ def _candidates(doc: Dict[str, Any]) -> List[str]:
         d = p.get("decode", {})
         rows.append([cd["name"], cd["description"] + ("" if cd["supported"] else " (not yet supported by the engine)"),
                      _pct(p.get("decode_hit_rate")), f"{d.get('mib_per_token', 0):.1f}",
+                     fmt(d.get("read_mb_s"), "{:.0f}"),
                      f"{1000 * d.get('io_s_per_token', 0):.2f}", f"{1000 * d.get('compute_s_per_token', 0):.2f}",
                      fmt(p.get("decode_tok_s")), fmt(p.get("prefill_tok_s"), "{:.1f}"),
                      fmt(p.get("ttft_s"), "{:.2f}"), cd.get("n_ubatch") or "-", "yes" if cd["name"] in val else ""])
     return ["## Candidates (predicted)", "",
             "Decode time per token = compute (dense + experts) + the reads each layer's fetch waits for: its misses, "
-            "read min(readers, reads) at a time at the measured bandwidth of that queue depth, and the part of its "
+            "read min(readers, reads) at a time at the bandwidth of that queue depth (the engine's own reads where "
+            "the I/O calibration measured them, else the disk test: see Machine; *read MB/s* is what the readers get "
+            "in the prediction), and the part of its "
             "reads ahead (candidates with reads ahead) that the layer before's compute does not cover; wrong reads "
             "ahead that no reader has started by the fetch are dropped by the engine and cost nothing here "
             "(docs/tune.md). TTFT: the predicted prefill of the workload's prompt.", "",
-            _table(["name", "configuration", "decode hit", "MiB/token", "I/O ms/token", "compute ms/token",
+            _table(["name", "configuration", "decode hit", "MiB/token", "read MB/s", "I/O ms/token", "compute ms/token",
                     "decode tok/s", "prefill tok/s", "TTFT s", "n_ubatch", "validated"], rows), ""]
 
 
@@ -242,9 +316,60 @@ def _validation_row(cd: Dict[str, Any]) -> List[Any]:
             fmt(p.get("prefill_tok_s"), "{:.1f}"), f"{me['prefill_tok_s']:.1f}", f"{me['peak_mib']:.0f}", status]
 
 
+def _ms(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
+
+
+def _pair(a: Optional[float], b: Optional[float], f: Optional[str] = None) -> str:
+    if f is None:
+        return f"{_ms(a)} / {_ms(b)}"
+    return f"{fmt(a, f)} / {fmt(b, f)}"
+
+
+def error_source(cd: Dict[str, Any]) -> Optional[str]:
+    """Where most of a validated candidate's decode error lies: 'I/O -120.3 ms: read bandwidth x1.72', 'I/O ...:
+    bytes read x1.10', 'compute +3.2 ms' (None: not measured). The measured time per token is split into the time
+    the compute waited for reads (the hook's stall) and the rest, set against the predicted I/O wait and compute;
+    an I/O error is put down to the bandwidth or to the bytes read, whichever measured/predicted ratio is further
+    from 1."""
+    p, me = cd["prediction"], cd.get("measured")
+    d = p.get("decode") or {}
+    if not me or not p.get("decode_tok_s") or not me.get("decode_tok_s"):
+        return None
+    d_io = me["stall_ms_per_token"] - 1000 * d.get("io_s_per_token", 0)
+    d_comp = (1000 / me["decode_tok_s"] - me["stall_ms_per_token"]) - 1000 * d.get("compute_s_per_token", 0)
+    if abs(d_comp) > abs(d_io):
+        return f"compute {d_comp:+.3g} ms"
+    bw_p, bw_m = d.get("read_mb_s"), me.get("read_mb_s")
+    mib_p, mib_m = d.get("mib_per_token"), me.get("expert_mib_per_token")
+    r_bw = bw_m / bw_p if bw_p and bw_m else None
+    r_mib = mib_m / mib_p if mib_p and mib_m else None
+    if r_bw is not None and (r_mib is None or abs(np.log(r_bw)) >= abs(np.log(r_mib))):
+        return f"I/O {d_io:+.3g} ms: read bandwidth x{r_bw:.2f}"
+    if r_mib is not None:
+        return f"I/O {d_io:+.3g} ms: bytes read x{r_mib:.2f}"
+    return f"I/O {d_io:+.3g} ms"
+
+
+def _time_row(cd: Dict[str, Any]) -> List[Any]:
+    p, me = cd["prediction"], cd.get("measured") or {}
+    d = p.get("decode") or {}
+    pred_ms = 1000 / p["decode_tok_s"] if p.get("decode_tok_s") else None
+    meas_ms = 1000 / me["decode_tok_s"] if me.get("decode_tok_s") else None
+    stall = me.get("stall_ms_per_token")
+    rest = meas_ms - stall if meas_ms is not None and stall is not None else None
+    return [cd["name"], _pair(pred_ms, meas_ms), _pair(d.get("read_mb_s"), me.get("read_mb_s"), "{:.0f}"),
+            p.get("disk_source") or "-", _pair(d.get("mib_per_token"), me.get("expert_mib_per_token")),
+            _pair(1000 * d["io_s_per_token"] if "io_s_per_token" in d else None, stall),
+            _ms(me.get("read_ms_per_token")),
+            _pair(1000 * d["compute_s_per_token"] if "compute_s_per_token" in d else None, rest),
+            error_source(cd) or "-"]
+
+
 def _validation(doc: Dict[str, Any]) -> List[str]:
     val = set(doc["validated"])
-    rows = [_validation_row(cd) for cd in doc["candidates"] if cd["name"] in val]
+    cds = [cd for cd in doc["candidates"] if cd["name"] in val]
+    rows = [_validation_row(cd) for cd in cds]
     L = ["## Validation (measured under the budget)", ""]
     if rows:
         L.append(_table(["name", "pred. decode tok/s", "measured decode tok/s", "measured/pred.", "pred. decode hit",
@@ -252,8 +377,21 @@ def _validation(doc: Dict[str, Any]) -> List[str]:
                          "meas. prefill tok/s", "peak MiB", "status"], rows))
     else:
         L.append("No validation run fitted in the time limit.")
-    return L + ["", "The measured decode hit rate of an explicit cache equals the simulated one when the simulator "
-                "and the engine agree (they are tested to); the page-cache figure is a model.", ""]
+    L += ["", "The measured decode hit rate of an explicit cache equals the simulated one when the simulator "
+          "and the engine agree (they are tested to); the page-cache figure is a model.", ""]
+    measured = [cd for cd in cds if cd.get("measured")]
+    if measured:
+        L += ["Decode per token, predicted / measured: the time; the bandwidth of the reads (bytes over the time "
+              "the reader pool was busy; the prediction's from the source named: the engine's own reads in the I/O "
+              "calibration, or the disk test); the expert bytes read; the time the compute waited for reads "
+              "(measured: the hook's stall); and the rest (predicted: compute; measured: the time less the stall). "
+              "*Reader busy* is the measured pool's busy time per token (reads ahead included). The last column says "
+              "whether the error is mostly I/O (and then whether the bandwidth or the bytes read were off, as a "
+              "measured/predicted ratio) or compute.", "",
+              _table(["name", "ms/token", "read MB/s", "bandwidth from", "MiB read/token", "I/O wait ms/token",
+                      "reader busy ms/token", "compute (rest) ms/token", "most of the error"],
+                     [_time_row(cd) for cd in measured]), ""]
+    return L
 
 
 def format_report(doc: Dict[str, Any]) -> str:

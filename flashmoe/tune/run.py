@@ -2,6 +2,7 @@
 each does), and ``write_outputs``: the policy, the report and its PNG, atomically at the very end."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from flashmoe import cgroup
 from flashmoe.bench.facts import describe_machine, machine_facts
 from flashmoe.bench.runner import run_worker
 from flashmoe.errors import FlashMoEError, UsageError
@@ -21,11 +23,22 @@ from flashmoe.sizes import format_size
 from flashmoe.trace import check_trace_fits, read_trace, trace_stats
 from flashmoe.tune.candidates import Candidate, policy_text, resolve_text
 from flashmoe.tune.document import Findings, document, header_lines
-from flashmoe.tune.measure import DiskModel, calibrate_compute, measure_disks
+from flashmoe.tune.measure import (
+    ENGINE,
+    IO_CAL_MIN_S,
+    IO_CAL_RESERVE,
+    IO_CAL_SHARE,
+    ComputeModel,
+    DiskModel,
+    IOCalibration,
+    calibrate_compute,
+    calibrate_io,
+    measure_disks,
+)
 from flashmoe.tune.model import MemoryPlan, ModelFacts, plan_memory, ubatch_plans
 from flashmoe.tune.options import Clock, TuneOptions
 from flashmoe.tune.report import format_report, plot_png
-from flashmoe.tune.search import Search, measured_sizing, search
+from flashmoe.tune.search import Search, Sizing, measured_sizing, search
 from flashmoe.tune.validate import Validation, choose_winner, fmt, pick_for_validation
 from flashmoe.worker import WorkerSpec
 from gguf_tools.atomic import atomic_write
@@ -122,10 +135,61 @@ class Tune:
                        + (format_size(avail) if avail is not None else "unknown (no /proc/meminfo here)"))
         return machine, facts, avail
 
-    def settings_for(self, cand: Candidate) -> EngineSettings:
-        """Engine settings of a candidate without a budget (calibration, recording)."""
-        text = policy_text(self.base, cand, budget=None, n_ctx=self.mp.n_ctx, threads=self.opts.threads)
+    def settings_for(self, cand: Candidate, budget: Optional[int] = None) -> EngineSettings:
+        """Engine settings of a candidate (calibration, recording: without a budget by default)."""
+        text = policy_text(self.base, cand, budget=budget, n_ctx=self.mp.n_ctx, threads=self.opts.threads)
         return resolve_text(text, self.view, None).engine_settings()
+
+    def calibrate_io(self, disk: DiskModel, cm: ComputeModel, sizing: Sizing, trace: Any,
+                     trace_path: str) -> IOCalibration:
+        """The engine's own reads (``measure.calibrate_io``), confined to the budget like the validation runs,
+        within IO_CAL_SHARE of the time limit; an empty calibration with the reason when it cannot run."""
+        opts, mf, mp, K = self.opts, self.mf, self.mp, self.mf.n_used
+        if max(mp.max_slots, sizing.tight_slots) < K:
+            return IOCalibration(note=f"the budget has no room for the {K} slots per layer it streams with")
+        allowance = min(max(IO_CAL_MIN_S, IO_CAL_SHARE * opts.time_limit), self.clock.left * IO_CAL_RESERVE)
+        if allowance < 5:
+            return IOCalibration(note="no time left for it")
+        try:
+            cgroup.detect()
+            limit: Optional[int] = opts.ram
+        except FlashMoEError:
+            limit = None  # validation says so too
+        modes = (True, False) if disk.has(True) else (False,)
+        tight = mp.max_slots < K  # k slots fit by the measured memory only: with its overhead, as `*-tight` runs
+
+        def settings(c: Candidate) -> EngineSettings:
+            return self.settings_for(dataclasses.replace(c, overhead=sizing.tight_overhead) if tight else c,
+                                     budget=opts.ram)
+
+        return calibrate_io(settings, mf, opts.threads, mp.n_ctx, trace_path, opts.readers, modes, limit, disk, cm,
+                            self.clock, allowance, trace)
+
+    def disk_used(self, direct: Any, buffered: Any, io: IOCalibration) -> DiskModel:
+        """The disk model of the predictions: the engine's reads where they were measured, else the disk test;
+        which one, said in the progress lines (and in the notes when the calibration fell back)."""
+        disk = DiskModel(direct, buffered, io)
+        rd = self.opts.readers
+        modes = [(m, "direct" if m else "buffered") for m in (True, False) if disk.has(m)]
+        fb = {m: name for m, name in modes if disk.source(m) != ENGINE}
+        fallback = list(fb.values())
+        if fallback:
+            failed = "; ".join(f"{r.label}: {r.status}" + (f" ({r.detail})" if r.detail else "")
+                               for r in io.runs if not r.bytes_per_s and r.direct in fb) or io.note or "not run"
+            modes_text = " and ".join(fallback) + " I/O"
+            if io.runs:
+                self.clock.log(f"  the engine's reads gave nothing for {modes_text} ({failed}): falling back to the "
+                               "disk test for " + modes_text)
+            else:
+                self.clock.log(f"disk (engine): not measured ({failed}): falling back to the disk test")
+            self.notes.append(f"the engine's reads could not be measured for {modes_text} ({failed}): the predictions "
+                              f"use the disk test's bandwidth for {modes_text}, which may be far from what the engine "
+                              "gets")
+        for m, name in modes:
+            self.clock.log(f"  bandwidth in the predictions, {name} I/O: {disk.describe(m, rd)}")
+        if io.runs:
+            self.clock.log(f"  the I/O calibration took {io.s:.1f} s")
+        return disk
 
     def trace(self, tmp: str) -> Tuple[Any, str, int, int, Dict[str, Any]]:
         """(trace, its path, prompt tokens, generated tokens, where it came from): --trace, or the
@@ -185,8 +249,6 @@ def _steps(t: Tune, tmp: str) -> Findings:
     machine, facts, avail = t.machine()
     direct, buffered = measure_disks(mf.path, sorted(set([1, 4, 8] + [int(r) for r in opts.readers])), t.clock)
     disk = DiskModel(direct, buffered)
-    if not disk.ok:
-        t.notes.append("the disk could not be measured: predictions count compute only")
     tr, trace_path, P, G, trace_src = t.trace(tmp)
     tstats = trace_stats(tr)
     plans = ubatch_plans(t.base, t.view, mf, mp, P, G, t.notes)
@@ -199,6 +261,10 @@ def _steps(t: Tune, tmp: str) -> Findings:
     if not cm.ok:
         t.notes.append("compute could not be calibrated (" + (cm.note or "no time") + "): predictions count I/O only")
     sizing = measured_sizing(cm, mp, mf, opts.ram, t.clock)
+    io = t.calibrate_io(disk, cm, sizing, tr, trace_path)
+    disk = t.disk_used(direct, buffered, io)
+    if not disk.ok:
+        t.notes.append("the disk could not be measured: predictions count compute only")
     t.clock.log("simulating the expert cache on the trace ...")
     found = search(tr, ubs, mf, mp, sizing, disk, cm, opts.readers, plans)
     if not found.cands:
@@ -208,7 +274,7 @@ def _steps(t: Tune, tmp: str) -> Findings:
     validated = validation.run(pick_for_validation(found.cands, opts.validate), found.cands)
     winner, why = choose_winner(validated, found.cands)
     return Findings(mf, mp, facts, machine, avail, direct, buffered, cm, tr, tstats, trace_src, P, G, sizing,
-                    found, validated, winner, why, t.notes)
+                    found, validated, winner, why, t.notes, disk, io)
 
 
 def run_tune(opts: TuneOptions, log: Callable[[str], None] = _default_log) -> TuneResult:

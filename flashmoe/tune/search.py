@@ -3,9 +3,12 @@
 
 **Prediction.** A layer's fetch waits for its misses, so a decode token takes compute (dense + k
 experts per layer) plus, per layer, the time to read its misses at the queue depth the readers
-reach (``DiskModel``). Reads ahead (prefetch, simulated from the trace's predicted sets) run while
-the layer before computes: only the part of their read time that the previous layer's compute (its
-experts and this layer's share of the dense part) does not cover is waited for. Prefill: each row's
+reach (``DiskModel``: the bandwidth the engine's own reads got in the I/O calibration, else the
+disk test's; ``prediction["disk_source"]`` says which, ``prediction["decode"]["read_mb_s"]`` the
+bandwidth the readers get in this prediction). Reads ahead (prefetch, simulated from the trace's
+predicted sets) run while the layer before computes: only the part of their read time that the
+previous layer's compute (its experts and this layer's share of the dense part) does not cover is
+waited for. Prefill: each row's
 experts are computed once (the zero-slot skip: rows of other waves cost nothing), plus the reads;
 the time to first token is the whole prefill.
 
@@ -67,7 +70,11 @@ def predict(sim: SimResult, cand: Candidate, mf: ModelFacts, disk: DiskModel, cm
     direct = cand.direct_io and cand.mode == "cache"
     io = disk.read_time(sim.misses.astype(float), eb, nt, cand.readers, direct) if disk.ok else \
         np.zeros(sim.misses.shape)
-    exposed, charged = _exposed_ahead(sim, eb, nt, cand, mf, disk, cm, direct, drop_ahead)
+    exposed, charged, t_ahead = _exposed_ahead(sim, eb, nt, cand, mf, disk, cm, direct, drop_ahead)
+    # what the readers read and how long they were busy (before the reads ahead overlap compute): the
+    # bandwidth the prediction assumes, to set beside the validation runs' own
+    read_bytes = ((sim.misses + charged) * eb).sum(axis=1)
+    read_busy = (io + t_ahead).sum(axis=1)
     io = io + exposed
     io_tok = io.sum(axis=1)
     phase = np.array([u.phase for u in sim.ubatches])
@@ -99,6 +106,8 @@ def predict(sim: SimResult, cand: Candidate, mf: ModelFacts, disk: DiskModel, cm
             "s": total,
             "reads_ahead_per_token": float(ahead[sel].sum()) / n,
             "reads_ahead_dropped_per_token": float((ahead[sel] - charged[sel]).sum()) / n,
+            "read_mb_s": (float(read_bytes[sel].sum()) / float(read_busy[sel].sum()) / 1e6
+                          if float(read_busy[sel].sum()) > 0 else None),
         }
     d = out.get("decode", {})
     pf = out.get("prefill", {})
@@ -111,6 +120,7 @@ def predict(sim: SimResult, cand: Candidate, mf: ModelFacts, disk: DiskModel, cm
                            if sel.any() and every_expert else None)
     out["decode_hit_rate"] = d.get("hit_rate")
     out["bound"] = ("I/O" if d.get("io_s_per_token", 0) > d.get("compute_s_per_token", 0) else "compute") if d else None
+    out["disk_source"] = disk.source(direct) if disk.ok else None  # where the bandwidth came from
     return out
 
 
@@ -150,13 +160,14 @@ def charged_ahead(used: np.ndarray, n_tensors: int, expert_bytes: float, readers
 
 
 def _exposed_ahead(sim: SimResult, eb: np.ndarray, nt: np.ndarray, cand: Candidate, mf: ModelFacts, disk: DiskModel,
-                   cm: ComputeModel, direct: bool, drop: bool = True) -> Tuple[np.ndarray, np.ndarray]:
-    """Per ubatch and layer: (the time the layer waits for its reads ahead, the reads ahead charged). The wait
-    is their read time less the compute they overlap (``_ahead_window``); with ``drop``, only the reads ahead
-    that ``charged_ahead`` says cost disk time are read, else all of them."""
+                   cm: ComputeModel, direct: bool,
+                   drop: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per ubatch and layer: (the time the layer waits for its reads ahead, the reads ahead charged, their read
+    time). The wait is their read time less the compute they overlap (``_ahead_window``); with ``drop``, only
+    the reads ahead that ``charged_ahead`` says cost disk time are read, else all of them."""
     zeros = np.zeros(sim.misses.shape)
     if sim.ahead is None or not disk.ok or not sim.ahead.any():
-        return zeros, zeros
+        return zeros, zeros, zeros
     window = _ahead_window(sim, mf, cm)
     charged = sim.ahead.astype(float)
     if drop and sim.ahead_used is not None:
@@ -168,7 +179,7 @@ def _exposed_ahead(sim: SimResult, eb: np.ndarray, nt: np.ndarray, cand: Candida
         for (u, j), used in sim.ahead_used.items():
             charged[u, j] = charged_ahead(used, int(nt[j]), float(eb[j]), cand.readers, float(window[u, j]), bw)
     t_ahead = disk.read_time(charged, eb, nt, cand.readers, direct)
-    return np.maximum(0.0, t_ahead - window), charged
+    return np.maximum(0.0, t_ahead - window), charged, t_ahead
 
 
 def size_grid(k: int, n_expert: int, extra: Sequence[int] = ()) -> List[int]:

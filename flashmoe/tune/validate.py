@@ -106,6 +106,11 @@ def _medians(c: Candidate) -> Optional[Dict[str, Any]]:
     if not ok:
         return None
     dec = [m.decode_tok_s for m in ok]
+
+    def median(xs: List[Optional[float]]) -> Optional[float]:
+        v = [x for x in xs if x is not None]
+        return statistics.median(v) if v else None
+
     return {
         "runs": len(ok),
         "decode_tok_s": statistics.median(dec),
@@ -115,6 +120,12 @@ def _medians(c: Candidate) -> Optional[Dict[str, Any]]:
         "stall_ms_per_token": statistics.median([m.stall_ms_per_token or 0 for m in ok]),
         "peak_mib": max((m.peak_mib or 0) for m in ok),
         "load_s": statistics.median([m.load_s for m in ok]),
+        # the engine's own reads in the decode phase: bytes over the reader pool's busy time, bytes per token,
+        # busy time per token (None in a run that read nothing, or without the hook's read timing)
+        "read_mb_s": median([m.read_mb_s for m in ok]),
+        "expert_mib_per_token": median([m.expert_mib_per_token for m in ok]),
+        "read_ms_per_token": median([1000.0 / m.io_bound_tok_s if m.io_bound_tok_s and
+                                     m.io_bound_source == "engine reads" else None for m in ok]),
     }
 
 
@@ -194,7 +205,10 @@ class Validation:
             mm = run.metrics
             self.clock.log(f"  decode {mm.decode_tok_s:.2f} tok/s (predicted {fmt(c.prediction.get('decode_tok_s'))}),"
                            f" prefill {mm.prefill_tok_s:.1f} tok/s, decode hit "
-                           f"{100 * (run.decode_hit_rate or 0):.1f}%, peak {mm.peak_mib or 0:.0f} MiB")
+                           f"{100 * (run.decode_hit_rate or 0):.1f}%, peak {mm.peak_mib or 0:.0f} MiB"
+                           + (f", reads {mm.read_mb_s:.0f} MB/s (predicted "
+                              f"{fmt(c.prediction.get('decode', {}).get('read_mb_s'), '{:.0f}')})"
+                              if mm.read_mb_s else ""))
         else:
             self.clock.log(f"  {run.status}: {run.detail or ''}")
             if run.status == "OOM" and c.mode == "cache":
