@@ -12,36 +12,21 @@ import time
 import pytest
 
 from conftest import REPO_ROOT
+from tune_helpers import N_CTX, budget_for, write_realistic_trace
 
 pytestmark = pytest.mark.slow  # measures, simulates and validates with real runs
-
-N_CTX = 512
-
-
-def _budget(path, slots):
-    """A budget that leaves `slots` expert cache slots per layer by the policy estimate."""
-    from flashmoe.policy import load_policy
-
-    pol = load_policy("stream")
-    pol.runtime.n_ctx = N_CTX
-    r = pol.resolve(path, budget="1GiB")
-    return r.memory.weights + r.memory.runtime + slots * r.cache.bytes_per_slot_all_layers + 4096
 
 
 @pytest.fixture(scope="module")
 def realistic_trace(tiny_models, tmp_path_factory):
-    from flashmoe.trace import trace_for_model, write_trace
-
-    p = str(tmp_path_factory.mktemp("tune") / "realistic.trace")
-    write_trace(p, trace_for_model(tiny_models["qwen3moe"], "realistic", 300, seed=4))
-    return p
+    return write_realistic_trace(tiny_models["qwen3moe"], tmp_path_factory.mktemp("tune"))
 
 
 @pytest.fixture(scope="module")
 def tuned(tiny_models, realistic_trace, tmp_path_factory, llama_cpp):
     out = tmp_path_factory.mktemp("tuned")
     path = tiny_models["qwen3moe"]
-    budget = _budget(path, 5)
+    budget = budget_for(path, 5)
     args = ["tune", "-m", path, "--ram", str(budget), "--trace", realistic_trace, "--time-limit", "90s",
             "-o", str(out / "tuned.yaml"), "--report", str(out / "tune.md"), "--json", str(out / "tune.json"),
             "--gen-tokens", "16", "--ctx", str(N_CTX),
@@ -164,7 +149,7 @@ def test_tune_measures_the_engines_reads(tuned):
 def test_tune_records_the_routing_without_trace(tiny_models, tmp_path, run_cli, llama_cpp):
     path = tiny_models["qwen35moe"]
     out = tmp_path / "t.yaml"
-    r = run_cli("tune", "-m", path, "--ram", str(_budget(path, 4)), "--time-limit", "60s", "-o", out,
+    r = run_cli("tune", "-m", path, "--ram", str(budget_for(path, 4)), "--time-limit", "60s", "-o", out,
                 "--report", tmp_path / "t.md", "--gen-tokens", "12", "--ctx", N_CTX, "--threads", "1",
                 "--validate", "1", "--repeat", "1", "--no-plot", "--readers", "4")
     assert r.code == 0, r.stderr[-3000:]
@@ -196,7 +181,7 @@ def test_budget_below_pinned_weights_is_a_clear_error(tiny_model, tmp_path, run_
 
 def test_short_time_limit_is_kept(tiny_model, realistic_trace, tmp_path, llama_cpp):
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "flashmoe", "tune", "-m", tiny_model, "--ram", str(_budget(tiny_model, 5)),
+    p = subprocess.run([sys.executable, "-m", "flashmoe", "tune", "-m", tiny_model, "--ram", str(budget_for(tiny_model, 5)),
                         "--trace", realistic_trace, "--time-limit", "8s", "-o", str(tmp_path / "x.yaml"),
                         "--gen-tokens", "16", "--ctx", str(N_CTX), "--threads", "1"],
                        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
@@ -210,7 +195,7 @@ def test_short_time_limit_is_kept(tiny_model, realistic_trace, tmp_path, llama_c
 def test_ctrl_c_writes_nothing(tiny_model, realistic_trace, tmp_path, llama_cpp):
     out, rep = tmp_path / "x.yaml", tmp_path / "x.md"
     p = subprocess.Popen([sys.executable, "-m", "flashmoe", "tune", "-m", tiny_model, "--ram",
-                          str(_budget(tiny_model, 5)), "--trace", realistic_trace, "--time-limit", "60s", "-o", str(out),
+                          str(budget_for(tiny_model, 5)), "--trace", realistic_trace, "--time-limit", "60s", "-o", str(out),
                           "--report", str(rep), "--gen-tokens", "64", "--ctx", str(N_CTX), "--threads", "1"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
                          env={**os.environ, "PYTHONPATH": REPO_ROOT, "FLASHMOE_TUNE_TEST_PAUSE": "20"},

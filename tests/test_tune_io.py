@@ -9,10 +9,10 @@ import pytest
 
 from flashmoe.bench.disk import DiskDepth, DiskMeasurement
 from flashmoe.sizes import MiB
+from tune_helpers import N_CTX, budget_for, write_realistic_trace
 
 N_LAYER, N_EXPERT, K = 4, 32, 4
 EB = 1 * MiB
-N_CTX = 512
 
 
 def _facts(n_tensors=1):
@@ -278,22 +278,9 @@ def test_calibration_stops_when_its_time_is_spent(monkeypatch):
 # ------------------------------------------------------------------------------------- with the engine
 
 
-def _budget(path, slots):
-    from flashmoe.policy import load_policy
-
-    pol = load_policy("stream")
-    pol.runtime.n_ctx = N_CTX
-    r = pol.resolve(path, budget="1GiB")
-    return r.memory.weights + r.memory.runtime + slots * r.cache.bytes_per_slot_all_layers + 4096
-
-
 @pytest.fixture(scope="module")
 def trace_path(tiny_models, tmp_path_factory):
-    from flashmoe.trace import trace_for_model, write_trace
-
-    p = str(tmp_path_factory.mktemp("tune-io") / "realistic.trace")
-    write_trace(p, trace_for_model(tiny_models["qwen3moe"], "realistic", 300, seed=4))
-    return p
+    return write_realistic_trace(tiny_models["qwen3moe"], tmp_path_factory.mktemp("tune-io"))
 
 
 def _real_calibration(model, trace, readers=(4,), modes=(True,), tr=None):
@@ -359,7 +346,7 @@ def test_tune_falls_back_to_the_disk_test_when_the_calibration_fails(tiny_model,
     from flashmoe.tune import TuneOptions, measure, run_tune, write_outputs
 
     monkeypatch.setattr(measure, "_io_worker", lambda spec, limit, timeout: _fake_run(0, 0, 0, status="TIMEOUT"))
-    opts = TuneOptions(model=tiny_model, ram=_budget(tiny_model, 5), out=str(tmp_path / "t.yaml"),
+    opts = TuneOptions(model=tiny_model, ram=budget_for(tiny_model, 5), out=str(tmp_path / "t.yaml"),
                        report=str(tmp_path / "t.md"), json_out=str(tmp_path / "t.json"), trace=trace_path,
                        time_limit=60, gen_tokens=12, n_ctx=N_CTX, threads=1, validate=1, repeat=1, plot=False)
     lines = []
