@@ -338,10 +338,7 @@ class Engine:
         layers = hook.layer_stats(self._model_ptr)
         if not layers:
             return {}
-        sums: Dict[str, float] = {k: 0 for k in ("hits", "misses", "evictions", "bytes_read", "n_waves", "n_predicted",
-                                                 "n_predicted_right", "n_prefetched", "n_prefetch_used",
-                                                 "prefetch_wasted_bytes", "n_prefetch_cancelled")}
-        sums.update(read_s=0.0, stall_s=0.0, prefetch_wait_s=0.0, read_wall_s=0.0)
+        sums: Dict[str, float] = {k: 0.0 if is_float else 0 for k, is_float in hook.SUMMED_STATS}
         for l in layers:
             for k in sums:
                 sums[k] += l[k]

@@ -59,6 +59,12 @@ class LayerStats(ctypes.Structure):
     ]
 
 
+# the per-layer counters that add up over layers (Engine.stats()["total"]); not the layer's index, slots
+# or tokens (every token goes through every layer)
+SUMMED_STATS = tuple((f[0], f[1] is ctypes.c_double) for f in LayerStats._fields_
+                     if f[0] not in ("layer", "n_slots", "n_tokens"))
+
+
 class ModelInfo(ctypes.Structure):
     _fields_ = [
         ("mode", ctypes.c_int32),

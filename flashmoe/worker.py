@@ -72,7 +72,7 @@ class CacheTotals:
     bytes_read: int = 0
     read_s: float = 0.0
     stall_s: float = 0.0
-    read_wall_s: float = 0.0  # wall time the reader pool was busy (its batches never overlap)
+    read_wall_s: float = 0.0  # wall time the reader pool was busy (overlapping batches share it)
     n_prefetched: int = 0
     n_prefetch_used: int = 0
     n_prefetch_cancelled: int = 0
