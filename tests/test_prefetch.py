@@ -133,6 +133,29 @@ def test_wrong_reads_ahead_are_dropped_on_a_slow_disk(tiny_models, tmp_path, mon
     assert full - on["n_prefetch_cancelled"] * per_expert <= on["bytes_read"] < full, (on, per_expert)
 
 
+def test_the_reader_time_is_the_pools_busy_time(tiny_models, tmp_path, monkeypatch):
+    """The reader pool is a queue: a layer's misses, its reads ahead and the next layer's reads ahead are in
+    flight together. Each layer's `read_wall_s` is its share of the time the pool was reading, so the shares
+    add up to the pool's busy time; summing each batch's own submit-to-done time would count the overlaps
+    twice. With one reader the busy time is exactly the reader's time, and never more than the run's."""
+    import time
+
+    path = tiny_models["qwen3moe"]
+    p = _write(tmp_path, "acc0.5", draw_predictions(trace_for_model(path, "uniform", 512, seed=3), 0.5, seed=1))
+    monkeypatch.setenv("FLASHMOE_FAULT_INJECT", "slow:2000")
+    monkeypatch.setenv("FLASHMOE_PREFETCH_CANCEL", "0")  # every read ahead is read: more overlap
+    with Engine(path, use_extra_bufts=False, n_ctx=512, routing_trace=p,
+                stream=StreamSettings(mode="cache", cache_slots=4, readers=1, prefetch="next-layer")) as e:
+        e.reset_stats()
+        t0 = time.monotonic()
+        e.generate(PROMPT, 16, stop_at_eos=False)
+        wall = time.monotonic() - t0
+        tot = e.stats()["total"]
+    assert tot["n_prefetched"] > 0 and tot["misses"] > 0
+    assert tot["read_wall_s"] == pytest.approx(tot["read_s"], rel=0.02), tot
+    assert tot["read_wall_s"] <= wall
+
+
 def _write(tmp_path, name, tr):
     p = str(tmp_path / f"{name}.trace")
     write_trace(p, tr)
