@@ -96,31 +96,62 @@ def test_tune_report(tuned):
 
 
 def test_tune_measures_the_engines_reads(tuned):
-    """The I/O calibration ran (streamed runs with k slots per layer), its bandwidth is the one the predictions
-    use, the disk test is kept beside it, and the validation runs' own read bandwidth is in the report."""
+    """The I/O calibration ran (direct I/O with k slots per layer, buffered I/O with the largest buffered cache that
+    reads, one page-cache run), its bandwidth is the one the predictions use, the disk test is kept beside it, and
+    the validation runs' own read bandwidth is in the report."""
     import json
 
     p = tuned["proc"]
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "disk (engine): streamed runs with 2 slots per layer" in p.stderr
+    assert "disk (engine): short runs, 8-token prompt, 24 generated" in p.stderr
+    assert "direct I/O with 2 slots per layer" in p.stderr
+    # the budget leaves 5 slots by the estimate, 8 by the measured memory: 8 (every expert) would read nothing
+    # in the calibration's decode, so the buffered runs take 5
+    assert "buffered I/O with 5 slots per layer (the largest buffered candidate's cache whose run reads enough: " \
+           "with 8 slots it would miss under 5%" in p.stderr
     assert "bandwidth in the predictions, direct I/O: engine: " in p.stderr
-    assert "the I/O calibration took " in p.stderr
+    assert "bandwidth in the predictions, page-cache mode: " in p.stderr
+    assert "the I/O calibration took " in p.stderr and " of its 20 s share (the larger of 8% of the time" in p.stderr
     doc = json.loads((tuned["dir"] / "tune.json").read_text())
     d = doc["disk"]
     assert d["direct"]["ok"] and d["direct"]["depths"]  # the disk test, for comparison
     e = d["engine"]
-    assert e["ok"] and [(r["direct"], r["readers"]) for r in e["runs"]] == [(True, 8), (False, 8), (True, 4)]
+    assert e["ok"] and [(r["pagecache"], r["direct"], r["readers"]) for r in e["runs"]] == [
+        (False, True, 8), (False, False, 8), (True, False, 8), (False, True, 4)]
+    assert e["buffered_slots"] == doc["memory"]["max_slots"] == 5 and doc["memory"]["tight_slots"] == 8
+    assert [r["slots"] for r in e["runs"]] == [2, 5, 0, 2]
+    pc = e["runs"][2]
+    assert pc["status"] == "ok" and pc["hit_rate"] is not None and pc["sim_hit_rate"] is not None
+    assert e["pc_capacity"] == doc["pagecache"]["modelled_capacity_bytes"]
+    # the tiny model fits the page cache: the run reads (nearly) nothing in its decode; without a bandwidth of its
+    # own, page-cache candidates read at buffered I/O's (said)
+    pcu = d["used"]["pagecache"]
+    if pc["effective_bytes_per_s"]:
+        assert pcu["source"] == "engine, page-cache run" and pcu["own_curve"]
+    else:
+        assert pcu["source"] == "engine" and not pcu["own_curve"]
+        assert "Page-cache run (8 readers): no bandwidth" in (tuned["dir"] / "tune.md").read_text()
+    # its hit rate close to the simulation's: the measured room; far: the room that gives it
+    if e["pc_effective_capacity"]:
+        assert doc["pagecache"]["capacity_source"] == "calibrated"
+        assert doc["pagecache"]["capacity_bytes"] == e["pc_effective_capacity"]
+    else:
+        assert abs(pc["hit_rate"] - pc["sim_hit_rate"]) <= 0.05
+        assert doc["pagecache"]["capacity_source"] == "measured" and doc["pagecache"]["capacity_bytes"] == e["pc_capacity"]
+    assert all(c["prediction"]["disk_source"] == pcu["source"] for c in doc["candidates"] if c["mode"] == "pagecache")
     confined = {r["confined"] for c in doc["candidates"] for r in c.get("runs") or []}
     for r in e["runs"]:  # confined to the budget like the validation runs (where this machine has cgroups)
-        assert r["status"] == "ok" and r["slots"] == doc["model"]["n_used"] and {r["confined"]} == confined
+        assert r["status"] == "ok" and {r["confined"]} == confined
         assert r["model_evicted"] and r["decode_tokens"] == e["gen_tokens"] - 1
-        assert r["bytes_per_s"] == pytest.approx(r["bytes_read"] / r["read_wall_s"])
+        if not r["pagecache"]:
+            assert r["bytes_per_s"] == pytest.approx(r["bytes_read"] / r["read_wall_s"])
     assert d["used"]["direct"]["source"] == d["used"]["buffered"]["source"] == "engine"
     from flashmoe.tune import DiskModel
 
     disk = DiskModel(d["direct"], d["buffered"], e)
-    for r in e["runs"]:  # the curve the predictions read goes through the runs' points (runs at one depth: their mean)
-        same = [x["bytes_per_s"] for x in e["runs"] if x["direct"] == r["direct"] and x["qd"] == r["qd"]]
+    cache_runs = [r for r in e["runs"] if not r["pagecache"]]
+    for r in cache_runs:  # the curve the predictions read goes through the runs' points (runs at one depth: their mean)
+        same = [x["bytes_per_s"] for x in cache_runs if x["direct"] == r["direct"] and x["qd"] == r["qd"]]
         assert disk.bw(r["qd"], r["direct"]) == pytest.approx(sum(same) / len(same))
     cache = [c for c in doc["candidates"] if c["mode"] == "cache"]
     assert cache and all(c["prediction"]["disk_source"] == "engine" for c in cache)

@@ -81,11 +81,15 @@ def test_calibrated_curve_keeps_the_engine_points_and_the_disk_tests_shape():
 
 def test_io_plan_runs_the_main_mode_at_every_reader_count():
     from flashmoe.tune import io_plan
+    from flashmoe.tune.measure import PAGECACHE
 
     assert io_plan([4, 8], [True, False]) == [(True, 8), (False, 8), (True, 4)]
     assert io_plan([8, 4, 8], [True]) == [(True, 8), (True, 4)]
     assert io_plan([4, 8], [False]) == [(False, 8), (False, 4)]  # no direct I/O here: buffered is the main mode
     assert io_plan([], [True]) == [] and io_plan([4], []) == []
+    # one page-cache run, at the most readers, before the main mode's other reader counts
+    assert io_plan([4, 8], [True, False], pagecache=True) == [(True, 8), (False, 8), (PAGECACHE, 8), (True, 4)]
+    assert io_plan([4, 8], [], pagecache=True) == [(PAGECACHE, 8)]  # no k slots fit: the page-cache run alone
 
 
 def test_reads_in_flight_follow_the_simulated_calibration_run():
@@ -163,22 +167,23 @@ def test_disk_model_round_trips_through_the_document():
     assert DiskModel(_measured(SYN_DIRECT), None).describe(True, [8]) == "disk test: 400 MB/s at 8 readers"
 
 
-def _fake_run(bytes_read, read_wall_s, misses, tokens=23, status="ok"):
-    """A worker's record as run_worker returns it: a completed run whose decode phase read `bytes_read` in
-    `read_wall_s` seconds of reader time, or a failed one."""
+def _fake_run(bytes_read, read_wall_s, misses, tokens=23, status="ok", hits=10, decode_s=1.0):
+    """A worker's record as run_worker returns it: a completed run whose decode phase (`decode_s` seconds) read
+    `bytes_read` in `read_wall_s` seconds of reader time, or a failed one."""
     from flashmoe.bench.runner import RunRecord
     from flashmoe.engine import RunReport
     from flashmoe.worker import CacheTotals, DecodeFigures, WorkerResult
 
     if status != "ok":
         return RunRecord(status, timed_out=status == "TIMEOUT", wall_s=2.0, detail="killed after 2 s during load")
-    dec = DecodeFigures(tokens=tokens, s=1.0, cache=CacheTotals(hits=10, misses=misses, bytes_read=bytes_read,
-                                                                read_wall_s=read_wall_s, stall_s=read_wall_s))
+    dec = DecodeFigures(tokens=tokens, s=decode_s, cache=CacheTotals(hits=hits, misses=misses, bytes_read=bytes_read,
+                                                                     read_wall_s=read_wall_s, stall_s=read_wall_s))
     return RunRecord("ok", wall_s=1.5, result=WorkerResult(True, report=RunReport("cache", "m"), decode=dec))
 
 
-def _calibrate(monkeypatch, records, readers=(4, 8), modes=(True, False)):
-    """calibrate_io on the fake model with these records for its runs (in io_plan's order); the specs it ran."""
+def _calibrate(monkeypatch, records, readers=(4, 8), modes=(True, False), cands=None, **kw):
+    """calibrate_io on the fake model with these records for its runs (in io_plan's order); the specs it ran (and,
+    in ``cands``, the candidates whose settings it asked for)."""
     from flashmoe.settings import EngineSettings
     from flashmoe.tune import Clock, DiskModel, calibrate_io
     from flashmoe.tune import measure
@@ -190,12 +195,17 @@ def _calibrate(monkeypatch, records, readers=(4, 8), modes=(True, False)):
         specs.append((spec, limit, timeout))
         return next(it)
 
+    def settings_for(c):
+        if cands is not None:
+            cands.append(c)
+        return EngineSettings()
+
     monkeypatch.setattr(measure, "_io_worker", fake)
     monkeypatch.setattr(measure, "evict_file", lambda files: None)
     mf = _facts(n_tensors=3)
     syn = DiskModel(_measured(SYN_DIRECT), _measured(SYN_BUFFERED, False))
-    cal = calibrate_io(lambda c: EngineSettings(), mf, 1, N_CTX, "t.trace", readers, modes, 1 << 30, syn,
-                       _compute(), Clock(600, lines.append), allowance=60.0)
+    cal = calibrate_io(settings_for, mf, 1, N_CTX, "t.trace", readers, modes, 1 << 30, syn,
+                       _compute(), Clock(600, lines.append), allowance=60.0, **kw)
     return mf, syn, cal, specs, lines
 
 
@@ -273,6 +283,269 @@ def test_calibration_stops_when_its_time_is_spent(monkeypatch):
                        _compute(), Clock(600, lambda m: None), allowance=2.0)
     assert ran == [] and not cal.ok and [r.status for r in cal.runs] == ["not run"] * 3
     assert cal.note.startswith("no time for direct, 8 readers")
+
+
+# ------------------------------------------------------------------- under the memory limit: buffered, page cache
+
+
+def _cycling_trace(mf, n_tok=64):
+    """Tokens alternate between two sets of K experts (0-3 and 4-7) in every layer: a cache of 8 slots or more holds
+    both after the prompt (its decode reads nothing), k slots miss every selection."""
+    import numpy as np
+
+    from flashmoe.trace import Trace
+
+    ids = np.array([[[(t % 2) * K + j for j in range(K)] for _ in mf.moe_layers] for t in range(n_tok)],
+                   dtype=np.int32)
+    return Trace(list(mf.moe_layers), N_EXPERT, ids, kind="test")
+
+
+def test_buffered_calibration_slots_take_the_largest_buffered_cache_that_reads():
+    from flashmoe.trace import gen_uniform
+    from flashmoe.tune.measure import buffered_calibration_slots
+
+    mf = _facts(n_tensors=3)
+    uniform = gen_uniform(mf.moe_layers, N_EXPERT, K, 64, seed=2)
+    assert buffered_calibration_slots([16, 13, 20], uniform, mf) == (20, "the largest buffered candidate's cache")
+    assert buffered_calibration_slots([16, 20], None, mf)[0] == 20  # no trace: the largest, unchecked
+    # 16 and 8 slots hold both sets: the run would read nothing in decode; 6 slots thrash
+    cyc = _cycling_trace(mf)
+    slots, why = buffered_calibration_slots([16, 8, 6], cyc, mf)
+    assert slots == 6 and "with 16, 8 slots it would miss under 5%" in why
+    slots, why = buffered_calibration_slots([16, 8], cyc, mf)
+    assert slots == K and why.startswith("k: with the buffered candidates' caches (16, 8 slots)")
+    assert buffered_calibration_slots([K], uniform, mf) == (K, "k: no buffered candidate has a larger cache")
+
+
+def test_buffered_calibration_runs_with_the_buffered_candidates_slot_count(monkeypatch):
+    """Direct I/O streams with k slots; buffered I/O with the buffered candidates' cache (here 16 slots): its
+    settings, its run's slots and the reads in flight of its simulation are the 16-slot cache's."""
+    from flashmoe.trace import gen_uniform
+    from flashmoe.tune.measure import reads_in_flight
+
+    misses = 23 * 4 * 3
+    recs = [_fake_run(1_600_000_000, 1.0, misses), _fake_run(900_000_000, 1.0, misses),
+            _fake_run(1_000_000_000, 1.0, misses)]
+    cands = []
+    tr = gen_uniform(list(range(N_LAYER)), N_EXPERT, K, 64, seed=5)
+    mf, syn, cal, specs, lines = _calibrate(monkeypatch, recs, cands=cands, buffered_slots=16, trace=tr,
+                                            buffered_why="the largest buffered candidate's cache")
+    assert [(c.mode, c.direct_io, c.slots) for c in cands] == [("cache", True, K), ("cache", False, 16),
+                                                                ("cache", True, K)]
+    assert [(r.direct, r.slots) for r in cal.runs] == [(True, K), (False, 16), (True, K)]
+    assert cal.buffered_slots == 16 and cal.to_dict()["buffered_slots"] == 16
+    q16, qk = reads_in_flight(tr, mf, 8, slots=16), reads_in_flight(tr, mf, 8)
+    assert cal.runs[1].qd == q16 and cal.runs[0].qd == qk and q16 < qk  # fewer misses per fetch
+    assert any("buffered x8 (16 slots)" in l for l in lines)
+    assert any("buffered I/O with 16 slots per layer (the largest buffered candidate's cache)" in l for l in lines)
+    # without buffered_slots: k (as before)
+    cands = []
+    _calibrate(monkeypatch, recs, cands=cands)
+    assert [c.slots for c in cands] == [K, K, K]
+
+
+def _pc_calibration(monkeypatch, pc_rec, trace=None, pc_capacity=64 * MiB):
+    """The calibration with its page-cache run: direct x8, buffered x8 (fixed records), page cache x8 (pc_rec),
+    direct x4."""
+    misses = 23 * 4 * 3
+    recs = [_fake_run(1_600_000_000, 1.0, misses), _fake_run(900_000_000, 1.0, misses), pc_rec,
+            _fake_run(1_000_000_000, 1.0, misses)]
+    cands = []
+    out = _calibrate(monkeypatch, recs, cands=cands, pc_capacity=pc_capacity, trace=trace)
+    return out + (cands,)
+
+
+def test_page_cache_calibration_sets_the_page_cache_prediction(monkeypatch):
+    """The page-cache run's effective bandwidth (bytes over the decode time less the compute model's) is what the
+    page-cache candidates' reads are predicted at; the explicit caches' predictions do not move."""
+    from flashmoe.tune import Candidate, DiskModel, predict
+    from flashmoe.tune.measure import ENGINE_PAGECACHE, PAGECACHE
+
+    cm = _compute()
+    comp = (cm.dense_decode_s + K * N_LAYER * cm.expert_decode_s) * 23  # the compute model's, without a trace
+    pc_rec = _fake_run(230_000_000, 0.2, 23 * 4 * 3, decode_s=comp + 1.0)
+    mf, syn, cal, specs, lines, cands = _pc_calibration(monkeypatch, pc_rec)
+    assert [(c.mode, c.readers) for c in cands] == [("cache", 8), ("cache", 8), ("pagecache", 8), ("cache", 4)]
+    pcr = cal.pagecache_run
+    assert pcr is not None and pcr.pagecache and pcr.status == "ok" and pcr.label == "page cache, 8 readers"
+    assert pcr.compute_s == pytest.approx(comp)
+    assert pcr.effective_bytes_per_s == pytest.approx(230e6)  # not the reader pool's 1150 MB/s
+    assert pcr.bytes_per_s == pytest.approx(230e6 / 0.2)
+    assert cal.points(False) == [(8.0, 0.9e9)]  # the page-cache run is not a buffered point
+    assert any("page cache, 8 readers: effective 230 MB/s" in l for l in lines)
+    without = DiskModel(_measured(SYN_DIRECT), _measured(SYN_BUFFERED, False),
+                        _engine((True, 8, 8, 1600), (False, 8, 8, 900), (True, 4, 4, 1000)))
+    disk = DiskModel(_measured(SYN_DIRECT), _measured(SYN_BUFFERED, False), cal)
+    assert disk.source(PAGECACHE) == ENGINE_PAGECACHE and without.source(PAGECACHE) == "engine"
+    assert disk.bw(pcr.qd, PAGECACHE) == pytest.approx(230e6)
+    sim = _sim(mf)
+    pc = Candidate("p", "pagecache", readers=8, direct_io=False)
+    p_with, p_without = predict(sim, pc, mf, disk, cm), predict(sim, pc, mf, without, cm)
+    assert p_with["disk_source"] == ENGINE_PAGECACHE and p_without["disk_source"] == "engine"
+    # both curves have the disk test's buffered shape: the read time scales by the ratio of their levels
+    ratio = (0.9e9 / disk.synthetic_bw(8, False)) / (230e6 / disk.synthetic_bw(pcr.qd, False))
+    assert p_with["decode"]["io_s_per_token"] == pytest.approx(ratio * p_without["decode"]["io_s_per_token"])
+    assert p_with["decode_tok_s"] < 0.5 * p_without["decode_tok_s"]
+    for c in (Candidate("d", "cache", slots=8, readers=8, direct_io=True),
+              Candidate("b", "cache", slots=8, readers=8, direct_io=False)):
+        assert predict(sim, c, mf, disk, cm) == predict(sim, c, mf, without, cm)
+    # the document and the report say what was measured and used
+    from flashmoe.tune.report import _engine_reads
+
+    doc = json.loads(json.dumps({"disk": {"engine": cal.to_dict(), "used": disk.to_dict(), "direct": {},
+                                          "buffered": {}}}))
+    assert doc["disk"]["used"]["pagecache"]["source"] == ENGINE_PAGECACHE
+    text = "\n".join(_engine_reads(doc))
+    assert "effective bandwidth of 230 MB/s" in text and "the reader pool's own: 1150 MB/s" in text
+    assert "page-cache candidates' reads are predicted at it" in text
+    again = DiskModel(doc["disk"].get("direct") or _measured(SYN_DIRECT), _measured(SYN_BUFFERED, False),
+                      doc["disk"]["engine"])
+    assert again.curves[PAGECACHE] == disk.curves[PAGECACHE]
+
+
+def test_page_cache_hit_rate_far_from_the_simulation_gives_an_effective_capacity(monkeypatch):
+    """The page cache hit far less than the simulation of the run's workload says (the cgroup holds less than the
+    model's room): the page-cache candidates are simulated with the room that gives the measured hit rate; the
+    tune's sizing takes it (Tune.disk_used) and the report says so. Close hit rates keep the modelled room."""
+    from types import SimpleNamespace
+
+    from flashmoe.tune import Clock, Sizing
+    from flashmoe.tune.measure import IO_CAL_GEN, IO_CAL_PROMPT, calibration_sim
+    from flashmoe.tune.report import _engine_reads
+    from flashmoe.tune.run import Tune
+    from flashmoe.tune.simulate import engine_ubatches, simulate_pagecache
+
+    from flashmoe.trace import gen_realistic
+
+    mf = _facts(n_tensors=3)
+    tr = gen_realistic(mf.moe_layers, N_EXPERT, K, 64, seed=3)
+    cap = 80 * MiB  # 20 of the 32 experts of every layer
+    sim_hit = calibration_sim(tr, mf, pc_capacity=cap).hit_rate("decode")
+    acc = 23 * N_LAYER * K
+    hits = int(round((sim_hit - 0.25) * acc))  # 25 points below the simulation
+    pc_rec = _fake_run(300_000_000, 0.5, acc - hits, hits=hits, decode_s=2.0)
+    mf, syn, cal, specs, lines, cands = _pc_calibration(monkeypatch, pc_rec, trace=tr, pc_capacity=cap)
+    pcr = cal.pagecache_run
+    assert pcr.sim_hit_rate == pytest.approx(sim_hit) and pcr.hit_rate == pytest.approx(hits / acc)
+    eff = cal.pc_effective_capacity
+    assert eff is not None and eff < cap
+    ubs = engine_ubatches(IO_CAL_PROMPT, IO_CAL_GEN)
+    assert simulate_pagecache(tr, ubs, eff, mf.expert_bytes, last_layer=mf.last_layer).hit_rate("decode") \
+        >= pcr.hit_rate > simulate_pagecache(tr, ubs, eff - EB, mf.expert_bytes,
+                                             last_layer=mf.last_layer).hit_rate("decode")
+    assert any("the page-cache candidates are simulated with" in l for l in lines)
+    # the tune's sizing takes it, and the report says so
+    log = []
+    t = Tune(SimpleNamespace(readers=(4, 8)), Clock(600, log.append), mf, None, None, None, [])
+    sizing = Sizing(pc_capacity=cap, pc_capacity_source="measured")
+    disk = t.disk_used(_measured(SYN_DIRECT), _measured(SYN_BUFFERED, False), cal, sizing)
+    assert sizing.pc_capacity == eff and sizing.pc_capacity_source == "calibrated"
+    assert any("page-cache candidates simulated with" in l for l in log)
+    assert any("bandwidth in the predictions, page-cache mode: engine, page-cache run" in l for l in log)
+    doc = {"disk": {"engine": cal.to_dict(), "used": disk.to_dict(), "direct": {}, "buffered": {}}}
+    assert "too far apart, so the page-cache candidates are simulated with" in "\n".join(_engine_reads(doc))
+    # a hit rate within PC_HIT_TOLERANCE of the simulation's: the modelled room stays
+    near = int(round((sim_hit - 0.02) * acc))
+    _, _, cal2, _, _, _ = _pc_calibration(monkeypatch, _fake_run(300_000_000, 0.5, acc - near, hits=near,
+                                                                 decode_s=2.0), trace=tr, pc_capacity=cap)
+    assert cal2.pc_effective_capacity is None and cal2.pc_capacity == cap
+    sizing = Sizing(pc_capacity=cap, pc_capacity_source="measured")
+    t.disk_used(_measured(SYN_DIRECT), _measured(SYN_BUFFERED, False), cal2, sizing)
+    assert sizing.pc_capacity == cap and sizing.pc_capacity_source == "measured"
+
+
+def test_a_failed_page_cache_run_falls_back_to_buffered_bandwidth(monkeypatch):
+    """The page-cache run timed out: page-cache candidates read at buffered I/O's bandwidth (the engine's buffered
+    run here) and the modelled room; the progress lines and the notes say so."""
+    from types import SimpleNamespace
+
+    from flashmoe.tune import Candidate, Clock, DiskModel, Sizing, predict
+    from flashmoe.tune.measure import PAGECACHE
+    from flashmoe.tune.run import Tune
+
+    mf, syn, cal, specs, lines, cands = _pc_calibration(monkeypatch, _fake_run(0, 0, 0, status="TIMEOUT"),
+                                                        trace=_cycling_trace(_facts(n_tensors=3)))
+    assert cal.pagecache_run.status == "TIMEOUT" and cal.pc_effective_capacity is None
+    assert cal.pagecache_point() is None and cal.ok  # the other runs measured
+    disk = DiskModel(_measured(SYN_DIRECT), _measured(SYN_BUFFERED, False), cal)
+    assert not disk.has(PAGECACHE) and disk.source(PAGECACHE) == disk.source(False) == "engine"
+    assert disk.bw(5.0, PAGECACHE) == disk.bw(5.0, False)
+    sim = _sim(mf)
+    pc, b = Candidate("p", "pagecache", readers=8, direct_io=False), Candidate("b", "pagecache", readers=8)
+    assert predict(sim, pc, mf, disk, _compute()) == predict(sim, b, mf, disk, _compute())
+    log, notes = [], []
+    t = Tune(SimpleNamespace(readers=(4, 8)), Clock(600, log.append), mf, None, None, None, notes)
+    sizing = Sizing(pc_capacity=64 * MiB, pc_capacity_source="measured")
+    t.disk_used(_measured(SYN_DIRECT), _measured(SYN_BUFFERED, False), cal, sizing)
+    assert sizing.pc_capacity == 64 * MiB
+    assert any("the page-cache run gave no bandwidth (TIMEOUT" in l for l in log)
+    assert any("page-cache mode: buffered I/O's (engine)" in l for l in log)
+    assert any("page-cache calibration run gave no bandwidth" in n for n in notes)
+
+
+def test_calibration_time_stays_bounded_with_the_page_cache_run(monkeypatch):
+    """Every run, the page-cache one too, fits the one allowance: each run's timeout is what is left of it, and a
+    run that would not fit is not started."""
+    from flashmoe.bench.runner import RunRecord
+    from flashmoe.settings import EngineSettings
+    from flashmoe.tune import Clock, DiskModel, calibrate_io
+    from flashmoe.tune import measure
+
+    clock = Clock(600, lambda m: None)
+    timeouts = []
+
+    def slow(spec, limit, timeout):  # each run would take 20 s; killed at its timeout
+        timeouts.append(timeout)
+        took = min(20.0, timeout)
+        clock.t0 -= took
+        if took < 20.0:
+            return RunRecord("TIMEOUT", timed_out=True, wall_s=took, detail="killed")
+        rec = _fake_run(1_000_000, 0.01, 12, decode_s=1.0)
+        rec.wall_s = took
+        return rec
+
+    monkeypatch.setattr(measure, "_io_worker", slow)
+    monkeypatch.setattr(measure, "evict_file", lambda files: None)
+    syn = DiskModel(_measured(SYN_DIRECT), _measured(SYN_BUFFERED, False))
+    cal = calibrate_io(lambda c: EngineSettings(), _facts(), 1, N_CTX, "t.trace", [4, 8], [True, False], None, syn,
+                       _compute(), clock, allowance=50.0, buffered_slots=12, pc_capacity=64 * MiB)
+    assert [r.label for r in cal.runs] == ["direct, 8 readers", "buffered, 8 readers", "page cache, 8 readers",
+                                           "direct, 4 readers"]
+    assert [r.status for r in cal.runs] == ["ok", "ok", "TIMEOUT", "not run"]
+    assert timeouts[2] == pytest.approx(10.0, abs=0.5) and sum(min(20.0, t) for t in timeouts) <= 50.0 + 0.5
+    assert cal.s <= 50.0 + 0.5 and cal.allowance_s == 50.0
+    assert cal.note == "no time for direct, 4 readers"
+
+
+def test_validation_takes_reads_ahead_in_every_competitive_io_mode():
+    """Reads ahead are validated in each I/O mode predicted competitive, picked by the prediction; a mode predicted
+    far behind gets none of its own."""
+    from flashmoe.tune import Candidate, pick_for_validation
+    from flashmoe.tune.validate import competitive_io_modes
+
+    def cand(name, pred, d=True, pf=False, mode="cache", ev="lru"):
+        c = Candidate(name, mode, slots=16, direct_io=d, prefetch=pf, eviction=ev)
+        c.prediction = {"decode_tok_s": pred}
+        return c
+
+    # today's B1 order (buffered over-predicted): one reads-ahead candidate (the best predicted: buffered) at 4;
+    # with a 5th, the direct reads ahead too
+    b1 = [cand("pc", 7.57, d=False, mode="pagecache"), cand("b", 6.22, d=False), cand("bp", 6.18, d=False, pf=True),
+          cand("d", 6.14), cand("dp", 6.10, pf=True)]
+    assert [c.name for c in pick_for_validation(b1, 4)] == ["pc", "b", "bp", "d"]
+    assert [c.name for c in pick_for_validation(b1, 5)] == ["pc", "b", "bp", "d", "dp"]
+    # corrected predictions: the reads-ahead candidate is the direct one; buffered still competitive: its own at 5
+    fixed = [cand("d", 6.14), cand("dp", 6.10, pf=True), cand("e", 6.0, ev="lfru"), cand("b", 4.70, d=False),
+             cand("bp", 4.60, d=False, pf=True), cand("pc", 2.70, d=False, mode="pagecache")]
+    assert competitive_io_modes(fixed) == [True, False]
+    assert [c.name for c in pick_for_validation(fixed, 4)] == ["d", "dp", "b", "pc"]
+    assert [c.name for c in pick_for_validation(fixed, 5)] == ["d", "dp", "b", "bp", "pc"]
+    # buffered far behind (under 75% of the best): no reads ahead of its own; the next rule (eviction) instead
+    for c in fixed:
+        if not c.direct_io and c.mode == "cache":
+            c.prediction["decode_tok_s"] -= 1.0
+    assert competitive_io_modes(fixed) == [True]
+    assert [c.name for c in pick_for_validation(fixed, 5)] == ["d", "dp", "e", "b", "pc"]
 
 
 # ------------------------------------------------------------------------------------- with the engine
@@ -367,6 +640,14 @@ def test_tune_falls_back_to_the_disk_test_when_the_calibration_fails(tiny_model,
     assert "The engine's reads were not measured (direct, 8 readers: TIMEOUT" in md
     assert "- disk bandwidth in the predictions, direct I/O: disk test: " in md
     assert "# disk bandwidth in the predictions: direct: disk test: " in (tmp_path / "t.yaml").read_text()
+    # the page-cache run timed out too: page-cache candidates read at buffered I/O's (the disk test's here)
+    pcr = [r for r in d["engine"]["runs"] if r["pagecache"]]
+    assert len(pcr) == 1 and pcr[0]["status"] == "TIMEOUT" and d["engine"]["pc_effective_capacity"] is None
+    assert d["used"]["pagecache"]["source"] == "disk test" and not d["used"]["pagecache"]["own_curve"]
+    assert "the page-cache run gave no bandwidth (TIMEOUT" in log
+    assert any("page-cache calibration run gave no bandwidth (TIMEOUT" in n for n in doc["notes"])
+    assert "- disk bandwidth in the predictions, page-cache mode: buffered I/O's (disk test): " in md
+    assert "Page-cache run: TIMEOUT" in md
 
 
 def test_validation_table_says_where_the_error_lies():

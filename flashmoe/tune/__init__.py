@@ -19,12 +19,17 @@ Steps (each shown as it runs; the whole stays inside ``time_limit``):
    RAM (it only needs k slots per layer), and it times the same graph (fetch op, slot tensors) the
    candidates run.
 4. **Trace** (``run``). ``--trace FILE``, or the engine's own routing recorded on a sample prompt.
-4b. **Engine reads** (``measure.calibrate_io``). Short runs streaming with k slots per layer (nearly
-   every selection a miss) on the trace, confined to the budget, the model file evicted first: direct
-   I/O at each ``--readers`` count, buffered at the most. Of each decode phase, the hook's bytes read
-   over the reader pool's busy time, at the reads in flight the simulation of the run gives. The
-   predictions' ``DiskModel`` takes these in place of the disk test's (kept for the report); a mode
-   not measured (a run failed, timed out, had no time) keeps the disk test's, and says so.
+4b. **Engine reads** (``measure.calibrate_io``). Short runs on the trace, confined to the budget, the
+   model file evicted first: direct I/O with k slots per layer (nearly every selection a miss) at each
+   ``--readers`` count; buffered I/O at the most readers with the largest buffered candidate's cache
+   (``measure.buffered_calibration_slots``: the page cache its reads fill competes with that cache under the
+   limit, as in the candidates' runs); one page-cache-mode run at the most readers. Of each decode phase, the
+   hook's bytes read over the reader pool's busy time, at the reads in flight the simulation of the run
+   gives; of the page-cache run, its effective bandwidth (bytes over the decode time less the modelled
+   compute) and its hit rate against the simulation's (far apart: the page-cache candidates are simulated
+   with the room that gives the measured one). The predictions' ``DiskModel`` takes these in place of the
+   disk test's (kept for the report); a mode not measured (a run failed, timed out, had no time) keeps the
+   disk test's (page-cache mode: buffered I/O's), and says so. All of it within IO_CAL_SHARE of the limit.
 5. **Simulation** (``search`` with ``simulate``, exact for the explicit cache): hit rates for every
    cache size, LRU and LFRU, per layer and overall; per-layer slot counts proportional to each
    layer's working set, and a greedy per-layer split (candidates like the uniform ones); page-cache
@@ -38,7 +43,9 @@ Steps (each shown as it runs; the whole stays inside ``time_limit``):
    base policy's n_ubatch, each candidate is simulated again with larger ubatches (their compute
    buffer taken from the cache) and takes the one with the best time to first token among those
    that do not cost decode more than 2% (``search.choose_ubatches``).
-6. **Validation** (``validate``). The best few candidates run in fresh processes confined to the
+6. **Validation** (``validate``). The best few candidates (``pick_for_validation``: the best, the other
+   mode, the other I/O mode, reads ahead both ways and in every competitive I/O mode, ...) run in fresh
+   processes confined to the
    budget (memory cgroup, the model file evicted from the page cache before each run; the bench's
    runner, ``flashmoe.bench.runner``), in alternation, as many rounds as time allows (at most
    ``repeat``); the winner is the best measured median decode tok/s (prefill tok/s breaks ties

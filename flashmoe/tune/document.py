@@ -12,7 +12,7 @@ from flashmoe.bench.facts import describe_machine
 from flashmoe.policy import MachineInfo
 from flashmoe.sizes import format_size
 from flashmoe.tune.candidates import Candidate
-from flashmoe.tune.measure import ComputeModel, DiskModel, IOCalibration
+from flashmoe.tune.measure import PAGECACHE, ComputeModel, DiskModel, IOCalibration
 from flashmoe.tune.model import MemoryPlan, ModelFacts
 from flashmoe.tune.options import Clock, TuneOptions
 from flashmoe.tune.search import EVICTIONS, UBATCH_DECODE_MARGIN, UBATCH_TTFT_GAIN, Search, Sizing
@@ -69,12 +69,15 @@ def _trace_section(f: Findings) -> Dict[str, Any]:
 
 def _disk_section(opts: TuneOptions, f: Findings) -> Dict[str, Any]:
     """The disk test (``direct``, ``buffered``), the engine's reads (``engine``: the I/O calibration's runs) and
-    what the predictions used (``used``: per mode, the curve and its source; ``summary``: in words)."""
+    what the predictions used (``used``: per mode, page-cache mode too, the curve and its source; ``summary``: in
+    words)."""
     disk = f.disk if f.disk is not None else DiskModel(f.direct, f.buffered)
     rd = list(opts.readers)
+    summary = {("direct" if m else "buffered"): disk.describe(m, rd) for m in (True, False) if disk.has(m)}
+    if disk.ok:
+        summary["page cache"] = disk.describe(PAGECACHE, rd)
     return {"direct": f.direct.to_dict(), "buffered": f.buffered.to_dict(), "engine": f.io.to_dict(),
-            "used": disk.to_dict(),
-            "summary": {("direct" if m else "buffered"): disk.describe(m, rd) for m in (True, False) if disk.has(m)}}
+            "used": disk.to_dict(), "summary": summary}
 
 
 def document(opts: TuneOptions, f: Findings, clock: Clock) -> Dict[str, Any]:
@@ -105,7 +108,8 @@ def document(opts: TuneOptions, f: Findings, clock: Clock) -> Dict[str, Any]:
                    "ttft_gain": UBATCH_TTFT_GAIN, "choices": f.winner.ubatch_choices},
         "curve": _curve_rows(f),
         "pagecache": {"capacity_bytes": f.sizing.pc_capacity, "all": pc.hit_rate(), "decode": pc.hit_rate("decode"),
-                      "capacity_source": "measured" if f.sizing.pc_capacity != mp.cache_space else "estimate"},
+                      "capacity_source": f.sizing.pc_capacity_source,
+                      "modelled_capacity_bytes": f.io.pc_capacity},
         "working_set": {str(k): v for k, v in f.found.ws.items()},
         "candidates": [c.to_dict() for c in f.found.cands],
         "per_layer_candidates": [c.to_dict() for c in f.found.per_layer],

@@ -1,8 +1,10 @@
 """What the tuner measures on this machine: the disk (read bandwidth against queue depth, direct and
 buffered: the bench's disk test), the compute (warm-cache runs of the engine: per-token time of
-the dense part and of one expert), the engine's own reads (``calibrate_io``: short streamed runs with
-the smallest cache, whose reader pool's bandwidth replaces the disk test's in the predictions), and
-the models the predictions use."""
+the dense part and of one expert), the engine's own reads (``calibrate_io``: short streamed runs under
+the budget, whose reader pool's bandwidth replaces the disk test's in the predictions: direct I/O with the
+smallest cache, buffered I/O with the largest buffered candidate's cache so that the page cache competes
+with it as in that candidate's runs, and one page-cache-mode run whose effective bandwidth and hit rate
+the page-cache candidates take), and the models the predictions use."""
 from __future__ import annotations
 
 import os
@@ -20,7 +22,7 @@ from flashmoe.trace import Trace, write_trace
 from flashmoe.tune.candidates import Candidate
 from flashmoe.tune.model import ModelFacts
 from flashmoe.tune.options import Clock
-from flashmoe.tune.simulate import engine_ubatches, simulate
+from flashmoe.tune.simulate import SimResult, engine_ubatches, simulate, simulate_pagecache
 from flashmoe.worker import WorkerSpec
 
 CAL_PROMPT = 32  # tokens of the compute calibration runs
@@ -33,8 +35,24 @@ IO_CAL_GEN = 24
 IO_CAL_SHARE = 0.08  # the I/O calibration takes at most this share of the time limit ...
 IO_CAL_MIN_S = 20.0  # ... or this many seconds, whichever is more
 IO_CAL_RESERVE = 0.5  # ... and never more than this share of the time left (validation comes after it)
+IO_CAL_MIN_MISS_SHARE = 0.05  # a buffered calibration run's cache must leave this share of its decode accesses
+# missing (in the simulation of its workload) for its reads to be measured; else the next smaller cache
+PC_HIT_TOLERANCE = 0.05  # the page-cache run's decode hit rate further than this from the simulation's: the
+# page-cache candidates are simulated with the capacity that gives the measured one (``effective_capacity``)
 ENGINE = "engine"  # DiskModel.source(): the bandwidth of the engine's own reads (calibrate_io)
+ENGINE_PAGECACHE = "engine, page-cache run"  # ... the effective bandwidth of its page-cache-mode run
 DISK_TEST = "disk test"  # ... the synthetic disk test (measure_disks)
+PAGECACHE = "pagecache"  # DiskModel's key of page-cache mode (True: direct I/O, False: buffered)
+IOKey = Union[bool, str]  # True | False | PAGECACHE
+
+
+def io_key(mode: str, direct_io: bool) -> IOKey:
+    """The DiskModel curve a candidate reads with: PAGECACHE for page-cache mode, else its I/O mode."""
+    return PAGECACHE if mode == "pagecache" else bool(direct_io)
+
+
+def io_name(key: IOKey) -> str:
+    return "page cache" if key == PAGECACHE else "direct" if key else "buffered"
 
 
 def measure_disks(model_path: str, depths: Sequence[int], clock: Clock) -> Tuple[DiskMeasurement, DiskMeasurement]:
@@ -66,10 +84,14 @@ def _mbs(b: Optional[float]) -> str:
 
 @dataclass
 class EngineRead:
-    """One run of the I/O calibration: the engine streaming with the smallest cache (k slots per layer), its
+    """One run of the I/O calibration: the engine streaming (direct I/O: with the smallest cache, k slots per
+    layer; buffered: with the largest buffered candidate's cache; or in page-cache mode, ``pagecache``), its
     decode phase's reads from the hook's counters. ``bytes_per_s`` = bytes read / the reader pool's busy time
     (``read_wall_s``): the bandwidth the engine's own read pattern got; ``qd``: the reads in flight it kept,
-    min(readers, slices a layer's fetch read on average)."""
+    min(readers, slices a layer's fetch read on average). A page-cache run also has ``effective_bytes_per_s``:
+    bytes read / (decode time - the compute the model predicts for it): every cost of its misses (the matmuls'
+    page faults when the cgroup reclaims what was just read, too), and its decode hit rate (``hit_rate``,
+    mincore) beside the simulation's (``sim_hit_rate``)."""
 
     direct: bool
     readers: int
@@ -90,10 +112,19 @@ class EngineRead:
     timeout_s: Optional[float] = None
     confined: bool = False
     model_evicted: bool = False
+    pagecache: bool = False  # a page-cache-mode run (``direct`` False, ``slots`` 0)
+    hit_rate: Optional[float] = None  # decode hits / accesses (the hook's counters)
+    sim_hit_rate: Optional[float] = None  # page cache: the simulation of its workload at the modelled capacity
+    compute_s: Optional[float] = None  # page cache: the compute of its decode phase, by the compute model
+    effective_bytes_per_s: Optional[float] = None  # page cache: bytes read / (decode time - compute)
+
+    @property
+    def key(self) -> IOKey:
+        return PAGECACHE if self.pagecache else self.direct
 
     @property
     def label(self) -> str:
-        return f"{'direct' if self.direct else 'buffered'}, {self.readers} readers"
+        return f"{io_name(self.key)}, {self.readers} readers"
 
     def take(self, rec: RunRecord, mf: ModelFacts, in_flight: Optional[float] = None) -> None:
         """The figures of a finished run (its status and, when it completed, its decode phase's reads).
@@ -107,6 +138,7 @@ class EngineRead:
         self.decode_tokens, self.decode_s = dec.tokens, dec.s
         self.hits, self.misses, self.bytes_read = c.hits, c.misses, c.bytes_read
         self.read_wall_s, self.read_s, self.stall_s = c.read_wall_s, c.read_s, c.stall_s
+        self.hit_rate = c.hits / (c.hits + c.misses) if c.hits + c.misses else None
         if self.direct and (rec.ok_result.info or {}).get("direct_io") == 0:
             # O_DIRECT refused by the file system: the engine read buffered, as direct candidates would here
             self.detail = "the engine fell back to buffered reads (O_DIRECT refused)"
@@ -121,6 +153,17 @@ class EngineRead:
         else:
             self.detail = "the run read nothing during its decode phase"
 
+    def take_effective(self, compute_s: Optional[float]) -> None:
+        """A page-cache run's effective bandwidth: its decode bytes over the decode time less ``compute_s``
+        (the compute model's time for its decode; None: not calibrated, nothing taken off), never more than
+        over the time the fetches stalled."""
+        self.compute_s = compute_s
+        if self.bytes_read <= 0:
+            return
+        io_s = max(self.decode_s - (compute_s or 0.0), self.stall_s)
+        if io_s > 0:
+            self.effective_bytes_per_s = self.bytes_read / io_s
+
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
@@ -134,24 +177,44 @@ class IOCalibration:
     s: float = 0.0  # seconds it took
     prompt_tokens: int = IO_CAL_PROMPT
     gen_tokens: int = IO_CAL_GEN
+    allowance_s: float = 0.0  # the most it could take
+    buffered_slots: Optional[int] = None  # slots per layer of its buffered runs, and why that many
+    buffered_why: str = ""
+    pc_capacity: Optional[int] = None  # the page cache's modelled room, the page-cache run was simulated with
+    pc_effective_capacity: Optional[int] = None  # the room that gives the run's measured hit rate (when far)
 
     def points(self, direct: bool) -> List[Tuple[float, float]]:
-        """(queue depth, bytes/s) of the completed runs in this I/O mode."""
+        """(queue depth, bytes/s) of the completed runs in this I/O mode (page-cache runs aside)."""
         return sorted((float(r.qd), float(r.bytes_per_s)) for r in self.runs
-                      if r.direct == direct and r.bytes_per_s and r.qd)
+                      if r.direct == direct and not r.pagecache and r.bytes_per_s and r.qd)
+
+    @property
+    def pagecache_run(self) -> Optional[EngineRead]:
+        return next((r for r in self.runs if r.pagecache), None)
+
+    def pagecache_point(self) -> Optional[Tuple[float, float]]:
+        """(queue depth, effective bytes/s) of the page-cache run, when it measured one."""
+        r = self.pagecache_run
+        if r is None or not r.effective_bytes_per_s or not r.qd:
+            return None
+        return float(r.qd), float(r.effective_bytes_per_s)
 
     @property
     def ok(self) -> bool:
-        return bool(self.points(True) or self.points(False))
+        return bool(self.points(True) or self.points(False) or self.pagecache_point())
 
     def to_dict(self) -> Dict[str, Any]:
         return {"runs": [r.to_dict() for r in self.runs], "note": self.note, "s": self.s, "ok": self.ok,
-                "prompt_tokens": self.prompt_tokens, "gen_tokens": self.gen_tokens}
+                "prompt_tokens": self.prompt_tokens, "gen_tokens": self.gen_tokens, "allowance_s": self.allowance_s,
+                "buffered_slots": self.buffered_slots, "buffered_why": self.buffered_why,
+                "pc_capacity": self.pc_capacity, "pc_effective_capacity": self.pc_effective_capacity}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "IOCalibration":
         return cls([EngineRead(**r) for r in d.get("runs") or []], d.get("note") or "", d.get("s") or 0.0,
-                   d.get("prompt_tokens", IO_CAL_PROMPT), d.get("gen_tokens", IO_CAL_GEN))
+                   d.get("prompt_tokens", IO_CAL_PROMPT), d.get("gen_tokens", IO_CAL_GEN),
+                   d.get("allowance_s") or 0.0, d.get("buffered_slots"), d.get("buffered_why") or "",
+                   d.get("pc_capacity"), d.get("pc_effective_capacity"))
 
 
 def calibrated_curve(engine: List[Tuple[float, float]],
@@ -178,9 +241,14 @@ def calibrated_curve(engine: List[Tuple[float, float]],
 
 
 class DiskModel:
-    """Read bandwidth against queue depth (piecewise linear between the measured depths), direct and buffered:
-    the engine's own reads where the I/O calibration measured them (``engine``), else the disk test's.
-    ``synthetic`` keeps the disk test's curves, ``sources`` says where each mode's curve came from."""
+    """Read bandwidth against queue depth (piecewise linear between the measured depths), direct, buffered and
+    page-cache mode (keys True, False, PAGECACHE): the engine's own reads where the I/O calibration measured them
+    (``engine``), else the disk test's; page-cache mode: the effective bandwidth of the calibration's page-cache
+    run, else buffered I/O's curve. ``synthetic`` keeps the disk test's curves, ``sources`` says where each
+    curve came from."""
+
+    FALLBACK: Dict[IOKey, Tuple[IOKey, ...]] = {True: (True, False), False: (False, True),
+                                                PAGECACHE: (PAGECACHE, False, True)}
 
     def __init__(self, direct: Measured, buffered: Measured,
                  engine: Union["IOCalibration", Dict[str, Any], None] = None):
@@ -194,72 +262,86 @@ class DiskModel:
             self.synthetic.pop(True, None)
             self.synthetic.setdefault(False, sorted((float(x.qd), float(x.bytes_per_s)) for x in direct.depths))
         self.engine = IOCalibration.from_dict(engine) if isinstance(engine, dict) else engine
-        self.curves: Dict[bool, List[Tuple[float, float]]] = dict(self.synthetic)
-        self.sources: Dict[bool, str] = {d: DISK_TEST for d in self.curves}
+        self.curves: Dict[IOKey, List[Tuple[float, float]]] = {d: c for d, c in self.synthetic.items()}
+        self.sources: Dict[IOKey, str] = {d: DISK_TEST for d in self.curves}
         if self.engine is not None:
             for is_direct in (True, False):
                 pts = self.engine.points(is_direct)
                 if pts:
                     self.curves[is_direct] = calibrated_curve(pts, self.synthetic.get(is_direct))
                     self.sources[is_direct] = ENGINE
+            pc = self.engine.pagecache_point()
+            if pc is not None:  # one point: buffered I/O's shape (the disk test's) at the run's level
+                self.curves[PAGECACHE] = calibrated_curve([pc], self.synthetic.get(False) or self.synthetic.get(True))
+                self.sources[PAGECACHE] = ENGINE_PAGECACHE
 
     @property
     def ok(self) -> bool:
         return bool(self.curves)
 
-    def has(self, direct: bool) -> bool:
-        return direct in self.curves
+    def has(self, key: IOKey) -> bool:
+        return key in self.curves
 
-    def source(self, direct: bool) -> Optional[str]:
-        """Where the curve that ``bw(q, direct)`` reads came from: ENGINE, DISK_TEST, None (no curve)."""
-        if direct in self.curves:
-            return self.sources[direct]
-        return self.sources.get(not direct)
+    def _used(self, key: IOKey) -> Optional[IOKey]:
+        """The curve ``key`` reads: its own, else the next in FALLBACK's order (None: no curve at all)."""
+        return next((k for k in self.FALLBACK[key] if k in self.curves), None)
 
-    def bw(self, qd: Union[float, np.ndarray], direct: bool) -> Union[float, np.ndarray]:
-        pts = self.curves.get(direct) or self.curves.get(not direct)
-        if not pts:
+    def source(self, key: IOKey) -> Optional[str]:
+        """Where the curve that ``bw(q, key)`` reads came from: ENGINE, ENGINE_PAGECACHE, DISK_TEST, None."""
+        k = self._used(key)
+        return None if k is None else self.sources[k]
+
+    def bw(self, qd: Union[float, np.ndarray], key: IOKey) -> Union[float, np.ndarray]:
+        k = self._used(key)
+        if k is None:
             return np.full(np.shape(qd), np.nan) if np.ndim(qd) else float("nan")
+        pts = self.curves[k]
         xs = np.array([p[0] for p in pts], dtype=float)
         ys = np.array([p[1] for p in pts], dtype=float)
         return np.interp(qd, xs, ys)
 
-    def synthetic_bw(self, qd: float, direct: bool) -> Optional[float]:
-        """The disk test's bandwidth at this queue depth (None: not measured)."""
-        pts = self.synthetic.get(direct) or self.synthetic.get(not direct)
+    def synthetic_bw(self, qd: float, direct: IOKey) -> Optional[float]:
+        """The disk test's bandwidth at this queue depth (None: not measured; page cache: buffered's)."""
+        d = bool(direct) if direct != PAGECACHE else False
+        pts = self.synthetic.get(d) or self.synthetic.get(not d)
         if not pts:
             return None
         return float(np.interp(qd, [p[0] for p in pts], [p[1] for p in pts]))
 
     def read_time(self, misses: np.ndarray, expert_bytes: np.ndarray, n_tensors: np.ndarray, readers: int,
-                  direct: bool) -> np.ndarray:
+                  key: IOKey) -> np.ndarray:
         """Seconds to read `misses` experts of each layer (arrays broadcast per layer column): the
         reader pool runs min(readers, jobs) reads at a time."""
         jobs = misses * n_tensors
         q = np.clip(np.minimum(readers, jobs), 1, None)
-        bw = self.bw(q, direct)
+        bw = self.bw(q, key)
         return np.where(misses > 0, misses * expert_bytes / bw, 0.0)
 
-    def describe(self, direct: bool, readers: Sequence[int] = ()) -> str:
+    def describe(self, key: IOKey, readers: Sequence[int] = ()) -> str:
         """One mode's bandwidth and its source, at these reader counts: 'engine: 1612 MB/s at 8 readers, ...
-        (disk test: 909 MB/s at QD8, ...)'."""
-        src = self.source(direct)
+        (disk test: 909 MB/s at QD8, ...)'; page-cache mode without its own curve: 'buffered I/O's (engine): ...'."""
+        src = self.source(key)
         if src is None:
             return "not measured"
         rs = sorted(set(int(r) for r in readers)) or [1, 4, 8]
-        used = ", ".join(f"{_mbs(float(self.bw(r, direct)))} at {r} reader{'s' if r != 1 else ''}" for r in rs)
+        used = ", ".join(f"{_mbs(float(self.bw(r, key)))} at {r} reader{'s' if r != 1 else ''}" for r in rs)
+        if key == PAGECACHE:
+            if self.has(PAGECACHE):
+                return f"{src} (effective: every cost of a miss, the reads and the faults): {used}"
+            return f"{io_name(self._used(key) or False)} I/O's ({src}): {used}"
         if src != ENGINE:
             return f"{src}: {used}"
-        syn = ", ".join(f"{_mbs(self.synthetic_bw(r, direct))} at QD{r}" for r in rs)
+        syn = ", ".join(f"{_mbs(self.synthetic_bw(r, key))} at QD{r}" for r in rs)
         return f"{src}: {used}" + (f" (disk test: {syn})" if self.synthetic else "")
 
     def to_dict(self) -> Dict[str, Any]:
         """The curves the predictions use and their sources (the document's ``disk.used``)."""
         out: Dict[str, Any] = {}
-        for d in (True, False):
-            pts = self.curves.get(d) or self.curves.get(not d) or []
-            out["direct" if d else "buffered"] = {"source": self.source(d), "own_curve": d in self.curves,
-                                                  "curve": [list(p) for p in pts]}
+        for d in (True, False, PAGECACHE):
+            k = self._used(d)
+            pts = self.curves[k] if k is not None else []
+            out["direct" if d is True else "buffered" if d is False else "pagecache"] = {
+                "source": self.source(d), "own_curve": d in self.curves, "curve": [list(p) for p in pts]}
         return out
 
 
@@ -360,14 +442,14 @@ def calibrate_compute(settings_for: Callable[[Candidate], EngineSettings], mf: M
     return cm
 
 
-def _io_estimate(mf: ModelFacts, cm: ComputeModel, disk: DiskModel, direct: bool, readers: int) -> float:
+def _io_estimate(mf: ModelFacts, cm: ComputeModel, disk: DiskModel, key: IOKey, readers: int) -> float:
     """Seconds an I/O calibration run should take if every selection missed, at the disk test's bandwidth
     (200 MB/s where it has none): what its timeout is made from."""
     K, P, G = mf.n_used, IO_CAL_PROMPT, IO_CAL_GEN
     io_tok = io_pf = 0.0
     for l in mf.moe_layers:
         eb, nt = mf.expert_bytes[l], mf.n_tensors.get(l, 1)
-        bw = float(disk.bw(min(readers, K * nt), direct)) if disk.ok else float("nan")
+        bw = float(disk.bw(min(readers, K * nt), key)) if disk.ok else float("nan")
         bw = bw if np.isfinite(bw) and bw > 0 else 200e6
         io_tok += K * eb / bw
         io_pf += min(mf.n_expert, P * K) * eb / bw
@@ -377,18 +459,33 @@ def _io_estimate(mf: ModelFacts, cm: ComputeModel, disk: DiskModel, direct: bool
     return (cm.startup_s or 5.0) + io_pf + comp_pf + G * (io_tok + comp_tok)
 
 
-def reads_in_flight(trace: Optional[Trace], mf: ModelFacts, readers: int) -> Optional[float]:
-    """The reads in flight of an I/O calibration run's decode fetches: min(readers, slices to read) of each layer
-    fetch that reads, weighted by its bytes, from the exact simulation of the run (k slots, LRU, its workload on
-    the trace). None without a trace, or when the simulation reads nothing."""
+def calibration_sim(trace: Optional[Trace], mf: ModelFacts, slots: Optional[int] = None,
+                    pc_capacity: Optional[int] = None) -> Optional[SimResult]:
+    """The exact simulation of an I/O calibration run's workload on the trace: an LRU cache of ``slots`` per layer
+    (None: k), or page-cache mode with ``pc_capacity`` bytes. None without a trace, or one the simulator cannot
+    take."""
     if trace is None:
         return None
     try:
         ubs = engine_ubatches(IO_CAL_PROMPT, IO_CAL_GEN)
-        sim = simulate(trace, ubs, mf.n_used, "lru", last_layer=mf.last_layer, expert_bytes=mf.expert_bytes)
+        if pc_capacity is not None:
+            return simulate_pagecache(trace, ubs, int(pc_capacity), mf.expert_bytes, last_layer=mf.last_layer)
+        return simulate(trace, ubs, int(slots or mf.n_used), "lru", last_layer=mf.last_layer,
+                        expert_bytes=mf.expert_bytes)
     except Exception:  # noqa: BLE001 - a trace the simulator cannot take: the counters' estimate instead
         return None
-    sel = np.array([u.phase == "decode" for u in ubs])
+
+
+def reads_in_flight(trace: Optional[Trace], mf: ModelFacts, readers: int, slots: Optional[int] = None,
+                    pc_capacity: Optional[int] = None) -> Optional[float]:
+    """The reads in flight of an I/O calibration run's decode fetches: min(readers, slices to read) of each layer
+    fetch that reads, weighted by its bytes, from the exact simulation of the run (``calibration_sim``: slots
+    per layer, LRU, or page-cache mode; its workload on the trace). None without a trace, or when the simulation
+    reads nothing."""
+    sim = calibration_sim(trace, mf, slots, pc_capacity)
+    if sim is None:
+        return None
+    sel = np.array([u.phase == "decode" for u in sim.ubatches])
     layers = [lc.layer for lc in sim.layers]
     nt = np.array([mf.n_tensors.get(l, 1) for l in layers], dtype=float)
     eb = np.array([mf.expert_bytes.get(l, 0) for l in layers], dtype=float)
@@ -400,58 +497,142 @@ def reads_in_flight(trace: Optional[Trace], mf: ModelFacts, readers: int) -> Opt
     return float((q * w).sum() / w.sum())
 
 
+def buffered_calibration_slots(sizes: Sequence[int], trace: Optional[Trace], mf: ModelFacts) -> Tuple[int, str]:
+    """(slots per layer, why) of the buffered calibration runs: the largest cache of a buffered candidate
+    (``sizes``), so that the page cache its buffered reads fill competes with the cache in the budget as in
+    that candidate's runs; a cache whose run would read too little to be measured (the simulation of its
+    workload misses under IO_CAL_MIN_MISS_SHARE of its decode accesses) gives way to the next smaller; k
+    when none reads enough (or there is none)."""
+    K = mf.n_used
+    big = sorted({int(s) for s in sizes if int(s) > K}, reverse=True)
+    share = f"{100 * IO_CAL_MIN_MISS_SHARE:.0f}%"
+    too_little: List[str] = []
+    for s in big:
+        sim = calibration_sim(trace, mf, slots=s)
+        if sim is None or 1.0 - sim.hit_rate("decode") >= IO_CAL_MIN_MISS_SHARE:
+            if not too_little:
+                return s, "the largest buffered candidate's cache"
+            return s, ("the largest buffered candidate's cache whose run reads enough: with "
+                       + ", ".join(too_little) + f" slots it would miss under {share} of its decode accesses")
+        too_little.append(str(s))
+    if not too_little:
+        return K, "k: no buffered candidate has a larger cache"
+    return K, ("k: with the buffered candidates' caches (" + ", ".join(too_little)
+               + f" slots) it would miss under {share} of its decode accesses")
+
+
+def effective_capacity(trace: Trace, mf: ModelFacts, hit_rate: float) -> int:
+    """The page-cache room (bytes) whose simulation of the calibration's workload gives this decode hit rate (the
+    smallest that reaches it, to one expert; a hit rate above what the whole model gives: every expert's
+    bytes)."""
+    ubs = engine_ubatches(IO_CAL_PROMPT, IO_CAL_GEN)
+
+    def hit(cap: int) -> float:
+        return simulate_pagecache(trace, ubs, cap, mf.expert_bytes, last_layer=mf.last_layer).hit_rate("decode")
+
+    step = max(1, min(mf.expert_bytes.values()))
+    lo, hi = 0, mf.n_expert * sum(mf.expert_bytes.values())
+    if hit(hi) < hit_rate:
+        return hi
+    while hi - lo > step:
+        mid = (lo + hi) // 2
+        if hit(mid) >= hit_rate:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _decode_compute(cm: ComputeModel, sim: Optional[SimResult], mf: ModelFacts, tokens: int) -> Optional[float]:
+    """The compute model's seconds for a calibration run's decode phase of ``tokens`` tokens (None: no model)."""
+    if not cm.ok:
+        return None
+    if sim is not None:
+        sel = np.array([u.phase == "decode" for u in sim.ubatches])
+        if sel.any():
+            return float(np.mean(cm.decode_s(sim.distinct[sel].astype(float)))) * tokens
+    return (cm.dense_decode_s + mf.n_used * len(mf.moe_layers) * cm.expert_decode_s) * tokens
+
+
 def _io_worker(spec: WorkerSpec, limit: Optional[int], timeout: float) -> RunRecord:
     """One I/O calibration run (a seam for the tests: a run that fails)."""
     return run_worker(spec, limit, timeout, measure=limit is not None)
 
 
-def io_plan(readers: Sequence[int], modes: Sequence[bool]) -> List[Tuple[bool, int]]:
-    """(direct, readers) of the I/O calibration runs, most useful first: the main mode (direct I/O when the
-    disk has it) at the most readers, the other mode at the most readers, then the main mode at the other
-    reader counts (the other mode's other counts follow the disk test's shape: ``calibrated_curve``)."""
+def io_plan(readers: Sequence[int], modes: Sequence[bool], pagecache: bool = False) -> List[Tuple[IOKey, int]]:
+    """(I/O mode, readers) of the I/O calibration runs, most useful first: the main mode (direct I/O when the
+    disk has it) at the most readers, the other mode at the most readers, page-cache mode at the most readers
+    (with ``pagecache``), then the main mode at the other reader counts (the other modes' other counts follow
+    the disk test's shape: ``calibrated_curve``)."""
     rs = sorted(set(int(r) for r in readers), reverse=True)
     ms = [m for m in (True, False) if m in modes]
-    if not rs or not ms:
+    if not rs:
         return []
-    plan = [(ms[0], rs[0])] + [(m, rs[0]) for m in ms[1:]] + [(ms[0], r) for r in rs[1:]]
-    return plan
+    pc: List[Tuple[IOKey, int]] = [(PAGECACHE, rs[0])] if pagecache else []
+    if not ms:
+        return pc
+    first: List[Tuple[IOKey, int]] = [(m, rs[0]) for m in ms]
+    rest: List[Tuple[IOKey, int]] = [(ms[0], r) for r in rs[1:]]
+    return first + pc + rest
 
 
 def calibrate_io(settings_for: Callable[[Candidate], EngineSettings], mf: ModelFacts, threads: Optional[int],
                  n_ctx: int, trace_path: str, readers: Sequence[int], modes: Sequence[bool], limit: Optional[int],
                  disk: DiskModel, cm: ComputeModel, clock: Clock, allowance: float,
-                 trace: Optional[Trace] = None) -> IOCalibration:
-    """The engine's own reads: short runs streaming with k slots per layer (nearly every selection a miss), routed
-    by the tune's trace, reads ahead off, one per (I/O mode, reader count) of ``io_plan``, each in a fresh process
-    confined to ``limit`` bytes (None: not confined) with the model file evicted from the page cache first, as the
-    validation runs are. Of each, the decode phase's bytes read over the reader pool's busy time, at the reads in
-    flight its fetches kept (``reads_in_flight`` from the trace when given). The runs stop when ``allowance``
-    seconds are spent (those not run are said in ``note``)."""
-    cal = IOCalibration()
+                 trace: Optional[Trace] = None, buffered_slots: Optional[int] = None,
+                 pc_capacity: Optional[int] = None, buffered_why: str = "") -> IOCalibration:
+    """The engine's own reads: short runs routed by the tune's trace, reads ahead off, one per (I/O mode, reader
+    count) of ``io_plan``, each in a fresh process confined to ``limit`` bytes (None: not confined) with the model
+    file evicted from the page cache first, as the validation runs are. Direct I/O streams with k slots per layer
+    (nearly every selection a miss); buffered I/O with ``buffered_slots`` (None: k): the largest buffered
+    candidate's cache, so that the page cache its reads fill competes with the cache in the budget as in that
+    candidate's runs; with ``pc_capacity`` (the page cache's modelled room), one page-cache-mode run. Of each, the
+    decode phase's bytes read over the reader pool's busy time, at the reads in flight its fetches kept
+    (``reads_in_flight`` from the trace when given); of the page-cache run also its effective bandwidth (bytes
+    over the decode time less the compute model's) and its decode hit rate against the simulation's: further
+    apart than PC_HIT_TOLERANCE, ``pc_effective_capacity`` is the room that gives the measured one. The runs stop
+    when ``allowance`` seconds are spent (those not run are said in ``note``)."""
+    cal = IOCalibration(allowance_s=allowance)
     t0 = clock.elapsed
-    plan = io_plan(readers, modes)
+    plan = io_plan(readers, modes, pagecache=pc_capacity is not None and pc_capacity > 0)
     K = mf.n_used
+    b_slots = int(buffered_slots or K)
+    if any(k is False for k, _ in plan):
+        cal.buffered_slots, cal.buffered_why = b_slots, buffered_why
     if not plan:
         cal.note = "nothing to calibrate"
         return cal
-    clock.log(f"disk (engine): streamed runs with {K} slots per layer (nearly every expert read), "
-              f"{IO_CAL_PROMPT}-token prompt, {IO_CAL_GEN} generated"
-              + (f", under {format_size(limit)}" if limit is not None else "") + ": "
-              + ", ".join(f"{'direct' if d else 'buffered'} x{r}" for d, r in plan) + " ...")
+
+    def slots_of(key: IOKey) -> int:
+        return 0 if key == PAGECACHE else b_slots if key is False else K
+
+    what = ", ".join(f"{io_name(k)} x{r}" + (f" ({slots_of(k)} slots)" if k != PAGECACHE else "") for k, r in plan)
+    clock.log(f"disk (engine): short runs, {IO_CAL_PROMPT}-token prompt, {IO_CAL_GEN} generated"
+              + (f", under {format_size(limit)}" if limit is not None else "")
+              + f", at most {allowance:.0f} s: {what} ...")
+    if any(k is True for k, _ in plan):
+        clock.log(f"  direct I/O with {K} slots per layer (nearly every expert read)")
+    if cal.buffered_slots is not None:
+        clock.log(f"  buffered I/O with {b_slots} slots per layer" + (f" ({buffered_why})" if buffered_why else "")
+                  + ": the page cache its reads fill competes with that cache under the budget, as in the buffered "
+                  "candidates' runs")
     done: List[float] = []
     skipped: List[str] = []
-    for direct, r in plan:
-        run = EngineRead(direct, r, K, confined=limit is not None)
+    for key, r in plan:
+        pcm = key == PAGECACHE
+        direct = key is True
+        run = EngineRead(direct, r, slots_of(key), confined=limit is not None, pagecache=pcm)
         cal.runs.append(run)
         left = allowance - (clock.elapsed - t0)
-        est = _io_estimate(mf, cm, disk, direct, r)
+        est = _io_estimate(mf, cm, disk, key, r)
         if done:
             est = min(est, 1.5 * max(done) + 2.0)
         if left < 3.0 or est > left:
             run.detail = f"not run: about {est:.0f} s needed, {max(0.0, left):.0f} s left of the calibration's share"
             skipped.append(run.label)
             continue
-        cand = Candidate("io-calibration", "cache", slots=K, eviction="lru", readers=r, direct_io=direct)
+        cand = (Candidate("io-calibration", "pagecache", readers=r, direct_io=False) if pcm else
+                Candidate("io-calibration", "cache", slots=run.slots, eviction="lru", readers=r, direct_io=direct))
         try:
             settings = settings_for(cand)
         except Exception as e:  # noqa: BLE001 - a policy that does not resolve: this run fails, the tune goes on
@@ -463,10 +644,15 @@ def calibrate_io(settings_for: Callable[[Candidate], EngineSettings], mf: ModelF
         run.model_evicted = evict_file(mf.model.files) is None
         run.timeout_s = float(min(left, max(10.0, 2.5 * est + 5.0)))
         rec = _io_worker(spec, limit, run.timeout_s)
-        run.take(rec, mf, reads_in_flight(trace, mf, r))
+        if pcm:
+            run.take(rec, mf, reads_in_flight(trace, mf, r, pc_capacity=pc_capacity))
+        else:
+            run.take(rec, mf, reads_in_flight(trace, mf, r, slots=run.slots))
         if rec.ok:
             done.append(rec.wall_s)
-        if run.bytes_per_s:
+        if pcm and rec.ok:
+            _take_pagecache(cal, run, trace, mf, cm, int(pc_capacity or 0), clock)
+        elif run.bytes_per_s:
             syn = disk.synthetic_bw(run.qd or r, direct)
             clock.log(f"  {run.label}: {_mbs(run.bytes_per_s)} ({format_size(run.bytes_read)} in "
                       f"{run.read_wall_s:.2f} s of reader time over {run.decode_tokens} tokens, "
@@ -477,3 +663,33 @@ def calibrate_io(settings_for: Callable[[Candidate], EngineSettings], mf: ModelF
     if skipped:
         cal.note = "no time for " + "; ".join(skipped)
     return cal
+
+
+def _take_pagecache(cal: IOCalibration, run: EngineRead, trace: Optional[Trace], mf: ModelFacts, cm: ComputeModel,
+                    capacity: int, clock: Clock) -> None:
+    """The page-cache run's effective bandwidth, its hit rate against the simulation's and, when they are far
+    apart, the effective capacity; said in the progress lines."""
+    sim = calibration_sim(trace, mf, pc_capacity=capacity)
+    run.take_effective(_decode_compute(cm, sim, mf, run.decode_tokens))
+    cal.pc_capacity = capacity
+    if sim is not None:
+        run.sim_hit_rate = sim.hit_rate("decode")
+    hit = "-" if run.hit_rate is None else f"{100 * run.hit_rate:.1f}%"
+    sim_hit = "-" if run.sim_hit_rate is None else f"{100 * run.sim_hit_rate:.1f}%"
+    if run.effective_bytes_per_s:
+        comp = f", {run.compute_s:.2f} s of it compute by the model" if run.compute_s is not None else ""
+        clock.log(f"  {run.label}: effective {_mbs(run.effective_bytes_per_s)} ({format_size(run.bytes_read)} read "
+                  f"over {run.decode_tokens} tokens in {run.decode_s:.2f} s of decode{comp}; the reader pool "
+                  f"{_mbs(run.bytes_per_s)}, {run.qd or 0:.1f} reads in flight), decode hit {hit} (simulated "
+                  f"{sim_hit} with {format_size(capacity)} of page cache), run {run.wall_s:.1f} s")
+    else:
+        clock.log(f"  {run.label}: no bandwidth ({run.detail or 'nothing read'}), decode hit {hit} (simulated "
+                  f"{sim_hit} with {format_size(capacity)} of page cache), run {run.wall_s:.1f} s")
+    if (trace is not None and run.hit_rate is not None and run.sim_hit_rate is not None
+            and abs(run.hit_rate - run.sim_hit_rate) > PC_HIT_TOLERANCE):
+        cal.pc_effective_capacity = cap = effective_capacity(trace, mf, run.hit_rate)
+        whole = cap >= mf.n_expert * sum(mf.expert_bytes.values())
+        clock.log(f"  the page cache hit {hit} where the simulation says {sim_hit}: the page-cache candidates are "
+                  f"simulated with {format_size(cap)} " + ("(every expert: no room gives that much in the simulation)"
+                                                          if whole else f"(the room that gives {hit})")
+                  + f" instead of {format_size(capacity)}")

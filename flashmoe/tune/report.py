@@ -69,7 +69,8 @@ def _bandwidth_lines(doc: Dict[str, Any]) -> List[str]:
     summary = d.get("summary") or {}
     if not summary:
         return ["- disk bandwidth in the predictions: none (the disk could not be measured)"]
-    L = [f"- disk bandwidth in the predictions, {mode} I/O: {text}" for mode, text in summary.items()]
+    L = [f"- disk bandwidth in the predictions, {mode + ' I/O' if mode != 'page cache' else 'page-cache mode'}: {text}"
+         for mode, text in summary.items()]
     if not (d.get("engine") or {}).get("ok"):
         L.append("- the engine's own reads were not measured (" + _engine_failure(d) + "): the predictions use "
                  "the disk test")
@@ -83,8 +84,12 @@ def _engine_failure(d: Dict[str, Any]) -> str:
     return "; ".join(bad) or e.get("note") or "not run"
 
 
+def _run_io(r: Dict[str, Any]) -> str:
+    return "page cache" if r.get("pagecache") else "direct" if r["direct"] else "buffered"
+
+
 def _run_label(r: Dict[str, Any]) -> str:
-    return f"{'direct' if r['direct'] else 'buffered'}, {r['readers']} readers"
+    return f"{_run_io(r)}, {r['readers']} readers"
 
 
 def _engine_reads(doc: Dict[str, Any]) -> List[str]:
@@ -92,25 +97,32 @@ def _engine_reads(doc: Dict[str, Any]) -> List[str]:
     d = doc["disk"]
     e = d.get("engine") or {}
     used = d.get("used") or {}
-    L = ["Engine reads (the I/O calibration): the engine streaming with the smallest cache (k slots per layer, "
-         "so nearly every expert a layer selects is read), routing forced from the trace, reads ahead off, "
-         f"{e.get('prompt_tokens', '-')}-token prompt and {e.get('gen_tokens', '-')} tokens generated, each run "
-         "in a fresh process confined to the budget with the model file evicted from the page cache first; of the "
-         "decode phase, bytes read over the time the reader pool was busy (the hook's `bytes_read` / "
-         "`read_wall_s`).", ""]
+    bslots = e.get("buffered_slots")
+    L = ["Engine reads (the I/O calibration): short runs of the engine, routing forced from the trace, reads ahead "
+         f"off, {e.get('prompt_tokens', '-')}-token prompt and {e.get('gen_tokens', '-')} tokens generated, each run "
+         "in a fresh process confined to the budget with the model file evicted from the page cache first. Direct "
+         "I/O streams with the smallest cache (k slots per layer, so nearly every expert a layer selects is read); "
+         "buffered I/O with " + (f"{bslots} slots per layer" if bslots else "the slots per layer in the table")
+         + ", so that the page cache its reads fill competes with the cache inside the budget as in the buffered "
+         "candidates' runs" + (f" ({e['buffered_why']})" if bslots and e.get("buffered_why") else "")
+         + "; page-cache mode once. Of each decode phase, bytes read over the time the reader pool was busy (the "
+         "hook's `bytes_read` / `read_wall_s`).", ""]
     runs = e.get("runs") or []
     if runs:
         rows = []
         for r in runs:
             ok = bool(r.get("bytes_per_s"))
-            rows.append([r["readers"], "direct" if r["direct"] else "buffered", r["slots"],
+            rows.append([r["readers"], _run_io(r), "-" if r.get("pagecache") else r["slots"],
                          f"{r['bytes_per_s'] / 1e6:.0f}" if ok else "-", f"{r['qd']:.1f}" if ok else "-",
                          format_size(r["bytes_read"]) if ok else "-", f"{r['read_wall_s']:.2f}" if ok else "-",
-                         r["decode_tokens"] or "-", f"{r['wall_s']:.1f}" if r.get("wall_s") else "-",
+                         _pct(r.get("hit_rate")), r["decode_tokens"] or "-",
+                         f"{r['wall_s']:.1f}" if r.get("wall_s") else "-",
                          r["status"] + (f": {r['detail']}" if r.get("detail") else "")])
         L += [_table(["readers", "I/O", "slots/layer", "MB/s", "reads in flight", "read", "reader busy s",
-                      "decode tokens", "run s", "status"], rows), ""]
-    L.append(f"The calibration took {e.get('s', 0):.1f} s" + (f" ({e['note']})" if e.get("note") else "") + ".")
+                      "decode hit", "decode tokens", "run s", "status"], rows), ""]
+    L.append(f"The calibration took {e.get('s', 0):.1f} s"
+             + (f" of at most {e['allowance_s']:.0f} s" if e.get("allowance_s") else "")
+             + (f" ({e['note']})" if e.get("note") else "") + ".")
     L.append("")
     src = {mode: (used.get(mode) or {}).get("source") for mode in ("direct", "buffered")}
     took = [mode for mode, x in src.items() if x == "engine"]
@@ -122,6 +134,46 @@ def _engine_reads(doc: Dict[str, Any]) -> List[str]:
     else:
         L.append(f"The engine's reads were not measured ({_engine_failure(d)}): the predictions use the disk test "
                  "above.")
+    L.append("")
+    return L + _pagecache_run(doc)
+
+
+def _pagecache_run(doc: Dict[str, Any]) -> List[str]:
+    """What the page-cache run measured and what the page-cache candidates' predictions took from it."""
+    d = doc["disk"]
+    e = d.get("engine") or {}
+    r = next((x for x in e.get("runs") or [] if x.get("pagecache")), None)
+    if r is None:
+        return []
+    pu = (d.get("used") or {}).get("pagecache") or {}
+    if r.get("status") != "ok":
+        return [f"Page-cache run: {r['status']}" + (f" ({r['detail']})" if r.get("detail") else "")
+                + f": the page-cache candidates are predicted with buffered I/O's bandwidth ({pu.get('source') or '-'})"
+                " and the modelled page cache.", ""]
+    cap, eff_cap = e.get("pc_capacity"), e.get("pc_effective_capacity")
+    L = []
+    if r.get("effective_bytes_per_s"):
+        comp = (f", {r['compute_s']:.2f} s of it compute by the compute model" if r.get("compute_s") is not None
+                else ", compute not calibrated: nothing taken off")
+        L.append(f"Page-cache run ({r['readers']} readers): {format_size(r['bytes_read'])} read over "
+                 f"{r['decode_tokens']} decode tokens in {r['decode_s']:.2f} s{comp}: an **effective bandwidth of "
+                 f"{r['effective_bytes_per_s'] / 1e6:.0f} MB/s** (the reader pool's own: "
+                 f"{fmt((r.get('bytes_per_s') or 0) / 1e6, '{:.0f}')} MB/s; the effective one also carries what "
+                 "else a miss costs under the limit, such as the matmuls' page faults when the cgroup reclaims what "
+                 "was just read). The page-cache candidates' reads are predicted at it (other reader counts: "
+                 "buffered I/O's disk-test shape at its level).")
+    else:
+        L.append(f"Page-cache run ({r['readers']} readers): no bandwidth ({r.get('detail') or 'nothing read'}): the "
+                 f"page-cache candidates are predicted with buffered I/O's bandwidth ({pu.get('source') or '-'}).")
+    if r.get("hit_rate") is not None and r.get("sim_hit_rate") is not None:
+        line = (f"Its decode hit rate (mincore): {_pct(r['hit_rate'])}; the simulation of its workload with "
+                f"{format_size(cap)} of page cache: {_pct(r['sim_hit_rate'])}")
+        if eff_cap:
+            line += (f": too far apart, so the page-cache candidates are simulated with **{format_size(eff_cap)}** "
+                     "(the room that gives the measured hit rate in that simulation) instead.")
+        else:
+            line += ": close enough, the modelled page cache is kept."
+        L.append(line)
     return L + [""]
 
 
@@ -220,9 +272,12 @@ def _hit_rates(doc: Dict[str, Any]) -> List[str]:
     L += [_table(["slots/layer", "cache", "fits (estimate)", "LRU all", "LRU decode", "LFRU all", "LFRU decode"],
                  rows), ""]
     pc = doc["pagecache"]
+    room = ("the room that gives the page-cache calibration run's measured hit rate"
+            if pc.get("capacity_source") == "calibrated" else
+            f"the budget less the {'measured' if pc.get('capacity_source') == 'measured' else 'estimated'} "
+            "memory of the process")
     L += [f"Page-cache mode (modelled as one LRU of {format_size(pc['capacity_bytes'])} shared by all layers, "
-          f"the budget less the {'measured' if pc.get('capacity_source') == 'measured' else 'estimated'} "
-          f"memory of the process): {_pct(pc['all'])} all, {_pct(pc['decode'])} decode.", ""]
+          f"{room}): {_pct(pc['all'])} all, {_pct(pc['decode'])} decode.", ""]
     if doc.get("png"):
         L += [f"![hit rate against cache size]({doc['png']})", ""]
     sizes = _pick_sizes([r["slots"] for r in doc["curve"]], doc["memory"]["max_slots"])
@@ -252,7 +307,8 @@ def _candidates(doc: Dict[str, Any]) -> List[str]:
     return ["## Candidates (predicted)", "",
             "Decode time per token = compute (dense + experts) + the reads each layer's fetch waits for: its misses, "
             "read min(readers, reads) at a time at the bandwidth of that queue depth (the engine's own reads where "
-            "the I/O calibration measured them, else the disk test: see Machine; *read MB/s* is what the readers get "
+            "the I/O calibration measured them, else the disk test; page-cache candidates: the effective bandwidth of "
+            "the calibration's page-cache run, else buffered I/O's: see Machine; *read MB/s* is what the readers get "
             "in the prediction), and the part of its "
             "reads ahead (candidates with reads ahead) that the layer before's compute does not cover; wrong reads "
             "ahead that no reader has started by the fetch are dropped by the engine and cost nothing here "

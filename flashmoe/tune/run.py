@@ -28,9 +28,11 @@ from flashmoe.tune.measure import (
     IO_CAL_MIN_S,
     IO_CAL_RESERVE,
     IO_CAL_SHARE,
+    PAGECACHE,
     ComputeModel,
     DiskModel,
     IOCalibration,
+    buffered_calibration_slots,
     calibrate_compute,
     calibrate_io,
     measure_disks,
@@ -38,7 +40,7 @@ from flashmoe.tune.measure import (
 from flashmoe.tune.model import MemoryPlan, ModelFacts, plan_memory, ubatch_plans
 from flashmoe.tune.options import Clock, TuneOptions
 from flashmoe.tune.report import format_report, plot_png
-from flashmoe.tune.search import Search, Sizing, measured_sizing, search
+from flashmoe.tune.search import Search, Sizing, cache_sizes, measured_sizing, search
 from flashmoe.tune.validate import Validation, choose_winner, fmt, pick_for_validation
 from flashmoe.worker import WorkerSpec
 from gguf_tools.atomic import atomic_write
@@ -143,31 +145,41 @@ class Tune:
     def calibrate_io(self, disk: DiskModel, cm: ComputeModel, sizing: Sizing, trace: Any,
                      trace_path: str) -> IOCalibration:
         """The engine's own reads (``measure.calibrate_io``), confined to the budget like the validation runs,
-        within IO_CAL_SHARE of the time limit; an empty calibration with the reason when it cannot run."""
+        within IO_CAL_SHARE of the time limit: direct I/O with k slots per layer, buffered I/O with the largest
+        buffered candidate's cache (``buffered_calibration_slots``), one page-cache-mode run; an empty calibration
+        with the reason when it cannot run."""
         opts, mf, mp, K = self.opts, self.mf, self.mp, self.mf.n_used
-        if max(mp.max_slots, sizing.tight_slots) < K:
-            return IOCalibration(note=f"the budget has no room for the {K} slots per layer it streams with")
         allowance = min(max(IO_CAL_MIN_S, IO_CAL_SHARE * opts.time_limit), self.clock.left * IO_CAL_RESERVE)
         if allowance < 5:
             return IOCalibration(note="no time left for it")
+        fits_k = max(mp.max_slots, sizing.tight_slots) >= K
+        pc_cap = sizing.pc_capacity if sizing.pc_capacity > 0 else None
+        if not fits_k and pc_cap is None:
+            return IOCalibration(note=f"the budget has no room for the {K} slots per layer it streams with")
         try:
             cgroup.detect()
             limit: Optional[int] = opts.ram
         except FlashMoEError:
             limit = None  # validation says so too
-        modes = (True, False) if disk.has(True) else (False,)
-        tight = mp.max_slots < K  # k slots fit by the measured memory only: with its overhead, as `*-tight` runs
+        modes: Tuple[bool, ...] = ((True, False) if disk.has(True) else (False,)) if fits_k else ()
+        b_slots, b_why = (buffered_calibration_slots([s for s, _, _ in cache_sizes(mp, K, sizing)], trace, mf)
+                          if fits_k else (K, ""))
 
         def settings(c: Candidate) -> EngineSettings:
+            # a cache larger than the estimate allows fits by the measured memory: with its overhead, as `*-tight`
+            tight = c.mode == "cache" and c.slots > mp.max_slots and sizing.tight_overhead is not None
             return self.settings_for(dataclasses.replace(c, overhead=sizing.tight_overhead) if tight else c,
                                      budget=opts.ram)
 
         return calibrate_io(settings, mf, opts.threads, mp.n_ctx, trace_path, opts.readers, modes, limit, disk, cm,
-                            self.clock, allowance, trace)
+                            self.clock, allowance, trace, buffered_slots=b_slots, pc_capacity=pc_cap,
+                            buffered_why=b_why)
 
-    def disk_used(self, direct: Any, buffered: Any, io: IOCalibration) -> DiskModel:
+    def disk_used(self, direct: Any, buffered: Any, io: IOCalibration, sizing: Sizing) -> DiskModel:
         """The disk model of the predictions: the engine's reads where they were measured, else the disk test;
-        which one, said in the progress lines (and in the notes when the calibration fell back)."""
+        page-cache mode: its run's effective bandwidth, else buffered I/O's (and the page cache's room that gives
+        the run's measured hit rate when the simulation's was far from it: ``sizing.pc_capacity``). Which one, said
+        in the progress lines (and in the notes when the calibration fell back)."""
         disk = DiskModel(direct, buffered, io)
         rd = self.opts.readers
         modes = [(m, "direct" if m else "buffered") for m in (True, False) if disk.has(m)]
@@ -175,7 +187,8 @@ class Tune:
         fallback = list(fb.values())
         if fallback:
             failed = "; ".join(f"{r.label}: {r.status}" + (f" ({r.detail})" if r.detail else "")
-                               for r in io.runs if not r.bytes_per_s and r.direct in fb) or io.note or "not run"
+                               for r in io.runs if not r.bytes_per_s and not r.pagecache and r.direct in fb
+                               ) or io.note or "not run"
             modes_text = " and ".join(fallback) + " I/O"
             if io.runs:
                 self.clock.log(f"  the engine's reads gave nothing for {modes_text} ({failed}): falling back to the "
@@ -187,8 +200,24 @@ class Tune:
                               "gets")
         for m, name in modes:
             self.clock.log(f"  bandwidth in the predictions, {name} I/O: {disk.describe(m, rd)}")
+        if disk.ok:
+            pcr = io.pagecache_run
+            if pcr is not None and not disk.has(PAGECACHE):
+                why = (pcr.detail or "no figures") if pcr.status == "ok" else \
+                    pcr.status + (f": {pcr.detail}" if pcr.detail else "")
+                self.clock.log(f"  the page-cache run gave no bandwidth ({why}): page-cache candidates read at "
+                               "buffered I/O's")
+                self.notes.append(f"the page-cache calibration run gave no bandwidth ({why}): page-cache candidates "
+                                  "are predicted with buffered I/O's bandwidth")
+            self.clock.log(f"  bandwidth in the predictions, page-cache mode: {disk.describe(PAGECACHE, rd)}")
+        if io.pc_effective_capacity:
+            sizing.pc_capacity, sizing.pc_capacity_source = io.pc_effective_capacity, "calibrated"
+            self.clock.log(f"  page-cache candidates simulated with {format_size(sizing.pc_capacity)} of page cache "
+                           "(the room that gives the page-cache run's measured hit rate)")
         if io.runs:
-            self.clock.log(f"  the I/O calibration took {io.s:.1f} s")
+            self.clock.log(f"  the I/O calibration took {io.s:.1f} s of its {io.allowance_s:.0f} s share (the larger of "
+                           f"{100 * IO_CAL_SHARE:.0f}% of the time limit and {IO_CAL_MIN_S:.0f} s, at most half the "
+                           "time left)")
         return disk
 
     def trace(self, tmp: str) -> Tuple[Any, str, int, int, Dict[str, Any]]:
@@ -262,7 +291,7 @@ def _steps(t: Tune, tmp: str) -> Findings:
         t.notes.append("compute could not be calibrated (" + (cm.note or "no time") + "): predictions count I/O only")
     sizing = measured_sizing(cm, mp, mf, opts.ram, t.clock)
     io = t.calibrate_io(disk, cm, sizing, tr, trace_path)
-    disk = t.disk_used(direct, buffered, io)
+    disk = t.disk_used(direct, buffered, io, sizing)
     if not disk.ok:
         t.notes.append("the disk could not be measured: predictions count compute only")
     t.clock.log("simulating the expert cache on the trace ...")

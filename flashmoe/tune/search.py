@@ -4,7 +4,8 @@
 **Prediction.** A layer's fetch waits for its misses, so a decode token takes compute (dense + k
 experts per layer) plus, per layer, the time to read its misses at the queue depth the readers
 reach (``DiskModel``: the bandwidth the engine's own reads got in the I/O calibration, else the
-disk test's; ``prediction["disk_source"]`` says which, ``prediction["decode"]["read_mb_s"]`` the
+disk test's; page-cache candidates: the effective bandwidth of the calibration's page-cache run, else
+buffered I/O's; ``prediction["disk_source"]`` says which, ``prediction["decode"]["read_mb_s"]`` the
 bandwidth the readers get in this prediction). Reads ahead (prefetch, simulated from the trace's
 predicted sets) run while the layer before computes: only the part of their read time that the
 previous layer's compute (its experts and this layer's share of the dense part) does not cover is
@@ -49,7 +50,7 @@ import numpy as np
 from flashmoe.sizes import MiB, format_size
 from flashmoe.trace import Trace
 from flashmoe.tune.candidates import Candidate
-from flashmoe.tune.measure import ComputeModel, DiskModel
+from flashmoe.tune.measure import ComputeModel, DiskModel, IOKey, io_key
 from flashmoe.tune.model import MemoryPlan, ModelFacts, UbatchPlan
 from flashmoe.tune.options import Clock
 from flashmoe.tune.simulate import PHASES, SimResult, Ubatch, rows_per_layer, simulate, simulate_pagecache
@@ -67,10 +68,10 @@ def predict(sim: SimResult, cand: Candidate, mf: ModelFacts, disk: DiskModel, cm
     layers = [lc.layer for lc in sim.layers]
     eb = np.array([mf.expert_bytes[l] for l in layers], dtype=float)
     nt = np.array([mf.n_tensors[l] for l in layers], dtype=float)
-    direct = cand.direct_io and cand.mode == "cache"
-    io = disk.read_time(sim.misses.astype(float), eb, nt, cand.readers, direct) if disk.ok else \
+    key = io_key(cand.mode, cand.direct_io)  # page-cache mode: its own (effective) bandwidth, else buffered's
+    io = disk.read_time(sim.misses.astype(float), eb, nt, cand.readers, key) if disk.ok else \
         np.zeros(sim.misses.shape)
-    exposed, charged, t_ahead = _exposed_ahead(sim, eb, nt, cand, mf, disk, cm, direct, drop_ahead)
+    exposed, charged, t_ahead = _exposed_ahead(sim, eb, nt, cand, mf, disk, cm, key, drop_ahead)
     # what the readers read and how long they were busy (before the reads ahead overlap compute): the
     # bandwidth the prediction assumes, to set beside the validation runs' own
     read_bytes = ((sim.misses + charged) * eb).sum(axis=1)
@@ -120,7 +121,7 @@ def predict(sim: SimResult, cand: Candidate, mf: ModelFacts, disk: DiskModel, cm
                            if sel.any() and every_expert else None)
     out["decode_hit_rate"] = d.get("hit_rate")
     out["bound"] = ("I/O" if d.get("io_s_per_token", 0) > d.get("compute_s_per_token", 0) else "compute") if d else None
-    out["disk_source"] = disk.source(direct) if disk.ok else None  # where the bandwidth came from
+    out["disk_source"] = disk.source(key) if disk.ok else None  # where the bandwidth came from
     return out
 
 
@@ -160,7 +161,7 @@ def charged_ahead(used: np.ndarray, n_tensors: int, expert_bytes: float, readers
 
 
 def _exposed_ahead(sim: SimResult, eb: np.ndarray, nt: np.ndarray, cand: Candidate, mf: ModelFacts, disk: DiskModel,
-                   cm: ComputeModel, direct: bool,
+                   cm: ComputeModel, key: IOKey,
                    drop: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per ubatch and layer: (the time the layer waits for its reads ahead, the reads ahead charged, their read
     time). The wait is their read time less the compute they overlap (``_ahead_window``); with ``drop``, only
@@ -174,11 +175,11 @@ def _exposed_ahead(sim: SimResult, eb: np.ndarray, nt: np.ndarray, cand: Candida
         charged = charged.copy()
 
         def bw(q: float) -> float:
-            return float(disk.bw(q, direct))
+            return float(disk.bw(q, key))
 
         for (u, j), used in sim.ahead_used.items():
             charged[u, j] = charged_ahead(used, int(nt[j]), float(eb[j]), cand.readers, float(window[u, j]), bw)
-    t_ahead = disk.read_time(charged, eb, nt, cand.readers, direct)
+    t_ahead = disk.read_time(charged, eb, nt, cand.readers, key)
     return np.maximum(0.0, t_ahead - window), charged, t_ahead
 
 
@@ -284,6 +285,9 @@ class Sizing:
     tight_slots: int = 0
     tight_overhead: Optional[int] = None
     pc_capacity: int = 0
+    # where pc_capacity came from: "estimate" (the memory plan), "measured" (the budget less the calibration
+    # runs' memory), "calibrated" (the room that gives the page-cache calibration run's measured hit rate)
+    pc_capacity_source: str = "estimate"
 
 
 def measured_sizing(cm: ComputeModel, mp: MemoryPlan, mf: ModelFacts, budget: int, clock: Clock) -> Sizing:
@@ -295,7 +299,7 @@ def measured_sizing(cm: ComputeModel, mp: MemoryPlan, mf: ModelFacts, budget: in
     margin = max(32 * MiB, cm.non_cache_rss // 10)
     real_left = budget - cm.non_cache_rss
     if real_left > 0:
-        out.pc_capacity = real_left
+        out.pc_capacity, out.pc_capacity_source = real_left, "measured"
     ts = min(mf.n_expert, max(0, real_left - margin) // mp.bytes_per_slot) if mp.bytes_per_slot else 0
     ov = (budget - mp.weights - mp.kv_cache - mp.compute - ts * mp.bytes_per_slot) // MiB * MiB
     if ts > mp.max_slots and ts >= mf.n_used and ov > 0:
@@ -349,7 +353,7 @@ class _Inputs:
         return dataclasses.replace(self, ubs=ubs)
 
 
-def _cache_sizes(mp: MemoryPlan, k: int, sizing: Sizing) -> List[Tuple[int, Optional[int], str]]:
+def cache_sizes(mp: MemoryPlan, k: int, sizing: Sizing) -> List[Tuple[int, Optional[int], str]]:
     """(slots, policy overhead, note) of the uniform caches to consider."""
     sizes: List[Tuple[int, Optional[int], str]] = []
     if mp.max_slots >= k:
@@ -373,7 +377,7 @@ def _uniform_candidates(x: _Inputs, curves: Dict[str, Dict[int, SimResult]], mp:
                         readers: List[int]) -> List[Candidate]:
     io_modes = (True, False) if x.disk.has(True) else (False,)
     out = []
-    for slots, ov, note in _cache_sizes(mp, x.mf.n_used, sizing):
+    for slots, ov, note in cache_sizes(mp, x.mf.n_used, sizing):
         for ev in EVICTIONS:
             for pf in x.prefetch_choices:
                 sim = x.sim(slots, ev, True) if pf else curves[ev][slots]

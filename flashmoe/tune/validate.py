@@ -21,6 +21,7 @@ from flashmoe.tune.options import Clock, TuneOptions
 from flashmoe.worker import WorkerSpec
 
 TIE_FRACTION = 0.02  # measured decode tok/s within 2%: prefill decides
+COMPETITIVE = 0.75  # an I/O mode whose best prediction is at least this share of the best one is competitive
 RESERVE_S = 3.0  # kept to write the outputs
 
 
@@ -70,11 +71,29 @@ class ValidationRun(OfRecord):
         return d
 
 
+def competitive_io_modes(cands: Sequence[Candidate], share: float = COMPETITIVE) -> List[bool]:
+    """The I/O modes (True: direct, False: buffered) whose best explicit-cache candidate is predicted to decode
+    at least ``share`` of the best prediction's speed (any mode), best first: those the validation cannot
+    leave out on the strength of the predictions (they are rarely closer than 25% to the measurement)."""
+    best = (cands[0].prediction.get("decode_tok_s") or 0.0) if cands else 0.0
+    out: List[bool] = []
+    for c in cands:
+        d = c.prediction.get("decode_tok_s") or 0.0
+        if c.mode == "cache" and c.direct_io not in out and (best <= 0 or d >= share * best):
+            out.append(c.direct_io)
+    return out
+
+
+def _ahead_in(direct: bool) -> Callable[[Candidate], bool]:
+    return lambda x: x.mode == "cache" and x.prefetch and x.direct_io == direct
+
+
 def pick_for_validation(cands: List[Candidate], n: int) -> List[Candidate]:
     """The best prediction, then the best that differs from it in what matters most: the other
     mode (explicit cache or page cache), then, among explicit caches, the other I/O mode (direct or
-    buffered), reads ahead on or off (when the trace lets the tuner weigh them), the other eviction,
-    another size; then the next best. At most n, best first."""
+    buffered), reads ahead on or off (when the trace lets the tuner weigh them: the best predicted of the other
+    setting), then reads ahead in every competitive I/O mode (``competitive_io_modes``) that has none yet, the
+    other eviction, another size; then the next best. At most n, best first."""
     if n <= 0 or not cands:
         return []
     out: List[Candidate] = [cands[0]]
@@ -90,6 +109,10 @@ def pick_for_validation(cands: List[Candidate], n: int) -> List[Candidate]:
     if bc is not None:
         add(lambda x: x.mode == "cache" and x.direct_io != bc.direct_io)
         add(lambda x: x.mode == "cache" and x.prefetch != bc.prefetch)
+        if any(x.prefetch for x in cands):
+            for d in competitive_io_modes(cands):
+                if not any(x.mode == "cache" and x.prefetch and x.direct_io == d for x in out):
+                    add(_ahead_in(d))
         add(lambda x: x.mode == "cache" and x.eviction != bc.eviction)
         add(lambda x: x.mode == "cache" and x.slots != bc.slots)
     for c in cands:
