@@ -12,7 +12,7 @@ from flashmoe.report import markdown_table
 from flashmoe.sizes import GiB, MiB, format_size
 
 TABLE_HEADERS = ["config", "budget", "status", "load s", "TTFT s", "prefill tok/s", "decode tok/s",
-                 "decode min-max", "MiB read/tok", "maj faults/tok", "hit %", "stall ms/tok", "peak MiB",
+                 "decode min-max", "MiB read/tok", "expert MiB/tok", "maj faults/tok", "hit %", "stall ms/tok", "peak MiB",
                  "identical", "I/O bound tok/s", "% of bound"]
 
 
@@ -59,7 +59,8 @@ def table_row(s: Dict[str, Any]) -> List[str]:
         s["config"], s["budget_text"], _status_cell(s),
         _f(_med(s, "load_s")), _f(_med(s, "ttft_s"), "{:.3f}"), _f(_med(s, "prefill_tok_s")), decode,
         f"{a['min']:.2f}-{a['max']:.2f}" if a else "-",
-        _f(_med(s, "disk_mib_per_token")), _f(_med(s, "major_faults_per_token"), "{:.1f}"),
+        _f(_med(s, "disk_mib_per_token")), _f(_med(s, "expert_mib_per_token"), "{:.1f}"),
+        _f(_med(s, "major_faults_per_token"), "{:.1f}"),
         _f(None if hit is None else 100 * hit, "{:.1f}"), _f(_med(s, "stall_ms_per_token"), "{:.1f}"),
         _f(peak, "{:.0f}"), _identical_cell(s), _f(_med(s, "io_bound_tok_s")),
         _f(None if frac is None else 100 * frac, "{:.0f}%"),
