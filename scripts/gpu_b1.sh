@@ -7,7 +7,8 @@
 #   all-gpu         every weight on the GPU (it fits an H200)
 #   stock-mmap      llama.cpp on the CPU (no GPU placement), weights on the mmap
 # all under the same trace, unconfined (the machine has 128 GiB), 64-token prompt, 128 generated tokens.
-#   run('bash scripts/gpu_b1.sh', carry=['.device-kit'])     (STAGE=build|bench to split it over two calls)
+#   run('bash scripts/gpu_b1.sh', carry=['.device-kit'])     (STAGE=build|bench to split it over two calls;
+#   STAGE=check GPU_CHECK=1: the build and the tiny-model GPU check only)
 # GPU_B1_BUDGET=4GiB: gpu-b1 keeps `cache_size: auto` and sizes its VRAM cache from `gpu_budget` instead of
 # GPU_B1_SLOTS; GPU_B1_VS: the stock references (default "stock-n-cpu-moe stock-mmap"); GPU_B1_ALLGPU=0
 # leaves out all-gpu. nvidia-smi samples the device memory in use during the bench ($OUT/vram.csv).
@@ -28,7 +29,7 @@ SLOTS=${GPU_B1_SLOTS:-40}
 READERS=${GPU_B1_READERS:-4}
 t0=$(date +%s)
 log() { echo "[gpu-b1 $(( $(date +%s) - t0 ))s] $*"; }
-if [[ $STAGE == all || $STAGE == build ]]; then
+if [[ $STAGE == all || $STAGE == build || $STAGE == check ]]; then
   cp -n .device-kit/sdist/*.tar.gz "$FLASHMOE_CACHE/sdist/" 2>/dev/null || true
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .device-kit/wheels/*.whl
   FLASHMOE_CUDA_ARCHITECTURES=90 FLASHMOE_CUDA_FA=0 python3 -m flashmoe build --backend cuda --no-rpc 2>&1 | tail -2
@@ -38,6 +39,7 @@ if [[ $STAGE == all || $STAGE == build ]]; then
     python3 scripts/gpu_check.py --tokens 48 2>&1 | grep -v "^/opt\|^python3\|^/lib\|^/usr" | tee "$OUT/gpu-check.txt" || true
     log "gpu check done"
   fi
+  [[ $STAGE == check ]] && exit 0
   [[ -f /tmp/b1.gguf ]] || python3 -m flashmoe synth --arch qwen3moe --preset bench --seed 0 -o /tmp/b1.gguf | tail -1
   python3 -m flashmoe trace gen -m /tmp/b1.gguf --kind "${GPU_B1_KIND:-uniform}" --tokens 512 --seed 0 \
       ${GPU_B1_ACC:+--predict-accuracy $GPU_B1_ACC} -o /tmp/b1-uniform.trace

@@ -21,6 +21,8 @@ faulthandler.enable(file=_FH)
 
 import contextlib
 
+import numpy as np
+
 
 @contextlib.contextmanager
 def _no_op_offload(on: bool):
@@ -100,7 +102,7 @@ def main() -> int:
                      ("gpu-dense-2", dict(policy=gdense)), ("gpu-2-ahead", dict(policy=gdense_pf)),
                      ("gpu-2-ram", dict(policy=gram))]
         for group in (runs, gruns):
-          ref, ref_name = None, ""
+          ref, ref_name, ref_logits = None, "", None
           for name, kw in group:
               if name.startswith("gpu-all-ub"):
                   ref = None  # the runs after it compare with it
@@ -109,17 +111,20 @@ def main() -> int:
                   ofl = kw.pop("op_offload", None)
                   with _no_op_offload(ofl is False), \
                           Engine(path, n_ctx=512, use_extra_bufts=False, verbose=a.verbose, **kw) as e:
-                      g = e.generate(prompt, a.tokens, stop_at_eos=False)
+                      g = e.generate(prompt, a.tokens, stop_at_eos=False, return_logits=True)
                       mode = e.mode_line()
               except Exception as ex:  # noqa: BLE001 - report and go on
                   print(f"{arch:10s} {name:10s} FAILED {type(ex).__name__}: {ex}", flush=True)
                   bad += 1
                   continue
               same = "" if ref is None else (f" tokens == {ref_name}" if g.tokens == ref else f" TOKENS DIFFER from {ref_name}")
+              if ref is not None and ref_logits is not None and g.logits is not None:
+                  dmax = max(float(np.max(np.abs(x - y))) for x, y in zip(g.logits, ref_logits))
+                  same += f", logits max|diff| {dmax:.3g}"
               if ref is not None and g.tokens != ref:
                   bad += 1
               if ref is None:
-                  ref, ref_name = g.tokens, name
+                  ref, ref_name, ref_logits = g.tokens, name, g.logits
               print(f"{arch:10s} {name:10s} ok {len(g.tokens)} tokens {g.report.decode_tok_s:.1f} tok/s "
                     f"{time.time() - t0:.1f} s{same} | {mode}", flush=True)
     print("summary:", "all ok" if bad == 0 else f"{bad} failed", flush=True)
