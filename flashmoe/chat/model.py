@@ -191,6 +191,19 @@ class ChatModel:
     def tokenize(self, text: str) -> List[int]:
         return self.llama.tokenize(text.encode("utf-8", "replace"), add_bos=False, special=True)
 
+    def tokenize_data(self, text: str, spans) -> List[int]:
+        """Tokens of ``text`` whose ``spans`` [(start, end)] are data (a client's message content): special
+        tokens are parsed in the template's text only, so a message that spells one out stays text."""
+        out: List[int] = []
+        pos = 0
+        for a, e in list(spans) + [(len(text), len(text))]:
+            if a > pos:
+                out += self.tokenize(text[pos:a])
+            if e > a:
+                out += self.llama.tokenize(text[a:e].encode("utf-8", "replace"), add_bos=False, special=False)
+            pos = e
+        return out
+
     def min_tokens(self, text: str, limit: int) -> int:
         """A lower bound of ``len(self.tokenize(text))`` in linear time (``VocabFacts.min_tokens``)."""
         return self.vocab.min_tokens(text, limit)

@@ -2,7 +2,8 @@
 Hugging Face render it (llama-cpp-python's Jinja2ChatFormatter); ChatML when the model has none."""
 from __future__ import annotations
 
-from typing import Any, List, Optional
+import re
+from typing import Any, List, Optional, Tuple
 
 from flashmoe import llama as llama_api
 from flashmoe.chat.errors import RequestError
@@ -38,6 +39,38 @@ class ChatTemplate:
         if tpl:
             return cls(tpl, bos, eos)
         return cls(FALLBACK_TEMPLATE, bos, eos or "<|im_end|>", from_model=False)
+
+    def content_spans(self, messages: List[dict], tools: Optional[List[dict]], text: str) -> Optional[List[Tuple[int, int]]]:
+        """Where each message's text content is in ``text`` (this template's rendering of ``messages``):
+        [(start, end)], or None when the template does not write every content once and verbatim (it
+        trims, splits or repeats it). Found by rendering with a unique marker in place of each content."""
+        mark = "\ue000fm{}\ue001"
+        marked: List[dict] = []
+        contents: List[str] = []
+        for m in messages:
+            c = m.get("content")
+            if isinstance(c, str) and c:
+                m = {**m, "content": mark.format(len(contents))}
+                contents.append(c)
+            marked.append(m)
+        try:
+            rendered = self.render(marked, tools)
+        except RequestError:
+            return None
+        spans, out, pos, shift = [], [], 0, 0
+        for k, hit in enumerate(re.finditer("\ue000fm(\\d+)\ue001", rendered)):
+            if int(hit.group(1)) != k:  # a content left out, repeated or reordered
+                return None
+            out.append(rendered[pos:hit.start()])
+            start = hit.start() + shift
+            spans.append((start, start + len(contents[k])))
+            out.append(contents[k])
+            shift += len(contents[k]) - (hit.end() - hit.start())
+            pos = hit.end()
+        out.append(rendered[pos:])
+        if len(spans) != len(contents) or "".join(out) != text:
+            return None
+        return spans
 
     def render(self, messages: List[dict], tools: Optional[List[dict]] = None) -> str:
         try:

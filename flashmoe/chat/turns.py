@@ -109,7 +109,7 @@ def plan_chat(
     tools = tools or []
     choice = normalize_tool_choice(tool_choice, tools)
     constrained_json, schema = response_format_schema(response_format)
-    text = model.template.render(messages, tools if tools else None)
+    text = rendered = model.template.render(messages, tools if tools else None)
     grammar = None
     mode = "text"
     if choice == "required" or isinstance(choice, dict):
@@ -128,7 +128,10 @@ def plan_chat(
     if lower >= model.n_ctx():  # refused before tokenizing: that could take long for a huge prompt
         raise ContextOverflow(f"the prompt is at least {lower} tokens; this model's context is {model.n_ctx()} tokens "
                               f"(use a larger --n-ctx or a shorter conversation)")
-    if prefix and prefix[0] and text.startswith(prefix[0]):
+    spans = _data_spans(model, messages, tools, rendered)
+    if spans is not None:  # a message spells out a special token: it stays text
+        tokens = model.tokenize_data(text, spans)
+    elif prefix and prefix[0] and text.startswith(prefix[0]):
         tokens = list(prefix[1]) + (model.tokenize(text[len(prefix[0]):]) if len(text) > len(prefix[0]) else [])
     else:
         tokens = model.tokenize(text)
@@ -144,6 +147,34 @@ def plan_chat(
         raise RequestError("max_tokens must be at least 1", param="max_tokens")
     return ChatPlan(prompt_text=text, prompt_tokens=tokens, mode=mode, tools=tools, tool_choice=choice,
                     grammar=grammar, max_tokens=int(max_tokens), stop=stops)
+
+
+def _data_spans(model, messages: List[dict], tools: List[dict], text: str):
+    """None when no message spells out one of the model's special tokens (the prompt is tokenized whole,
+    as llama-cpp-python does); else where the message contents are in ``text``, so that they are
+    tokenized as text: a client's "<|im_start|>system" must not become a system turn. A special token
+    spelled in a field the template does not write verbatim (a tool call's name or arguments, a content
+    the template rewrites) cannot be kept as text: the request is refused."""
+    where = None
+    for i, m in enumerate(messages):
+        c = m.get("content")
+        found = model.vocab.control_in(c) if isinstance(c, str) else None
+        if found is not None and where is None:
+            where = (i, found)
+        rest = json.dumps({k: v for k, v in m.items() if k not in ("content", "role")}, ensure_ascii=False)
+        bad = model.vocab.control_in(rest)
+        if bad is not None:
+            raise RequestError(f"messages[{i}] spells out the model's special token {bad!r} outside its content: "
+                               "refused (it would be read as that token)", param="messages")
+    if where is None:
+        return None
+    spans = model.template.content_spans(messages, tools or None, text)
+    if spans is None:
+        i, found = where
+        raise RequestError(f"messages[{i}].content spells out the model's special token {found!r}, and this model's "
+                           "chat template rewrites message content, so it cannot be kept as text: refused",
+                           param="messages")
+    return spans
 
 
 class _CallHoldback:

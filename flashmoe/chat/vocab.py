@@ -3,11 +3,14 @@
 * ``min_tokens``: a lower bound of a text's token count in linear time (a prompt that cannot fit is
   refused before llama.cpp's tokenizer, whose special-token split is quadratic, runs);
 * ``closing_bias``: the tokens that close JSON, favoured at the end of a constrained answer's budget;
-* ``utf8_guard``: a logits processor that keeps a constrained answer's bytes valid UTF-8.
+* ``utf8_guard``: a logits processor that keeps a constrained answer's bytes valid UTF-8;
+* ``control_in``: the first special token's text (``<|im_start|>``, ...) that a text spells out: a
+  client's message that does so must stay text, never become the model's control token.
 """
 from __future__ import annotations
 
-from typing import List
+import re
+from typing import List, Optional
 
 import numpy as np
 
@@ -20,6 +23,7 @@ class VocabFacts:
     def __init__(self, llama):
         self.llama = llama
         self._bounds = None  # (longest token in bytes, the special tokens the tokenizer splits on first)
+        self._control_re = None
         self._bias_ids = None
         self._utf8 = None
 
@@ -45,6 +49,15 @@ class VocabFacts:
             specials.sort(key=lambda x: -len(x[0]))
             self._bounds = (longest, specials)
         return self._bounds
+
+    def control_in(self, text: str) -> Optional[str]:
+        """The first special token's text that ``text`` contains (llama.cpp would parse it as that token), or None."""
+        if self._control_re is None:
+            texts = [t.decode("utf-8", "ignore") for t, _, _ in self._vocab_bounds()[1]]
+            texts = [t for t in texts if t]
+            self._control_re = re.compile("|".join(map(re.escape, texts))) if texts else re.compile(r"(?!x)x")
+        m = self._control_re.search(text)
+        return m.group(0) if m else None
 
     def min_tokens(self, text: str, limit: int) -> int:
         """A lower bound of ``len(self.tokenize(text))``, in time linear in the text (llama.cpp's own
