@@ -139,3 +139,8 @@ def inspect(model, as_json):
         click.echo(json.dumps(facts, indent=2))
     else:
         click.echo(format_facts(facts))
+    if facts.get("problems"):  # the report says what; the exit status says that the model will not load
+        n = len(facts["problems"])
+        where = 'in "problems"' if as_json else "listed above"
+        raise click.ClickException(f"{model}: llama.cpp cannot load this model ({n} problem{'s' if n > 1 else ''}, "
+                                   f"{where}): {facts['problems'][0]}")

@@ -242,10 +242,13 @@ def test_hparams_that_abort_llama_cpp_are_refused_first(tiny_model, tmp_path, na
     code, out, err = run_cli("generate", "-m", bad, "-p", "hi", "-n", "2")
     line = one_line_error(code, err, "cannot be loaded", needle, want_code=1)
     assert code != 134 and not out.strip(), line
+    # inspect reports the problems, and exits 1 with one line that says the model will not load
     code, err, r = cli("inspect", bad)
-    assert code == 0 and "PROBLEMS: llama.cpp cannot load this model" in r.stdout and needle in r.stdout
+    assert "PROBLEMS: llama.cpp cannot load this model" in r.stdout and needle in r.stdout
+    one_line_error(code, err, "llama.cpp cannot load this model", "listed above", want_code=1)
     code, err, r = cli("inspect", bad, "--json")
-    assert any(needle in p for p in json.loads(r.output)["problems"])
+    assert any(needle in p for p in json.loads(r.stdout)["problems"])
+    one_line_error(code, err, 'in "problems"', want_code=1)
 
 
 def test_those_hparams_really_abort_llama_cpp(llama_cpp, tiny_model, tmp_path):
