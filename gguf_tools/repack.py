@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from gguf_tools.atomic import ByteProgress, check_free_space
 from gguf_tools.errors import GGUFError, UsageError
-from gguf_tools.gguf_format import SPLIT_KEYS, T_STRING, T_UINT16, T_INT32, T_UINT32, shard_paths
+from gguf_tools.gguf_format import SPLIT_KEYS, shard_paths
 from gguf_tools.header import raw_kvs
 from gguf_tools.layout import PAGE_SIZES, expert_layout, format_layout
 from gguf_tools.reader import GGUFModel, TensorInfo, open_model, require_moe
@@ -55,7 +55,6 @@ from gguf_tools.repack_plan import (
 from gguf_tools.repack_verify import verify_output
 from gguf_tools.units import format_size
 from gguf_tools.validate import require_loadable
-from gguf_tools.writer import encode_kv
 
 __all__ = [
     "repack", "RepackResult",
@@ -63,15 +62,11 @@ __all__ = [
     "DEFAULT_ALIGN", "MIN_ALIGN", "MAX_ALIGN", "PAGE_SIZES", "REPACK_VERSION", "FUSE_GATE_UP_ARCHS", "SPLIT_KEYS",
     "KEY_ALIGNMENT", "KEY_VERSION", "Piece", "OutTensor", "OutShard", "RepackPlan", "plan_repack",
     "validate_alignment", "shard_paths", "raw_kvs", "verify_output", "expert_layout", "format_layout",
-    "_kv", "_T_UINT16", "_T_INT32", "_T_UINT32", "_T_STRING",
 ]
 
 # test knob: seconds to sleep after each tensor is written (lets tests interrupt a tiny repack)
 _DELAY_ENV = "FLASHMOE_REPACK_TEST_DELAY"
 
-# the names gguf_tools.quantize edits key/values with (gguf_tools.writer.encode_kv and gguf_format's value types)
-_kv = encode_kv
-_T_UINT16, _T_INT32, _T_UINT32, _T_STRING = T_UINT16, T_INT32, T_UINT32, T_STRING
 
 
 @dataclass
