@@ -152,7 +152,7 @@ def test_the_reader_time_is_the_pools_busy_time(tiny_models, tmp_path, monkeypat
         wall = time.monotonic() - t0
         tot = e.stats()["total"]
     assert tot["n_prefetched"] > 0 and tot["misses"] > 0
-    assert tot["read_wall_s"] == pytest.approx(tot["read_s"], rel=0.02), tot
+    assert tot["read_wall_s"] == pytest.approx(tot["read_s"], rel=0.05), tot  # the old per-batch sum: +21%
     assert tot["read_wall_s"] <= wall
 
 
