@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -204,17 +204,14 @@ class IOCalibration:
         return bool(self.points(True) or self.points(False) or self.pagecache_point())
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"runs": [r.to_dict() for r in self.runs], "note": self.note, "s": self.s, "ok": self.ok,
-                "prompt_tokens": self.prompt_tokens, "gen_tokens": self.gen_tokens, "allowance_s": self.allowance_s,
-                "buffered_slots": self.buffered_slots, "buffered_why": self.buffered_why,
-                "pc_capacity": self.pc_capacity, "pc_effective_capacity": self.pc_effective_capacity}
+        return {**asdict(self), "ok": self.ok}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "IOCalibration":
-        return cls([EngineRead(**r) for r in d.get("runs") or []], d.get("note") or "", d.get("s") or 0.0,
-                   d.get("prompt_tokens", IO_CAL_PROMPT), d.get("gen_tokens", IO_CAL_GEN),
-                   d.get("allowance_s") or 0.0, d.get("buffered_slots"), d.get("buffered_why") or "",
-                   d.get("pc_capacity"), d.get("pc_effective_capacity"))
+        """The inverse of ``to_dict`` (fields missing or null take their defaults)."""
+        kw = {f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None}
+        kw["runs"] = [EngineRead(**r) for r in kw.get("runs") or []]
+        return cls(**kw)
 
 
 def calibrated_curve(engine: List[Tuple[float, float]],
@@ -477,12 +474,12 @@ def calibration_sim(trace: Optional[Trace], mf: ModelFacts, slots: Optional[int]
 
 
 def reads_in_flight(trace: Optional[Trace], mf: ModelFacts, readers: int, slots: Optional[int] = None,
-                    pc_capacity: Optional[int] = None) -> Optional[float]:
+                    pc_capacity: Optional[int] = None, sim: Optional[SimResult] = None) -> Optional[float]:
     """The reads in flight of an I/O calibration run's decode fetches: min(readers, slices to read) of each layer
     fetch that reads, weighted by its bytes, from the exact simulation of the run (``calibration_sim``: slots
     per layer, LRU, or page-cache mode; its workload on the trace). None without a trace, or when the simulation
-    reads nothing."""
-    sim = calibration_sim(trace, mf, slots, pc_capacity)
+    reads nothing. ``sim``: that simulation, when the caller has it already."""
+    sim = sim if sim is not None else calibration_sim(trace, mf, slots, pc_capacity)
     if sim is None:
         return None
     sel = np.array([u.phase == "decode" for u in sim.ubatches])
@@ -644,14 +641,12 @@ def calibrate_io(settings_for: Callable[[Candidate], EngineSettings], mf: ModelF
         run.model_evicted = evict_file(mf.model.files) is None
         run.timeout_s = float(min(left, max(10.0, 2.5 * est + 5.0)))
         rec = _io_worker(spec, limit, run.timeout_s)
-        if pcm:
-            run.take(rec, mf, reads_in_flight(trace, mf, r, pc_capacity=pc_capacity))
-        else:
-            run.take(rec, mf, reads_in_flight(trace, mf, r, slots=run.slots))
+        sim = calibration_sim(trace, mf, pc_capacity=pc_capacity) if pcm else calibration_sim(trace, mf, slots=run.slots)
+        run.take(rec, mf, reads_in_flight(trace, mf, r, sim=sim) if sim is not None else None)
         if rec.ok:
             done.append(rec.wall_s)
         if pcm and rec.ok:
-            _take_pagecache(cal, run, trace, mf, cm, int(pc_capacity or 0), clock)
+            _take_pagecache(cal, run, sim, trace, mf, cm, int(pc_capacity or 0), clock)
         elif run.bytes_per_s:
             syn = disk.synthetic_bw(run.qd or r, direct)
             clock.log(f"  {run.label}: {_mbs(run.bytes_per_s)} ({format_size(run.bytes_read)} in "
@@ -665,11 +660,11 @@ def calibrate_io(settings_for: Callable[[Candidate], EngineSettings], mf: ModelF
     return cal
 
 
-def _take_pagecache(cal: IOCalibration, run: EngineRead, trace: Optional[Trace], mf: ModelFacts, cm: ComputeModel,
-                    capacity: int, clock: Clock) -> None:
-    """The page-cache run's effective bandwidth, its hit rate against the simulation's and, when they are far
-    apart, the effective capacity; said in the progress lines."""
-    sim = calibration_sim(trace, mf, pc_capacity=capacity)
+def _take_pagecache(cal: IOCalibration, run: EngineRead, sim: Optional[SimResult], trace: Optional[Trace],
+                    mf: ModelFacts, cm: ComputeModel, capacity: int, clock: Clock) -> None:
+    """The page-cache run's effective bandwidth, its hit rate against the simulation's (``sim``: the simulation of
+    its workload, ``calibration_sim``) and, when they are far apart, the effective capacity; said in the progress
+    lines."""
     run.take_effective(_decode_compute(cm, sim, mf, run.decode_tokens))
     cal.pc_capacity = capacity
     if sim is not None:
