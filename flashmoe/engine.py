@@ -218,7 +218,6 @@ class Engine:
                 prefetch=s.stream.prefetch if s.stream.mode == "cache" else "off",
                 repack_slots=bool(s.runtime.use_extra_bufts),
                 source=s.stream.source if s.stream.mode == "cache" else "disk",
-                cpu_tokens=s.stream.cpu_tokens if s.stream.mode == "cache" and s.stream.source == "ram" else 0,
                 layer_slots=s.stream.layer_slots,
                 record_trace=self.record_trace,
                 placements=placements,

@@ -19,7 +19,7 @@ EVICTIONS = {"lru": 0, "lfru": 1}
 EVICTION_NAMES = {v: k for k, v in EVICTIONS.items()}
 PREFETCH = {"off": 0, "next-layer": 1}
 SOURCES = {"disk": 0, "ram": 1}
-PATCH_VERSION = 7  # include/flashmoe.h FLASHMOE_PATCH_VERSION: the structs above match it
+PATCH_VERSION = 6  # include/flashmoe.h FLASHMOE_PATCH_VERSION: the structs above match it
 
 
 class Params(ctypes.Structure):
@@ -33,7 +33,6 @@ class Params(ctypes.Structure):
         ("prefetch", ctypes.c_int32),
         ("repack_slots", ctypes.c_int32),
         ("source", ctypes.c_int32),
-        ("cpu_tokens", ctypes.c_int32),
     ]
 
 
@@ -57,7 +56,6 @@ class LayerStats(ctypes.Structure):
         ("prefetch_wait_s", ctypes.c_double),
         ("read_wall_s", ctypes.c_double),
         ("n_prefetch_cancelled", ctypes.c_int64),
-        ("cpu_experts", ctypes.c_int64),
     ]
 
 
@@ -181,14 +179,13 @@ def configure(
     layer_slots: Optional[Dict[int, int]] = None,
     repack_slots: bool = False,
     source: str = "disk",
-    cpu_tokens: int = 0,
 ) -> None:
     """Sets the configuration that the next model load consumes. layer_slots: per-layer slot counts
     that override cache_slots for those layers."""
     L = lib()
     L.flashmoe_config_reset()
     p = Params(MODES[mode], int(cache_slots), EVICTIONS[eviction], int(readers), int(bool(direct_io)), int(bool(record_trace)),
-               PREFETCH[prefetch], int(bool(repack_slots)), SOURCES[source], int(cpu_tokens))
+               PREFETCH[prefetch], int(bool(repack_slots)), SOURCES[source])
     L.flashmoe_config_set(ctypes.byref(p))
     for il, n in (layer_slots or {}).items():
         L.flashmoe_config_layer_slots(int(il), int(n))

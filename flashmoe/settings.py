@@ -41,7 +41,6 @@ class StreamSettings:
     direct_io: bool = False
     prefetch: str = "off"
     source: str = "disk"  # "ram": streamed experts read into host RAM at load, misses copied from there
-    cpu_tokens: int = 0  # source ram: ubatches of at most this many tokens have their misses computed by the CPU
     layer_slots: Dict[int, int] = field(default_factory=dict)  # per-layer slot counts over cache_slots
 
     def to_dict(self):

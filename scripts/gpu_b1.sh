@@ -50,7 +50,7 @@ if [[ $STAGE == all || $STAGE == bench ]]; then
   for QB in ${GPU_B1_POLICIES:-gpu-dense}; do
     Q=${QB%@*}; B=${GPU_B1_BUDGET:-}; [[ $QB == *@* ]] && B=${QB#*@}
     P=${Q%-noahead}
-    N=${Q/gpu-dense/gpu-b1}; N=${N/gpu-ram/gpu-ram-b1}; N=${N/gpu-hybrid/gpu-hybrid-b1}; [[ $QB == *@* ]] && N=$N-$B
+    N=${Q/gpu-dense/gpu-b1}; N=${N/gpu-ram/gpu-ram-b1}; [[ $QB == *@* ]] && N=$N-$B
     if [[ -n $B ]]; then
       sed "s/^name: $P$/name: $N/; s/^gpu_budget: .*/gpu_budget: $B/; s/^  readers: 4/  readers: $READERS/" \
         configs/$P.yaml > /tmp/$N.yaml

@@ -93,33 +93,3 @@ def test_repacked_slots_from_ram_equal_stock_with_repacking(llama_cpp, tmp_path)
         info, st = e.info, e.stats()["total"]
     assert info["n_repacked_tensors"] > 0 and st["evictions"] > 0
     assert got.tokens == ref.tokens and _max_diff(ref, got) == 0.0
-
-
-@pytest.mark.parametrize("prefetch", ["off", "next-layer"])
-def test_misses_computed_by_the_cpu_are_exact(llama_cpp, reference, prefetch):
-    """`cpu_misses`: in decode ubatches the experts that are not in the cache are computed by the CPU from
-    their copy in RAM (their rows read the zero slot, the CPU's rows are added before the weighting), the
-    hits from the slots. Same kernels on a CPU build: the in-RAM run's logits, bit for bit. The prompt's
-    ubatch (more tokens than cpu_misses) copies its misses into the slots as before."""
-    with Engine(REAL, use_extra_bufts=False, n_ctx=512, stream=_ram(prefetch=prefetch, cpu_tokens=4)) as e:
-        got = e.generate(PROMPT, N, return_logits=True, stop_at_eos=False)
-        st = e.stats()["total"]
-    assert got.tokens == reference.tokens
-    assert _max_diff(reference, got) == 0.0
-    # decode's misses went to the CPU (none copied after the prompt unless read ahead), the hits to the slots
-    assert st["cpu_experts"] > 0 and st["hits"] > 0
-    assert st["cpu_experts"] < st["misses"]  # the prompt's misses were copied
-    if prefetch == "next-layer":
-        assert st["n_prefetched"] > 0
-
-
-def test_cpu_misses_with_a_one_token_limit_and_sampling_seeds(llama_cpp):
-    """Ubatches of 1 token only (a batch of 2+ copies), and the same result twice: the choice of what
-    the CPU computes depends on the cache's state, never on timing."""
-    runs = []
-    for _ in range(2):
-        with Engine(REAL, use_extra_bufts=False, n_ctx=512, stream=_ram(slots=8, cpu_tokens=1)) as e:
-            runs.append(e.generate(PROMPT, 16, return_logits=True, stop_at_eos=False))
-            st = e.stats()["total"]
-        assert st["cpu_experts"] > 0
-    assert runs[0].tokens == runs[1].tokens and _max_diff(runs[0], runs[1]) == 0.0

@@ -38,7 +38,6 @@ class CachePlan:
     direct_io: bool = False
     prefetch: str = "off"
     source: str = "disk"  # "ram": the streamed experts are held in host RAM too (read once at load)
-    cpu_tokens: int = 0  # source ram: ubatches of at most this many tokens have their misses computed by the CPU
     layer_slots: Dict[int, int] = field(default_factory=dict)  # streamed layers whose slots differ from `slots`
 
     def slots_of(self, layer: int) -> int:
@@ -84,7 +83,6 @@ def plan_cache(res: "Resolution", budget_where: str, below_pinned: bool) -> bool
     spec, c = res.policy.expert_cache, res.cache
     c.eviction, c.readers, c.direct_io, c.prefetch = spec.eviction, spec.readers, spec.direct_io, spec.prefetch
     c.source = spec.source
-    c.cpu_tokens = spec.cpu_tokens if spec.source == "ram" else 0
     c.experts_used = res.experts_used
     c.n_expert = res.model.n_expert
     by_layer: Dict[int, int] = {}

@@ -21,8 +21,6 @@ from flashmoe.policy.patterns import Pattern, looks_like_regex
 from flashmoe.policy.schema import (
     CACHE_KEYS,
     CACHE_MODES,
-    CPU_MISSES_DEFAULT_TOKENS,
-    CPU_MISSES_MAX_TOKENS,
     EVICTIONS,
     PREFETCH_MODES,
     SOURCES,
@@ -383,22 +381,8 @@ def _parse_expert_cache(ck: _Checker, data: LineMap, warnings: List[str]) -> Cac
     if "source" in m:
         c.source = ck.choice(m, "source", section, SOURCES, "source")
         c.source_line = m.value_lines["source"]
-    if "cpu_misses" in m:
-        c.cpu_misses_line = m.value_lines["cpu_misses"]
-        v = m["cpu_misses"]
-        if isinstance(v, bool):
-            c.cpu_tokens = CPU_MISSES_DEFAULT_TOKENS if v else 0
-        elif isinstance(v, int) and 0 <= v <= CPU_MISSES_MAX_TOKENS:
-            c.cpu_tokens = v
-        else:
-            raise ck.err(c.cpu_misses_line, f"cpu_misses in {section} must be true, false or the largest ubatch "
-                         f"(tokens, 0-{CPU_MISSES_MAX_TOKENS}) whose misses the CPU computes, got {_show(v)}")
-        if c.cpu_tokens and c.source != "ram":
-            raise ck.err(c.cpu_misses_line, "cpu_misses needs source: ram in expert_cache (the CPU computes the "
-                         "misses from the experts' copy in RAM)")
     if c.mode == "pagecache":
-        ignored = [k for k in ("cache_size", "cache_slots", "eviction", "direct_io", "prefetch", "source", "cpu_misses")
-                   if k in m]
+        ignored = [k for k in ("cache_size", "cache_slots", "eviction", "direct_io", "prefetch", "source") if k in m]
         if ignored:
             warnings.append(
                 where(ck.source, m.key_lines[ignored[0]])

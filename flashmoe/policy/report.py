@@ -184,7 +184,6 @@ def _cache_and_runtime(res: Resolution) -> List[str]:
             f"expert cache  cache: {plural(c.slots, 'slot')} per layer{share}{_differ(c)}, eviction {c.eviction}, "
             f"{c.readers} readers, {io}, prefetch {c.prefetch}, misses from "
             + ("RAM (source ram)" if c.source == "ram" else "disk")
-            + (f", computed by the CPU in ubatches of at most {c.cpu_tokens} tokens (cpu_misses)" if c.cpu_tokens else "")
         )
     elif c.mode == "pagecache":
         cache = f"expert cache  pagecache: OS page cache, populated from the routing by {c.readers} readers"

@@ -79,7 +79,6 @@ class Resolution:
                 prefetch=c.prefetch if c.mode == "cache" else "off",
                 layer_slots=dict(c.layer_slots),
                 source=c.source if c.mode == "cache" else "disk",
-                cpu_tokens=c.cpu_tokens if c.mode == "cache" else 0,
             )
         placed = set(self.placements.values())
         runtime = RuntimeSettings(
@@ -127,7 +126,6 @@ class Resolution:
             "direct_io": self.direct_io,
             "prefetch": c.prefetch if c.mode == "cache" else "off",
             "source": c.source if c.mode == "cache" else "disk",
-            "cpu_tokens": c.cpu_tokens if c.mode == "cache" else 0,
             "streamed_layers": list(c.streamed_layers),
             "n_expert_used": self.experts_used,
             "n_expert_used_override": self.experts_used_override,
@@ -227,7 +225,6 @@ class Resolution:
             "direct_io": c.direct_io,
             "prefetch": c.prefetch,
             "source": c.source,
-            "cpu_misses_tokens": c.cpu_tokens,
         }
 
     def _memory_dict(self) -> dict:

@@ -34,10 +34,7 @@ EVICTIONS = ("lru", "lfru")
 
 TOP_KEYS = ("version", "name", "description", "budget", "gpu_budget", "devices", "rules", "expert_cache", "runtime")
 RULE_KEYS = ("match", "place")
-CACHE_KEYS = ("mode", "cache_size", "cache_slots", "eviction", "readers", "direct_io", "prefetch", "source",
-              "cpu_misses")
-CPU_MISSES_DEFAULT_TOKENS = 8  # cpu_misses: true = ubatches of at most 8 tokens (decode)
-CPU_MISSES_MAX_TOKENS = 16  # the patch's bound (below llama.cpp's batch size for moving weights to a GPU)
+CACHE_KEYS = ("mode", "cache_size", "cache_slots", "eviction", "readers", "direct_io", "prefetch", "source")
 PREFETCH_MODES = ("next-layer", "off")
 SOURCES = ("disk", "ram")  # expert_cache.source: where cache misses come from
 RUNTIME_KEYS = ("threads", "n_ctx", "n_batch", "n_ubatch", "experts_per_token", "repack", "overhead")
@@ -125,10 +122,6 @@ class CacheSpec:
     # from there; "disk": read from the model's file
     source: str = "disk"
     source_line: Optional[int] = None
-    # source ram: in ubatches of at most this many tokens, the experts not in the cache are computed by the CPU
-    # from RAM instead of being copied into slots (0: never)
-    cpu_tokens: int = 0
-    cpu_misses_line: Optional[int] = None
     # cache_slots given as a mapping: (layers, slots, line) per entry besides `default` (= slots)
     layer_slots: List[Tuple[List[int], int, int]] = field(default_factory=list)
     line: Optional[int] = None  # of the expert_cache section
