@@ -14,7 +14,7 @@ from flashmoe.sizes import parse_size
 from gguf_tools.atomic import atomic_write
 
 _VS_HELP = ("Stock llama.cpp baselines: 'stock' for all of them (stock, stock-mmap, stock-no-mmap, stock-lazy, "
-            "and stock-n-cpu-moe on GPU builds), or one name; repeatable.")
+            "and stock-n-cpu-moe, stock-ot-exps-cpu on GPU builds), or one name; repeatable.")
 
 
 def _parse_sizes(text: str, what: str) -> List[int]:

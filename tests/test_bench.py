@@ -271,7 +271,8 @@ def test_usage_errors(tiny_model, run_cli):
 
 
 def test_expand_vs():
-    assert B.expand_vs(["stock"]) == ["stock", "stock-mmap", "stock-no-mmap", "stock-lazy", "stock-n-cpu-moe"]
+    assert B.expand_vs(["stock"]) == ["stock", "stock-mmap", "stock-no-mmap", "stock-lazy", "stock-n-cpu-moe",
+                                      "stock-ot-exps-cpu"]
     assert B.expand_vs(["stock-mmap", "stock"])[0] == "stock-mmap"
     assert B.expand_vs(["none"]) == []
 

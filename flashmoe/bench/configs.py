@@ -33,6 +33,16 @@ STOCK_VARIANTS: Dict[str, Tuple[str, Dict[str, Any]]] = {
 GPU_VARIANT = "stock-n-cpu-moe"
 GPU_VARIANT_DESC = ("--n-cpu-moe style: routed experts in host memory on the mmap, the rest on the GPU "
                     "(through flashmoe placements: llama-cpp-python has no -ot binding)")
+# GPU builds: name -> (description, RuntimeSettings fields, placement of the routed experts; the rest: gpu)
+GPU_VARIANTS: Dict[str, Tuple[str, Dict[str, Any], str]] = {
+    GPU_VARIANT: (GPU_VARIANT_DESC, {"use_extra_bufts": False, "load_mode": "mmap"}, "mmap"),
+    # llama.cpp's own -ot exps=CPU: an override to the CPU buffer type takes the CPU's extra buffer types, so
+    # the experts are repacked into llama.cpp's fast CPU layout where the type has one (matched kernels with
+    # no flashmoe run: a baseline only)
+    "stock-ot-exps-cpu": ("-ot exps=CPU with llama.cpp's defaults: routed experts loaded into host memory with "
+                          "CPU weight repacking, the rest on the GPU", {"use_extra_bufts": True, "load_mode": "mmap"},
+                          "ram"),
+}
 
 
 @dataclass
@@ -127,11 +137,11 @@ def expand_vs(values: Sequence[str]) -> List[str]:
         if v == "none":
             continue
         if v == "stock":
-            names = list(STOCK_VARIANTS) + [GPU_VARIANT]
-        elif v in STOCK_VARIANTS or v == GPU_VARIANT:
+            names = list(STOCK_VARIANTS) + list(GPU_VARIANTS)
+        elif v in STOCK_VARIANTS or v in GPU_VARIANTS:
             names = [v]
         else:
-            choices = ", ".join(["stock"] + list(STOCK_VARIANTS) + [GPU_VARIANT, "none"])
+            choices = ", ".join(["stock"] + list(STOCK_VARIANTS) + list(GPU_VARIANTS) + ["none"])
             raise UsageError(f"unknown --vs {v!r}; expected one of {choices}")
         out += [n for n in names if n not in out]
     return out
@@ -155,12 +165,13 @@ def build_configs(opts: BenchOptions, model_view: GGUFModel) -> List[Config]:
         out.append(Config(unique(pol.name), "policy", pol.description or f"policy {p}", policy=pol))
     gpu = detect_gpu_backend() if opts.vs else None
     for v in opts.vs:
-        if v == GPU_VARIANT:
-            c = Config(unique(v), "stock", GPU_VARIANT_DESC, stock={"use_extra_bufts": False, "load_mode": "mmap"})
+        if v in GPU_VARIANTS:
+            desc, knobs, experts = GPU_VARIANTS[v]
+            c = Config(unique(v), "stock", desc, stock=dict(knobs))
             if gpu is None:
                 c.applicable, c.reason = False, "not applicable on CPU builds (no GPU backend in this llama.cpp build)"
             else:
-                c.placements = {t.name: ("mmap" if t.is_expert else "gpu") for t in model_view.tensors}
+                c.placements = {t.name: (experts if t.is_expert else "gpu") for t in model_view.tensors}
             out.append(c)
             continue
         desc, knobs = STOCK_VARIANTS[v]
