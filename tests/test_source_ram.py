@@ -93,3 +93,26 @@ def test_repacked_slots_from_ram_equal_stock_with_repacking(llama_cpp, tmp_path)
         info, st = e.info, e.stats()["total"]
     assert info["n_repacked_tensors"] > 0 and st["evictions"] > 0
     assert got.tokens == ref.tokens and _max_diff(ref, got) == 0.0
+
+
+@pytest.mark.parametrize("case", ["mixed-types", "fused-gate-up"])
+def test_packed_experts_of_mixed_sizes_are_exact(llama_cpp, tiny_models, tmp_path, case):
+    """With `source: ram` a layer's RAM copy and slots hold each expert's slices back to back (one copy per
+    expert; the slot tensors are strided views). Real files mix types within an expert (Q4_K_M keeps some
+    down projections in Q6_K), and Qwen3.5 files fuse gate and up (a tensor twice the size of the down
+    one): slices of different sizes and types side by side. Both stay the in-RAM run's, bit for bit."""
+    if case == "mixed-types":
+        from gguf_tools.quantize import quantize
+
+        path = str(tmp_path / "mixed.gguf")
+        quantize(REAL, path, experts="Q4_K", rules=["ffn_down_exps=Q6_K"], progress=False)
+        prompt, n = PROMPT, 24
+    else:
+        path, prompt, n = tiny_models["qwen35moe"], "The quick brown fox " * 3, 24
+    with Engine(path, use_extra_bufts=False, n_ctx=512) as e:
+        ref = e.generate(prompt, n, return_logits=True, stop_at_eos=False)
+    with Engine(path, use_extra_bufts=False, n_ctx=512, stream=_ram(slots=5)) as e:
+        got = e.generate(prompt, n, return_logits=True, stop_at_eos=False)
+        st = e.stats()["total"]
+    assert st["misses"] > 0 and st["evictions"] > 0 and st["n_prefetched"] > 0
+    assert got.tokens == ref.tokens and _max_diff(ref, got) == 0.0
