@@ -277,6 +277,32 @@ def test_expand_vs():
     assert B.expand_vs(["none"]) == []
 
 
+def test_gpu_baselines_by_platform(tiny_model, monkeypatch):
+    """The two `-ot exps=CPU` baselines: not applicable on a CPU build (this machine); on a GPU build
+    (faked: the detection is what differs) every routed expert stays in host memory and the rest goes to
+    the GPU, unrepacked on the mmap for stock-n-cpu-moe, loaded and repacked as llama.cpp's own
+    -ot exps=CPU does for stock-ot-exps-cpu."""
+    from flashmoe.bench import configs as C
+    from gguf_tools.reader import open_model
+
+    opts = B.BenchOptions(model=tiny_model, vs=["stock-n-cpu-moe", "stock-ot-exps-cpu"])
+    with open_model(tiny_model) as m:
+        monkeypatch.setattr(C, "detect_gpu_backend", lambda: None)
+        cpu = C.build_configs(opts, m)
+        monkeypatch.setattr(C, "detect_gpu_backend", lambda: "cuda")
+        gpu = C.build_configs(opts, m)
+        experts = {t.name for t in m.tensors if t.is_expert}
+        names = {t.name for t in m.tensors}
+    assert [c.applicable for c in cpu] == [False, False] and all("CPU builds" in c.reason for c in cpu)
+    by = {c.name: c for c in gpu}
+    assert all(c.applicable for c in gpu) and experts
+    for name, place, repack in (("stock-n-cpu-moe", "mmap", False), ("stock-ot-exps-cpu", "ram", True)):
+        c = by[name]
+        assert c.stock["use_extra_bufts"] is repack
+        assert {n for n, p in c.placements.items() if p == place} == experts
+        assert {n for n, p in c.placements.items() if p == "gpu"} == names - experts
+
+
 def test_disk_measurement(tiny_model):
     d = B.disk_test(tiny_model, reads=32)
     assert d.ok, d
