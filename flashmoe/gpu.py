@@ -68,14 +68,18 @@ def dev_memory(dev: int, g: Optional[ctypes.CDLL] = None) -> Tuple[int, int]:
 
 def device_cache_ubatch(n_batch: int, n_ubatch: int, cache_slots: int, n_expert: int,
                         n_expert_used: int) -> Tuple[int, int, Optional[str]]:
-    """(n_batch, n_ubatch, note) for an expert cache in device memory: prefill waves (a ubatch touching more
-    experts than the cache has slots) fail on CUDA (an illegal memory access in mul_mat_id, seen on the H200;
-    not fixed yet), so ubatches are made small enough that every expert they touch fits in one wave."""
+    """(n_batch, n_ubatch, note) for an expert cache in device memory: ubatches are made small enough that
+    every expert they touch fits the cache in one wave. Prefill waves do run on CUDA (the hook gives a token's
+    rows outside a wave distinct slots, which CUDA's mul_mat_id needs), but they are not bit-identical to a
+    stock GPU run at the same ubatch: on the H200 the tokens agreed for 16 tokens on the tiny models and
+    then parted (B1: at token 27). A wave's expert matmul has another number of experts and rows per expert
+    than the stock run's, and CUDA's batched kernel is set up by those (the likely cause). Ubatches this
+    small take CUDA's per-row kernel, whose rows do not depend on the batch: bit-identical, as measured."""
     k = max(1, n_expert_used)
     if n_expert and cache_slots < n_expert and n_ubatch * k > cache_slots:
         n_ubatch = max(1, cache_slots // k)
         return max(n_batch, n_ubatch), n_ubatch, (f"prefill ubatch lowered to {n_ubatch} so that each fits the device "
-                                                  "expert cache in one wave (GPU prefill waves are not supported yet)")
+                                                  "expert cache in one wave (GPU prefill waves would not be bit-identical)")
     return n_batch, n_ubatch, None
 
 

@@ -69,6 +69,22 @@ def test_streamed_equals_in_ram_own_routing(tiny_models, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHES)
+def test_prefill_waves_with_distinct_rows_are_exact(tiny_models, monkeypatch, arch):
+    """Device slots (CUDA's mul_mat_id counts a token once per expert id) give a token's rows outside the
+    wave distinct slots, most of them holding other experts, instead of all the zero slot; the wave mask
+    must zero those rows all the same. FLASHMOE_WAVE_ROWS=distinct does the same with host slots, so the
+    CPU checks it: bit-identical logits with many waves."""
+    path = tiny_models[arch]
+    ref, _, _ = _run(path)
+    monkeypatch.setenv("FLASHMOE_WAVE_ROWS", "distinct")
+    for slots in (2, 3):
+        got, st, _ = _run(path, stream=StreamSettings(mode="cache", cache_slots=slots, readers=2, source="ram"))
+        assert st["total"]["n_waves"] > N_GEN * len(st["layers"])
+        assert got.tokens == ref.tokens, slots
+        assert _max_diff(ref, got) == 0.0, slots
+
+
+@pytest.mark.parametrize("arch", ARCHES)
 def test_streamed_equals_in_ram_forced_uniform_routing(tiny_models, uniform_traces, arch):
     path, tr = tiny_models[arch], uniform_traces[arch]
     ref, _, ref_info = _run(path, routing_trace=tr)
