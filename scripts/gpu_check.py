@@ -8,20 +8,18 @@ one line per run and a summary; exits non-zero when a run fails or tokens differ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import os
 import sys
 import tempfile
 import time
 
+import numpy as np
+
 # llama-cpp-python points fd 2 at /dev/null during loads: keep Python stacks on a copy of the real stderr
 _FH = os.fdopen(os.dup(2), "w")
 faulthandler.enable(file=_FH)
-
-
-import contextlib
-
-import numpy as np
 
 
 @contextlib.contextmanager
