@@ -4,6 +4,10 @@
 #                                                      uses (76 MB -> a few MB): fetch_sdist takes it
 #                                                      from $FLASHMOE_CACHE/sdist/
 #   .device-kit/wheels/                                gguf, diskcache (+ the server's packages)
+#   .device-kit/cuda-wheel/ (not made here)            a CUDA build brought back from a device call
+#                                                      (scripts/device_wheel.sh); this script removes it.
+#                                                      The checkout itself is ~33 MB (the bundled real
+#                                                      model): the carry limit leaves ~25 MB for it
 # Then, on the device (one call): bash scripts/device_run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -17,7 +17,8 @@
 # reads ahead; NAME-noahead: the same without reads ahead; NAME@SIZE: with gpu_budget SIZE); GPU_B1_ACC=0.75: the trace carries predicted
 # sets drawn at that accuracy (reads ahead use them); GPU_CHECK=1: scripts/gpu_check.py on the tiny models
 # first. GPU runs are compared with a stock run with every tensor on the GPU at their ubatch (the bench's
-# GPU reference).
+# GPU reference). WHEEL_OUT=$OUT/wheel: the built wheel comes back in parts (scripts/device_wheel.sh); put
+# them in .device-kit/cuda-wheel/ and later cold calls install it instead of compiling (same patch only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export FLASHMOE_CACHE=${FLASHMOE_CACHE:-/tmp/fmc}
@@ -32,7 +33,10 @@ log() { echo "[gpu-b1 $(( $(date +%s) - t0 ))s] $*"; }
 if [[ $STAGE == all || $STAGE == build || $STAGE == check ]]; then
   cp -n .device-kit/sdist/*.tar.gz "$FLASHMOE_CACHE/sdist/" 2>/dev/null || true
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .device-kit/wheels/*.whl
+  # a wheel carried from an earlier call (scripts/device_wheel.sh) is installed if its build key matches
+  [[ -d .device-kit/cuda-wheel ]] && bash scripts/device_wheel.sh import .device-kit/cuda-wheel
   FLASHMOE_CUDA_ARCHITECTURES=90 FLASHMOE_CUDA_FA=0 python3 -m flashmoe build --backend cuda --no-rpc 2>&1 | tail -2
+  [[ -n ${WHEEL_OUT:-} ]] && bash scripts/device_wheel.sh export "$WHEEL_OUT"
   python3 -m flashmoe build --info > "$OUT/build-info.txt" || true
   log "built"
   if [[ ${GPU_CHECK:-0} == 1 ]]; then
