@@ -22,6 +22,27 @@ _FH = os.fdopen(os.dup(2), "w")
 faulthandler.enable(file=_FH)
 
 
+def gpu_all_policy(runtime: str = "") -> str:
+    """The GPU reference: every tensor on the GPU (the token embeddings in RAM, as llama.cpp keeps them),
+    nothing streamed; ``runtime``: more lines of its runtime section."""
+    return ("version: 1\nname: gpu-all\nrules:\n  - match: \"token_embd.weight\"\n    place: ram\n"
+            "  - match: \"*\"\n    place: gpu\nruntime:\n  repack: false\n" + runtime)
+
+
+def gpu_dense_policy(cache: str = "", runtime: str = "") -> str:
+    """Dense weights on the GPU, the routed experts streamed into a 2-slot cache in device memory; ``cache``
+    and ``runtime``: more lines of those sections."""
+    return ("version: 1\nname: gpu-dense-2\nrules:\n"
+            "  - match: \"blk.*.ffn_{gate,up,down,gate_up}_exps.weight\"\n    place: stream\n"
+            "  - match: \"token_embd.weight\"\n    place: ram\n  - match: \"*\"\n    place: gpu\n"
+            "expert_cache:\n  mode: cache\n  cache_slots: 2\n  readers: 2\n" + cache +
+            "runtime:\n  repack: false\n" + runtime)
+
+
+def max_logit_diff(a, b) -> float:
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+
+
 @contextlib.contextmanager
 def _no_op_offload(on: bool):
     """The stock reference of a streamed run on a GPU build: no op offload (streamed runs have none),
@@ -63,26 +84,8 @@ def main() -> int:
         if not a.cpu_only:
             # the GPU reference: every tensor on the GPU, nothing streamed; then dense on the GPU with the
             # experts streamed into a 2-slot cache in device memory (the same kernels on the same device)
-            gall = os.path.join(d, "gpu-all.yaml")
-            with open(gall, "w") as f:
-                f.write("version: 1\nname: gpu-all\nrules:\n  - match: \"token_embd.weight\"\n    place: ram\n"
-                        "  - match: \"*\"\n    place: gpu\nruntime:\n  repack: false\n")
-            gdense = os.path.join(d, "gpu-dense-2.yaml")
-            with open(gdense, "w") as f:
-                f.write("version: 1\nname: gpu-dense-2\nrules:\n"
-                        "  - match: \"blk.*.ffn_{gate,up,down,gate_up}_exps.weight\"\n    place: stream\n"
-                        "  - match: \"token_embd.weight\"\n    place: ram\n  - match: \"*\"\n    place: gpu\n"
-                        "expert_cache:\n  mode: cache\n  cache_slots: 2\n  readers: 2\nruntime:\n  repack: false\n")
             # reads ahead into device slots (from disk, and copies from RAM with source ram), wrong often:
-            # the routers of random weights predict little
-            gdense_pf = gdense.replace(".yaml", "-pf.yaml")
-            gram = gdense.replace(".yaml", "-ram.yaml")
-            with open(gdense) as f:
-                text = f.read()
-            with open(gdense_pf, "w") as f:
-                f.write(text.replace("readers: 2\n", "readers: 2\n  prefetch: next-layer\n"))
-            with open(gram, "w") as f:
-                f.write(text.replace("readers: 2\n", "readers: 2\n  prefetch: next-layer\n  source: ram\n"))
+            # the routers of random weights predict little.
             # the 2-slot runs prefill in ubatches lowered to fit the device cache (CUDA's kernels batch rows
             # by ubatch): their reference is gpu-all at that ubatch
             from flashmoe.gpu import device_cache_ubatch
@@ -90,11 +93,16 @@ def main() -> int:
 
             with open_model(path) as m:
                 _, ub, _ = device_cache_ubatch(512, 512, 2, m.n_expert, m.n_expert_used)
-            gall_ub = gall.replace(".yaml", "-ub.yaml")
-            with open(gall) as f:
-                text_all = f.read()
-            with open(gall_ub, "w") as f:
-                f.write(text_all + f"  n_batch: 512\n  n_ubatch: {ub}\n")
+            ahead = "  prefetch: next-layer\n"
+            texts = {"gpu-all": gpu_all_policy(), "gpu-dense-2": gpu_dense_policy(),
+                     "gpu-dense-2-pf": gpu_dense_policy(ahead), "gpu-dense-2-ram": gpu_dense_policy(ahead + "  source: ram\n"),
+                     "gpu-all-ub": gpu_all_policy(f"  n_batch: 512\n  n_ubatch: {ub}\n")}
+            files = {}
+            for name, text in texts.items():
+                files[name] = os.path.join(d, name + ".yaml")
+                with open(files[name], "w") as f:
+                    f.write(text)
+            gall, gdense, gdense_pf, gram, gall_ub = (files[k] for k in texts)
             gruns = [("gpu-all", dict(policy=gall)), ("gpu-dense", dict(policy="gpu-dense")),
                      ("gpu-ram", dict(policy="gpu-ram")), (f"gpu-all-ub{ub}", dict(policy=gall_ub)),
                      ("gpu-dense-2", dict(policy=gdense)), ("gpu-2-ahead", dict(policy=gdense_pf)),
@@ -117,7 +125,7 @@ def main() -> int:
                   continue
               same = "" if ref is None else (f" tokens == {ref_name}" if g.tokens == ref else f" TOKENS DIFFER from {ref_name}")
               if ref is not None and ref_logits is not None and g.logits is not None:
-                  dmax = max(float(np.max(np.abs(x - y))) for x, y in zip(g.logits, ref_logits))
+                  dmax = max_logit_diff(g.logits, ref_logits)
                   same += f", logits max|diff| {dmax:.3g}"
               if ref is not None and g.tokens != ref:
                   bad += 1

@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 
-import numpy as np
+from gpu_check import gpu_all_policy, gpu_dense_policy, max_logit_diff  # scripts/ is sys.path[0]
 
 _FH = os.fdopen(os.dup(2), "w")
 faulthandler.enable(file=_FH)
@@ -35,17 +35,13 @@ def main() -> int:
     d = tempfile.mkdtemp(prefix="gpuwaves-")
     path = os.path.join(d, f"tiny-{a.arch}.gguf")
     synth_model(path, make_spec(a.arch, "tiny", seed=0), progress=False)
-    rt = f"runtime:\n  repack: false\n  n_batch: 512\n  n_ubatch: {a.ubatch}\n"
+    rt = f"  n_batch: 512\n  n_ubatch: {a.ubatch}\n"
     gall = os.path.join(d, "gpu-all.yaml")
     with open(gall, "w") as f:
-        f.write("version: 1\nname: gpu-all\nrules:\n  - match: \"token_embd.weight\"\n    place: ram\n"
-                "  - match: \"*\"\n    place: gpu\n" + rt)
+        f.write(gpu_all_policy(rt))
     gdense = os.path.join(d, "gpu-dense-2.yaml")
     with open(gdense, "w") as f:
-        f.write("version: 1\nname: gpu-dense-2\nrules:\n"
-                "  - match: \"blk.*.ffn_{gate,up,down,gate_up}_exps.weight\"\n    place: stream\n"
-                "  - match: \"token_embd.weight\"\n    place: ram\n  - match: \"*\"\n    place: gpu\n"
-                f"expert_cache:\n  mode: cache\n  cache_slots: 2\n  readers: 2\n  source: {a.source}\n" + rt)
+        f.write(gpu_dense_policy(f"  source: {a.source}\n", rt))
     prompt = "The quick brown fox jumps over the lazy dog. " * 4
     ref = ref_logits = None
     for name, pol in (("gpu-all", gall), ("gpu-dense-2", gdense)):
@@ -58,7 +54,7 @@ def main() -> int:
             return 1
         same = "" if ref is None else (" tokens == gpu-all" if g.tokens == ref else " TOKENS DIFFER from gpu-all")
         if ref_logits is not None:
-            same += f", logits max|diff| {max(float(np.max(np.abs(x - y))) for x, y in zip(g.logits, ref_logits)):.3g}"
+            same += f", logits max|diff| {max_logit_diff(g.logits, ref_logits):.3g}"
         print(f"{a.arch} {name} source {a.source} ubatch {a.ubatch}: ok {len(g.tokens)} tokens, "
               f"{waves} waves{same}", flush=True)
         if ref is None:
